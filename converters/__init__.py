@@ -1,0 +1,1 @@
+"""Converter stages, one module each: pull, calibration, prune, distill, gguf, gptq, onnx."""

@@ -1,0 +1,90 @@
+"""The ``edgepack`` command: one module per command group, each registering on ``app``.
+
+Errors become one line on stderr and a non-zero exit; ``--debug`` (or
+``EDGEPACK_DEBUG=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .. import __version__, constants
+from ..errors import EdgepackError
+
+app = typer.Typer(
+    name="edgepack",
+    help="Convert a language model into small, fast variants and run them offline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err = Console(stderr=True, highlight=False)
+
+# Modules that register commands, in the order `--help` lists them.
+COMMANDS = (
+    "models",  # pull, inspect
+    "convert",
+    "doctor",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"edgepack {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.", envvar="EDGEPACK_DEBUG"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    if debug:
+        os.environ["EDGEPACK_DEBUG"] = "1"
+
+
+for _name in COMMANDS:
+    importlib.import_module(f"{__name__}.{_name}").register(app)
+
+# Exceptions from outside edgepack's hierarchy that still deserve one line, most specific first.
+_FOREIGN = (
+    (MemoryError, "out of memory: try a smaller variant, a smaller n_ctx or fewer threads"),
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except EdgepackError as e:
+        _fail(e, str(e), e.exit_code)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 0))
+        sys.exit(code or 0)
+    except KeyboardInterrupt as e:
+        _fail(e, "interrupted", 130)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.exceptions.Abort):
+            _fail(e, "aborted", 130)
+        if isinstance(e, click.ClickException):  # usage errors carry their own formatting
+            e.show()
+            sys.exit(e.exit_code)
+        for kind, message in _FOREIGN:
+            if isinstance(e, kind):
+                _fail(e, message, 1)
+        _fail(e, f"unexpected {type(e).__name__}: {e} (set EDGEPACK_DEBUG=1 for the traceback and please report it)", 1)
+
+
+def _fail(exc: BaseException, message: str, code: int) -> None:
+    if constants.debug():
+        raise exc
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    sys.exit(code)

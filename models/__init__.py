@@ -1,0 +1,1 @@
+"""Recipes of known models, one TOML file each (read by edgepack.recipes)."""
