@@ -206,6 +206,7 @@ def check_safetensors(path: Path) -> None:
 def from_gguf(path: Path, *, origin: str, log=print) -> Artifact:
     """Dequantize a GGUF into a float32 HF checkpoint (cached by the GGUF's sha256)."""
     path = path.resolve()
+    _read_gguf(path)  # fail on a damaged header before any work
     digest = sha256_file(path)
     out = constants.sources_dir() / f"gguf-{digest[:16]}"
     if not (out / "config.json").is_file():
@@ -217,15 +218,20 @@ def from_gguf(path: Path, *, origin: str, log=print) -> Artifact:
     return art
 
 
-def _dequantize(gguf_path: Path, out: Path) -> None:
+def _read_gguf(path: Path):
     import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - gguf raises ValueError/struct.error/IndexError on bad files
+        raise InvalidModelError(f"{path} is not a readable GGUF file ({e}): re-download it") from e
+
+
+def _dequantize(gguf_path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        reader = gguf.GGUFReader(gguf_path)
-    except Exception as e:  # noqa: BLE001 - gguf raises ValueError/struct.error/IndexError on bad files
-        raise InvalidModelError(f"{gguf_path} is not a readable GGUF file ({e}): re-download it") from e
+    reader = _read_gguf(gguf_path)
     field = reader.get_field("tokenizer.chat_template")
     template = field.contents() if field is not None else None
     try:

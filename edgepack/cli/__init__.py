@@ -35,6 +35,11 @@ COMMANDS = (
 )
 
 
+def info(message: str) -> None:
+    """Progress and notes go to stderr, unwrapped, so stdout stays data."""
+    err.print(escape(message), soft_wrap=True)
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"edgepack {__version__}")

@@ -6,6 +6,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import info
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -26,7 +28,7 @@ def register(app: typer.Typer) -> None:
             for r in recipes.all_recipes().values():
                 print(f"{r.name}\t{r.hub_id}\t{r.architecture}")
             return
-        art = do_pull(ref, allow_pickle=allow_pickle, log=lambda m: Console(stderr=True).print(m))
+        art = do_pull(ref, allow_pickle=allow_pickle, log=info)
         if as_json:
             print(json.dumps({"path": str(art.path), **art.meta}, indent=2))
         else:

@@ -1,0 +1,59 @@
+"""The command line: help on every command, doctor, one-line errors, and a backend-free import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgepack.cli import app
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "edgepack", *args], capture_output=True, text=True)
+
+
+def _commands():
+    import typer.main
+
+    return sorted(typer.main.get_command(app).commands)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_every_command_has_help_with_an_example(command):
+    r = _run(command, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "Usage" in r.stdout
+    assert "xample" in r.stdout, f"`edgepack {command} --help` shows no example"
+
+
+def test_doctor_json():
+    r = _run("doctor", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["libraries"]["llama-cpp-python"]["version"]
+    assert report["backends"]["llama.cpp"]["cpu"] is True
+    assert report["backends"]["onnx"]["cpu"] is True
+    assert report["ram_free_gb"] > 0 and report["disk_free_gb"] > 0
+
+
+def test_import_is_backend_free():
+    code = "import sys, edgepack, edgepack.bundle, edgepack.convert; print(sorted(m for m in ('llama_cpp','onnxruntime','onnxruntime_genai','torch','textual') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_unknown_variant_format_is_one_line(tmp_path):
+    r = _run("convert", "smollm2-135m", "--to", "zip:9", "-o", str(tmp_path / "b"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: unknown variant format 'zip'")
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_debug_shows_traceback():
+    r = _run("--debug", "inspect", "/nonexistent/model")
+    assert r.returncode != 0 and "Traceback" in r.stderr

@@ -1,0 +1,52 @@
+"""Both install modes put converters/, runtime/, tui/ and models/ under the edgepack package, nowhere else."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = (
+    "import edgepack, edgepack.converters.pull, edgepack.runtime.base, edgepack.tui, edgepack.recipes as r; "
+    "print(edgepack.__file__); print(edgepack.runtime.base.__file__); print(','.join(sorted(r.all_recipes())))"
+)
+
+
+def test_editable_install_maps_subpackages():
+    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0, r.stderr
+    pkg, runtime, recipes = r.stdout.split()
+    assert Path(pkg).parent == ROOT / "edgepack"
+    assert Path(runtime).parent == ROOT / "runtime"
+    assert "smollm2-135m" in recipes.split(",")
+
+
+@pytest.mark.slow
+def test_wheel_installs_only_the_edgepack_package(tmp_path):
+    dist = tmp_path / "dist"
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    (wheel,) = dist.glob("edgepack-*.whl")
+    target = tmp_path / "site"
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    top = sorted(p.name for p in target.iterdir() if p.name != "bin")
+    assert top == ["edgepack", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"]
+    assert (target / "edgepack" / "models" / "smollm2-135m.toml").is_file()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd="/", env=env)
+    assert r.returncode == 0, r.stderr
+    pkg, runtime, recipes = r.stdout.split()
+    assert Path(pkg).parent == target / "edgepack"
+    assert Path(runtime).parent == target / "edgepack" / "runtime"
+    assert "gemma3-270m" in recipes.split(",")
