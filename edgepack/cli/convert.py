@@ -3,7 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
+
+from . import info
 
 
 def register(app: typer.Typer) -> None:
@@ -20,6 +21,5 @@ def register(app: typer.Typer) -> None:
         """
         from ..convert import convert as do_convert
 
-        err = Console(stderr=True)
-        bundle = do_convert(model, to or None, out, allow_pickle=allow_pickle, log=lambda m: err.print(m))
+        bundle = do_convert(model, to or None, out, allow_pickle=allow_pickle, log=info)
         print(bundle.root)
