@@ -15,17 +15,22 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import constants, recipes
 from .bundle import MANIFEST, Bundle, Variant
 from .errors import UsageError
 from .stages import Artifact, Stage, run_stage
 
+if TYPE_CHECKING:
+    from .converters.distill import Config as DistillConfig
+    from .converters.prune import Config as PruneConfig
+
 # format -> module implementing validate/build
 FORMATS: dict[str, str] = {}
+FORMATS["gguf"] = "edgepack.converters.gguf"
 
 
 @dataclass(frozen=True)
@@ -111,8 +116,16 @@ def convert(
     options: dict[str, Any] | None = None,
     allow_pickle: bool = False,
     log: Callable[[str], None] = print,
+    report: bool = False,
+    prune: PruneConfig | None = None,
+    distill: DistillConfig | None = None,
 ) -> Bundle:
     """Convert ``ref`` into a bundle holding each requested variant.
+
+    With ``report`` (the CLI's default), end with eval, bench and the report (see ``edgepack.report``).
+
+    ``prune`` and ``distill`` turn the pulled model into a smaller student before
+    any variant is built (see ``prepare``); the bundle's reference stays the original.
 
     Raises UsageError for bad variants or an output folder that is not a bundle,
     and whatever pull and the stages raise (all EdgepackError).
@@ -125,6 +138,7 @@ def convert(
     root = Path(out) if out else constants.bundles_dir() / name
     if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
         raise UsageError(f"{root} exists and is not a bundle: choose an empty or new folder with -o")
+    _check_pre_stages(prune, distill)
     source = pull(ref, allow_pickle=allow_pickle, log=log)
     src_meta = {
         "ref": ref,
@@ -134,8 +148,13 @@ def convert(
         "reference_path": str(source.path),
         "files": source.meta.get("files", []),
     }
+    source, pre_steps = prepare(source, prune=prune, distill=distill, log=log)
+    if pre_steps:
+        src_meta["student_path"] = str(source.path)
     bundle = Bundle.open(root) if (root / MANIFEST).is_file() else Bundle.create(root, name, src_meta)
     bundle.data["source"] = src_meta
+    for step in pre_steps:
+        bundle.add_step(step)
     ctx = Context(bundle, dict(options or {}), log)
     for spec in specs:
         variant: Variant = _module(spec.format).build(spec.arg, source, ctx)
@@ -143,4 +162,58 @@ def convert(
         bundle.save()
         log(f"variant {variant.id}: {variant.bytes / 1e6:.1f} MB")
     bundle.save()
+    if report:
+        _report(bundle, log)
     return bundle
+
+
+def _report(bundle: Bundle, log: Callable[[str], None]) -> None:
+    from .bench import RUNNABLE, bench
+    from .eval import evaluate
+    from .report import report as write_report
+
+    evaluate(bundle, log=log)
+    if any(v.backend in RUNNABLE for v in bundle.variants):
+        bench(bundle, log=log)
+    log(f"report: {write_report(bundle)}")
+
+
+def _check_pre_stages(prune: PruneConfig | None, distill: DistillConfig | None) -> None:
+    from .converters import distill as distill_mod
+    from .converters import prune as prune_mod
+
+    if prune is not None:
+        prune_mod.validate(prune)
+    if distill is not None:
+        if prune is None:
+            raise UsageError("--distill heals a pruned student: add --prune-layers N, --drop i,j or --target-params N")
+        distill_mod.validate(distill)
+
+
+def prepare(
+    source: Artifact,
+    *,
+    prune: PruneConfig | None = None,
+    distill: DistillConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[Artifact, list[dict[str, Any]]]:
+    """Run the pre-stages (prune, then distill with ``source`` as teacher) through the stage cache.
+
+    Returns the student (``source`` itself when neither is given) and the manifest records of the steps.
+    Runs before the bundle is created, so bad options or a failed stage leave nothing behind.
+    """
+    from .converters import distill as distill_mod
+    from .converters import prune as prune_mod
+
+    _check_pre_stages(prune, distill)
+    planned: list[tuple[Stage, Any]] = []
+    if prune is not None:
+        planned.append((prune_mod.Prune(), prune))
+    if distill is not None:
+        planned.append((distill_mod.Distill(), replace(distill, teacher=distill.teacher or str(source.path))))
+    art, steps = source, []
+    for stage, cfg in planned:
+        art, step = run_stage(stage, art, cfg)
+        log(f"{stage.name}: {'cached' if step.cached else f'done in {step.wall_s:.1f} s'}")
+        steps.append(step.to_json())
+    return art, steps

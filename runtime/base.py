@@ -1,105 +1,436 @@
 """The one interface every runtime backend implements.
 
-A backend turns a model path into a ``Session``; everything else (the CLI's
-``run``, the server, the chat app, evaluation) talks only to ``Session``.
-A third backend implements ``Backend.load`` and the abstract methods of
-``Session``; ``chat``/``generate`` and the template handling are shared.
+``edgepack.load`` turns a model path into a ``Session``; everything else (the
+CLI's ``run``, the server, the chat app, evaluation) talks only to ``Session``::
 
-Capabilities are class attributes, as in simonw/llm: callers check
-``session.can_score`` rather than the backend's type.
+    s = edgepack.load("model.gguf")
+    s.generate("Once upon a time", max_tokens=32, temperature=0).text
+    for piece in s.chat_stream([{"role": "user", "content": "Hi"}]): print(piece, end="")
+    s.score(s.tokenize("some text"), top_k=8).logprobs
+
+A backend subclasses ``Session`` and implements the ``_``-prefixed abstract
+methods plus ``tokenize``/``detokenize``; prompt checks, stop strings, timing,
+cancellation, chat templates and locking are shared here, so backends agree.
+
+Threading: one generation at a time per session (a plain ``Lock``, so a stream
+started on one thread may be consumed and closed on another, as a server's
+executor does). A ``Stream`` holds the lock from its first ``next()`` until it
+ends or is closed: exhaust it, ``close()`` it, or use it as a context manager.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from ..errors import ContextOverflowError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
 Truncate = Literal["error", "left"]
+Prompt = str | Sequence[int]
 
 
 @dataclass
 class SamplingParams:
-    """Sampling knobs shared by every backend; temperature 0 means greedy."""
+    """Sampling knobs shared by every backend; ``temperature=0`` means greedy.
 
-    max_tokens: int = 256
+    ``max_tokens=None`` generates until end of text or a full context.
+    ``top_k=0``, ``top_p=1``, ``min_p=0`` and ``repeat_penalty=1`` switch that filter off.
+    ``repeat_penalty`` covers every token in the context (prompt and output), as in transformers.
+    """
+
+    max_tokens: int | None = 256
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 40
-    min_p: float = 0.05
+    min_p: float = 0.0
     repeat_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
 
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> SamplingParams:
+        """Build from keyword arguments, raising UsageError on unknown names or out-of-range values."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise UsageError(f"unknown sampling option(s) {', '.join(unknown)}: use {', '.join(sorted(known))}")
+        p = cls(**{k: v for k, v in kwargs.items() if v is not None or k in ("max_tokens", "seed")})
+        if isinstance(p.stop, str):
+            p.stop = [p.stop]
+        p.stop = [s for s in p.stop if s]
+        checks = [
+            ("max_tokens", p.max_tokens is None or p.max_tokens >= 1, "at least 1"),
+            ("temperature", p.temperature >= 0, ">= 0 (0 is greedy)"),
+            ("top_p", 0 < p.top_p <= 1, "in (0, 1]"),
+            ("top_k", p.top_k >= 0, ">= 0 (0 switches it off)"),
+            ("min_p", 0 <= p.min_p < 1, "in [0, 1)"),
+            ("repeat_penalty", p.repeat_penalty > 0, "> 0 (1 switches it off)"),
+            ("seed", p.seed is None or 0 <= p.seed < 2**32, "in [0, 2**32)"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise UsageError(f"{name} must be {rule}, got {getattr(p, name)!r}")
+        return p
+
 
 @dataclass
 class Completion:
-    """A finished generation, with the counts and timings ``--json`` and the server report."""
+    """A finished generation, with the counts and timings ``--json``, the server and bench report."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length", "cancelled"]
-    ttft_s: float
-    decode_tokens_per_s: float
+    ttft_s: float  # prompt in -> first token out (prefill plus one sampling step)
     prefill_tokens_per_s: float
+    decode_tokens_per_s: float  # tokens after the first, over the time after the first
+    wall_s: float
+    truncated_tokens: int = 0  # prompt tokens dropped by truncate="left"
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class Scores:
+    """What ``Session.score`` returns for tokens ``t[0..n-1]``; row i is about predicting ``t[i+1]``.
+
+    ``rest_logprob`` is log(1 - sum of the top-k probabilities): with the top-k
+    it bounds KL and cross-entropy estimates without the full vocabulary.
+    """
+
+    logprobs: np.ndarray  # [n-1] float64: log p(t[i+1] | t[:i+1])
+    top_ids: np.ndarray | None = None  # [n-1, k] int64, most likely first
+    top_logprobs: np.ndarray | None = None  # [n-1, k] float64
+    rest_logprob: np.ndarray | None = None  # [n-1] float64
+
+    @classmethod
+    def empty(cls, rows: int, top_k: int) -> Scores:
+        import numpy as np
+
+        k = top_k or None
+        return cls(
+            np.empty(rows),
+            np.empty((rows, k), dtype=np.int64) if k else None,
+            np.empty((rows, k)) if k else None,
+            np.empty(rows) if k else None,
+        )
+
+    def fill(self, start: int, logits: np.ndarray, next_ids: Sequence[int], block: int = 64) -> None:
+        """Store rows ``start..`` from raw logits [m, vocab], log-softmaxed in float64 ``block`` rows at a time."""
+        import numpy as np
+
+        k = 0 if self.top_ids is None else self.top_ids.shape[1]
+        for r in range(0, len(logits), block):
+            x = np.asarray(logits[r : r + block], dtype=np.float64)
+            rows = slice(start + r, start + r + len(x))
+            lse = _logsumexp(x)
+            self.logprobs[rows] = x[np.arange(len(x)), np.asarray(next_ids[r : r + len(x)])] - lse
+            if k:
+                idx = np.argpartition(-x, k - 1, axis=1)[:, :k]
+                vals = np.take_along_axis(x, idx, axis=1)
+                order = np.argsort(-vals, axis=1, kind="stable")
+                self.top_ids[rows] = np.take_along_axis(idx, order, axis=1)
+                self.top_logprobs[rows] = np.take_along_axis(vals, order, axis=1) - lse[:, None]
+                np.put_along_axis(x, idx, -np.inf, axis=1)  # what is left outside the top k, exactly
+                self.rest_logprob[rows] = _logsumexp(x) - lse
 
 
 @dataclass
 class ModelInfo:
-    path: Path
+    path: Path  # the file or folder the backend loaded
     backend: str  # "llama.cpp" | "onnx"
     device: str  # "cpu" | "cuda" | "metal"
     n_ctx: int
+    threads: int | None = None
     name: str = ""
-    variant: str | None = None
+    variant: str | None = None  # the bundle variant id, when loaded from a bundle
+    bundle: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: str(v) if isinstance(v, Path) else v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+
+
+class Stream(Iterator[str]):
+    """Text pieces of one generation; ``completion`` is set once it ends (by stop, length or cancel)."""
+
+    def __init__(self, session: Session, tokens: list[int], params: SamplingParams, truncated: int) -> None:
+        self.completion: Completion | None = None
+        self._cancel = threading.Event()
+        self._gen = session._drive(self, tokens, params, truncated)
+
+    def __next__(self) -> str:
+        return next(self._gen)
+
+    def cancel(self) -> None:
+        """Stop this generation after the current token (or before it starts); safe from any thread."""
+        self._cancel.set()
+
+    def close(self) -> None:
+        """Abandon the generation and release the session."""
+        self._gen.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Session(ABC):
-    """A loaded model. Calls on one session are serialised by ``lock``; ``cancel`` may come from any thread."""
+    """A loaded model. See the module docstring for the API and the threading rules."""
 
-    can_score: ClassVar[bool] = True
-    can_stream: ClassVar[bool] = True
+    can_score: ClassVar[bool] = True  # score() works
+    can_score_top_k: ClassVar[bool] = True  # score(top_k=k) works
 
     def __init__(self, info: ModelInfo) -> None:
         self.info = info
-        self.lock = threading.RLock()
-        self._cancel = threading.Event()
-        self.last: Completion | None = None
+        self.last: Completion | None = None  # the most recent finished generation
+        self._lock = threading.Lock()
+        self._running: Stream | None = None
+        self._template = None
 
-    # -- what a backend implements -----------------------------------------------------------
+    # -- what a backend implements ------------------------------------------------------------
     @abstractmethod
-    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]: ...
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        """Token ids of ``text``; special-token text like ``<|im_start|>`` is parsed as in transformers.
+
+        ``add_special`` adds what the tokenizer adds around a sequence (e.g. BOS), like
+        transformers' ``add_special_tokens``.
+        """
 
     @abstractmethod
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
     @abstractmethod
-    def stream_tokens(self, tokens: Sequence[int], params: SamplingParams) -> Iterator[str]:
-        """Generate from prompt token ids, yielding text pieces; sets ``self.last`` when done."""
+    def _generate(self, tokens: list[int], params: SamplingParams, cancelled: threading.Event) -> Iterator[str]:
+        """Yield one text piece per generated token (``""`` while a UTF-8 sequence is incomplete).
+
+        Stops by returning at an end-of-generation token; the caller stops it at max_tokens,
+        stop strings or cancel. ``cancelled`` may be polled during a long prefill.
+        """
 
     @abstractmethod
-    def score(self, tokens: Sequence[int]):
-        """Log-probabilities of each next token: array [len(tokens) - 1] of log p(tokens[i+1] | tokens[:i+1])."""
+    def _score(self, tokens: list[int], top_k: int) -> Scores: ...
 
     @abstractmethod
-    def chat_template_tokens(self, messages: Sequence[Message]) -> list[int]:
-        """Token ids of ``messages`` formatted with the model's own chat template plus the generation prompt."""
+    def _chat_template(self) -> tuple[str, dict[str, str]]:
+        """The model's jinja chat template and its special-token variables (``bos_token``, ``eos_token``)."""
 
     @abstractmethod
-    def close(self) -> None: ...
+    def _close(self) -> None: ...
 
-    # -- shared ------------------------------------------------------------------------------
+    # -- public API -----------------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self.info.n_ctx
+
+    def generate(self, prompt: Prompt, *, truncate: Truncate = "error", **sampling: Any) -> Completion:
+        """Complete raw text (or token ids); the tokenizer's own specials (e.g. BOS) are added to text.
+
+        Raises ContextOverflowError when prompt + max_tokens exceeds n_ctx and truncate="error";
+        with truncate="left" the oldest prompt tokens are dropped instead.
+        """
+        return self._finish(self.stream(prompt, truncate=truncate, **sampling))
+
+    def stream(self, prompt: Prompt, *, truncate: Truncate = "error", **sampling: Any) -> Stream:
+        """Like ``generate`` but returns a ``Stream`` of text pieces."""
+        params = SamplingParams.from_kwargs(sampling)
+        tokens = self.tokenize(prompt, add_special=True) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not tokens:
+            raise UsageError("the prompt is empty: give some text")
+        tokens, dropped = self._fit(tokens, params, truncate)
+        return Stream(self, tokens, params, dropped)
+
+    def chat(self, messages: Sequence[Message], *, truncate: Truncate = "error", **sampling: Any) -> Completion:
+        """Answer a conversation formatted with the model's own chat template.
+
+        With truncate="left", the oldest non-system messages are dropped whole until it fits;
+        ContextOverflowError if even the last message does not fit.
+        """
+        return self._finish(self.chat_stream(messages, truncate=truncate, **sampling))
+
+    def chat_stream(self, messages: Sequence[Message], *, truncate: Truncate = "error", **sampling: Any) -> Stream:
+        params = SamplingParams.from_kwargs(sampling)
+        msgs = _check_messages(messages)
+        tokens = self.chat_tokens(msgs)
+        dropped = 0
+        if truncate == "left":
+            system = msgs[:1] if msgs[0]["role"] == "system" else []
+            rest = msgs[len(system) :]
+            while len(rest) > 1 and self._needed(tokens, params) > self.n_ctx:
+                rest = rest[1:]
+                while len(rest) > 1 and rest[0]["role"] != "user":  # templates may insist on user first
+                    rest = rest[1:]
+                shorter = self.chat_tokens(system + rest)
+                dropped += len(tokens) - len(shorter)
+                tokens = shorter
+        tokens, _ = self._fit(tokens, params, "error")
+        return Stream(self, tokens, params, dropped)
+
+    def chat_tokens(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        """The exact ids a chat feeds the model: equal to transformers' ``apply_chat_template(tokenize=True)``."""
+        return self.tokenize(self.format_chat(messages, add_generation_prompt=add_generation_prompt))
+
+    def format_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+        """``messages`` rendered with the model's chat template (the text ``chat_tokens`` tokenizes)."""
+        from .chat_template import render
+
+        if self._template is None:
+            self._template = self._chat_template()
+        source, specials = self._template
+        return render(source, _check_messages(messages), specials, add_generation_prompt=add_generation_prompt)
+
+    def score(self, tokens: Sequence[int], *, top_k: int = 0) -> Scores:
+        """Log-probabilities of each next token, and with ``top_k`` the k likeliest per position.
+
+        Raises ContextOverflowError when the tokens exceed n_ctx (score windows yourself).
+        """
+        tokens = [int(t) for t in tokens]
+        if len(tokens) < 2:
+            raise UsageError(f"score needs at least 2 tokens, got {len(tokens)}")
+        if len(tokens) > self.n_ctx:
+            raise ContextOverflowError(len(tokens), self.n_ctx)
+        if not 0 <= top_k <= 1000:
+            raise UsageError(f"top_k must be in [0, 1000], got {top_k}")
+        with self._lock:
+            return self._score(tokens, top_k)
+
     def cancel(self) -> None:
-        """Stop the running generation after the current token; safe from any thread."""
-        self._cancel.set()
+        """Stop the running generation after the current token; safe from any thread. No-op when idle."""
+        running = self._running
+        if running is not None:
+            running.cancel()
+
+    def close(self) -> None:
+        """Free the model; waits for a running generation to stop first."""
+        self.cancel()
+        with self._lock:
+            self._close()
 
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"<{type(self).__name__} {i.name or i.path} {i.backend}/{i.device} n_ctx={i.n_ctx}>"
+
+    # -- shared machinery -----------------------------------------------------------------------
+    def _needed(self, tokens: list[int], params: SamplingParams) -> int:
+        return len(tokens) + (params.max_tokens or 1)
+
+    def _fit(self, tokens: list[int], params: SamplingParams, truncate: Truncate) -> tuple[list[int], int]:
+        if truncate not in ("error", "left"):
+            raise UsageError(f"truncate must be 'error' or 'left', got {truncate!r}")
+        needed = self._needed(tokens, params)
+        if needed <= self.n_ctx:
+            return tokens, 0
+        if truncate == "error":
+            raise ContextOverflowError(needed, self.n_ctx)
+        keep = self.n_ctx - (params.max_tokens or 1)
+        if keep < 1:
+            raise ContextOverflowError(needed, self.n_ctx)
+        return tokens[len(tokens) - keep :], len(tokens) - keep
+
+    def _finish(self, stream: Stream) -> Completion:
+        with stream:
+            for _ in stream:
+                pass
+        assert stream.completion is not None
+        return stream.completion
+
+    def _drive(self, handle: Stream, tokens: list[int], params: SamplingParams, truncated: int) -> Iterator[str]:
+        """The generation loop every backend shares: lock, stop strings, limits, cancel, timing."""
+        with self._lock:
+            self._running = handle
+            limit = min(params.max_tokens or self.n_ctx, self.n_ctx - len(tokens))
+            hold = max((len(s) for s in params.stop), default=0)  # text held back: may start a stop string
+            text, emitted, n, reason = "", 0, 0, "length"
+            t0 = time.perf_counter()
+            t_first = t_last = t0
+            gen = self._generate(tokens, params, handle._cancel)
+            try:
+                if handle._cancel.is_set():
+                    reason = "cancelled"
+                else:
+                    reason = "stop"
+                    for piece in gen:
+                        t_last = time.perf_counter()
+                        n += 1
+                        if n == 1:
+                            t_first = t_last
+                        text += piece
+                        if hold:
+                            cut = min((i for s in params.stop if (i := text.find(s, max(0, emitted - hold))) >= 0), default=-1)
+                            if cut >= 0:
+                                text = text[:cut]
+                                break
+                            safe = len(text) - hold + 1
+                        else:
+                            safe = len(text)
+                        if safe > emitted:
+                            yield text[emitted:safe]
+                            emitted = safe
+                        if handle._cancel.is_set():
+                            reason = "cancelled"
+                            break
+                        if n >= limit:
+                            reason = "length"
+                            break
+                    else:  # the backend returned: end of text, or it saw the cancel (e.g. during prefill)
+                        if handle._cancel.is_set():
+                            reason = "cancelled"
+                if len(text) > emitted:
+                    yield text[emitted:]
+            except GeneratorExit:  # the consumer closed the stream early
+                reason = "cancelled"
+                raise
+            finally:
+                gen.close()
+                now = time.perf_counter()
+                ttft = (t_first - t0) if n else now - t0
+                self.last = handle.completion = Completion(
+                    text=text,
+                    prompt_tokens=len(tokens),
+                    completion_tokens=n,
+                    finish_reason=reason if n or reason == "cancelled" else "stop",
+                    ttft_s=ttft,
+                    prefill_tokens_per_s=len(tokens) / ttft if n and ttft > 0 else 0.0,
+                    decode_tokens_per_s=(n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0,
+                    wall_s=now - t0,
+                    truncated_tokens=truncated,
+                )
+                self._running = None
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    top = x.max(axis=1)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return safe + np.log(np.exp(x - safe[:, None]).sum(axis=1))
+
+
+def _check_messages(messages: Sequence[Message]) -> list[Message]:
+    """Validate a conversation, raising UsageError with the first problem found."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise UsageError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UsageError(f"message {i} must be a dict with string 'role' and 'content', got {m!r}")
+        out.append(m)
+    return out

@@ -32,6 +32,10 @@ COMMANDS = (
     "models",  # pull, inspect
     "convert",
     "doctor",
+    "run",
+    "serve",
+    "chat",
+    "reports",  # eval, bench, report, recommend
 )
 
 

@@ -1,0 +1,453 @@
+"""Distill stage: heal a pruned student by training it to match its teacher (Hinton et al., 2015).
+
+The student is the input checkpoint, the teacher ``Config.teacher`` (the
+reference the student was pruned from; their tokenizers must match). Per
+token, with student logits ``z_s``, teacher logits ``z_t``, next token ``y``
+and temperature ``T``::
+
+    L = alpha * CE(y, softmax(z_s)) + (1 - alpha) * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+
+Softening by ``T`` shows the student the teacher's whole ranking of
+tokens, but it also shrinks the KL term's gradients by about ``1 / T^2``;
+multiplying by ``T^2`` (Hinton et al., section 2) keeps the two terms'
+balance the same whichever ``T`` is chosen, so ``alpha`` means one thing.
+
+Training text comes from ``calibration.load(text, "calibration")`` and is
+read at most once (no epochs), so ``steps * batch`` windows must fit in it;
+the held-out ``eval`` split is never trained on. Training is full
+fine-tuning or LoRA (``lora`` = rank; the adapters are merged before
+saving, so the output is a plain checkpoint), on CPU or CUDA, in bf16
+autocast where the device supports it.
+
+Checkpoints go to ``stages/<key>.resume/`` every ``checkpoint_s`` seconds
+and on Ctrl-C (unless it lands inside an optimizer update, when the last
+periodic checkpoint stands); re-running the same command resumes there (the ``time_s``
+budget counts the time already spent). With ``topk`` the teacher's top-k
+logits per window are cached on disk under ``stages/teacher-topk/`` and
+reused by resumed and repeated runs instead of running the teacher again;
+the KL term is then taken over those k tokens, renormalised.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import constants
+from ..errors import CalibrationError, InvalidModelError, SourceNotFoundError, UsageError
+from ..fsutil import atomic_path
+from ..stages import Artifact, Kind, Stage, cache_key
+from . import calibration
+from .prune import saved_dtype
+
+
+@dataclass
+class Config:
+    """How to train. At least one of ``steps`` and ``time_s`` bounds the run."""
+
+    teacher: str = ""  # teacher checkpoint folder; convert passes the pulled reference
+    steps: int = 0  # optimizer steps (0: as many as time_s allows, at most one pass over the text)
+    time_s: float = 0.0  # training wall-clock budget in seconds, summed over resumed runs (0: no limit)
+    alpha: float = 0.5  # weight of the hard-label cross-entropy; 1 - alpha weights the distillation term
+    temperature: float = 4.0  # softmax temperature T for the distillation term (scaled by T^2)
+    lr: float = 0.0  # AdamW learning rate (0: 1e-4 for full fine-tuning, 1e-3 for LoRA)
+    lora: int = 0  # LoRA rank on every linear layer of the decoder blocks (0: full fine-tuning)
+    batch: int = 4  # windows per optimizer step
+    seq_len: int = 256  # tokens per window
+    text: str = "builtin"  # training text: calibration preset or file (its calibration split)
+    topk: int = 0  # cache the teacher's top-k logits on disk and distill against them (0: run the teacher every step)
+    device: str = "auto"  # auto (cuda when present, else cpu), cpu, cuda, cuda:N
+    dtype: str = "auto"  # compute precision: auto (bf16 where the device supports it), bf16, float32
+    seed: int = 0  # data order and LoRA initialisation
+    checkpoint_s: float = 300.0  # seconds between resume checkpoints
+
+
+def validate(config: Config) -> None:
+    """Check a config on its own, before any model is read; raises UsageError."""
+    if not config.steps and not config.time_s:
+        raise UsageError("distillation needs a bound: pass --steps N and/or --time 15m")
+    if config.steps < 0 or config.time_s < 0 or config.batch < 1 or config.seq_len < 2 or config.lora < 0 or config.topk < 0:
+        raise UsageError("steps, time, batch, lora rank and topk must be positive (seq_len at least 2)")
+    if not 0.0 <= config.alpha <= 1.0:
+        raise UsageError(f"--alpha {config.alpha}: choose a weight between 0 and 1 (typically 0.3-0.5)")
+    if config.temperature <= 0:
+        raise UsageError(f"--temperature {config.temperature}: choose a positive temperature (typically 3-5)")
+    if config.dtype not in ("auto", "bf16", "float32"):
+        raise UsageError(f"dtype {config.dtype!r}: choose auto, bf16 or float32")
+    if not (config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:")):
+        raise UsageError(f"device {config.device!r}: choose auto, cpu, cuda or cuda:N")
+
+
+class Distill(Stage):
+    name = "distill"
+    version = 1
+    input_kind = Kind.HF
+    output_kind = Kind.HF
+    Config = Config
+
+    def plan(self, inp: Artifact, config: Config) -> list[str]:
+        return ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+    def run(self, inp: Artifact, config: Config, out_dir: Path) -> Artifact:
+        """Train the student in ``inp`` and write it to ``out_dir``.
+
+        Raises UsageError (bad options, tokenizer mismatch, no CUDA), CalibrationError (text too short),
+        SourceNotFoundError (no teacher), InvalidModelError.
+        """
+        import torch
+
+        validate(config)
+        teacher_path = Path(config.teacher).expanduser()
+        if not (teacher_path / "config.json").is_file():
+            raise SourceNotFoundError(f"teacher {config.teacher!r} is not a checkpoint folder: give the model the student was pruned from")
+        tokenizer = same_tokenizer(inp.path, teacher_path)
+        device, amp = _device(config)
+        text = calibration.load(config.text, "calibration")
+        chat = bool(getattr(tokenizer, "chat_template", None))
+        ids = calibration.token_stream(text, tokenizer, chat=chat)
+        available = len(ids) // config.seq_len // config.batch
+        steps = config.steps or available
+        if steps > available or not steps:
+            raise CalibrationError(
+                f"{config.steps or 1} steps of {config.batch} x {config.seq_len} tokens need "
+                f"{(config.steps or 1) * config.batch * config.seq_len:,} tokens of training text but {text.name} has {len(ids):,} "
+                f"(text is never repeated): use at most {available} steps, a smaller --batch/seq_len, or a longer text file"
+            )
+        windows = torch.tensor(calibration.windows(ids, available * config.batch, config.seq_len, what="distillation"))
+        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(config.seed))
+
+        torch.manual_seed(config.seed)
+        student = _load(inp.path, torch.float32).to(device)
+        teacher = None if config.topk else _load(teacher_path, amp or torch.float32).to(device).eval()
+        if config.lora:
+            trainable = add_lora(student, config.lora)
+        else:
+            trainable = [p for p in student.parameters()]
+        student.train()
+        lr = config.lr or (1e-3 if config.lora else 1e-4)
+        opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        cache = _TopK(teacher_path, text.sha256, config, chat) if config.topk else None
+
+        resume = constants.stages_dir() / f"{cache_key(self, config, inp.digest())}.resume"
+        state = _Resume(resume, student, opt)
+        step, spent, loss_ema = state.load()
+        resumed_from = step
+        stopped = "steps"
+        with _progress(steps, config.time_s if not config.steps else 0.0) as bar:
+            started = time.perf_counter() - spent
+            last_ckpt = time.perf_counter()
+            updating = False
+            try:
+                while step < steps:
+                    if config.time_s and time.perf_counter() - started >= config.time_s:
+                        stopped = "time"
+                        break
+                    idx = order[step * config.batch : (step + 1) * config.batch]
+                    batch = windows[idx].to(device)
+                    if cache is not None:
+                        target = cache.get(idx.tolist(), batch, teacher_path, device, amp)
+                    else:
+                        with torch.no_grad(), _autocast(device, amp):
+                            target = teacher(input_ids=batch, use_cache=False).logits
+                    with _autocast(device, amp):
+                        logits = student(input_ids=batch, use_cache=False).logits
+                    loss, parts = distillation_loss(logits, target, batch, config.alpha, config.temperature)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                    for group in opt.param_groups:  # short linear warm-up keeps the first updates from overshooting
+                        group["lr"] = lr * min(1.0, (step + 1) / 10)
+                    updating = True  # a Ctrl-C inside opt.step leaves weights half-updated: not worth saving
+                    opt.step()
+                    step += 1
+                    updating = False
+                    loss_ema = parts["loss"] if loss_ema is None else 0.9 * loss_ema + 0.1 * parts["loss"]
+                    elapsed = time.perf_counter() - started
+                    bar(step, elapsed, loss_ema, parts)
+                    if time.perf_counter() - last_ckpt >= config.checkpoint_s and step < steps:
+                        state.save(step, elapsed, loss_ema)
+                        last_ckpt = time.perf_counter()
+            except KeyboardInterrupt:
+                if not updating:
+                    state.save(step, time.perf_counter() - started, loss_ema)
+                raise
+        elapsed = time.perf_counter() - started
+        if step == 0:
+            raise UsageError(f"the time budget ({config.time_s:.0f} s) ran out before the first step: give a longer --time")
+        if config.lora:
+            merge_lora(student)
+        student.eval().to("cpu")
+        student.to(saved_dtype(inp.path))
+        student.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        state.clear()
+        meta: dict[str, Any] = {
+            "teacher": str(teacher_path),
+            "steps": step,
+            "resumed_from": resumed_from,
+            "train_s": round(elapsed, 1),
+            "stopped_by": stopped,
+            "loss": round(loss_ema, 4),
+            "lr": lr,
+            "device": str(device),
+            "dtype": "bf16" if amp is not None else "float32",
+            "text": text.provenance(step * config.batch * config.seq_len),
+        }
+        return Artifact(Kind.HF, out_dir, meta)
+
+
+def distillation_loss(student_logits, target, input_ids, alpha: float, temperature: float):
+    """The loss of the module docstring, averaged over tokens; ``target`` is teacher logits or (top-k values, indices).
+
+    Position t predicts token t + 1, so the last position has no label and is left out of both terms.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    z_s = student_logits[:, :-1].float()
+    labels = input_ids[:, 1:]
+    ce = F.cross_entropy(z_s.reshape(-1, z_s.shape[-1]), labels.reshape(-1))
+    log_q = F.log_softmax(z_s / temperature, dim=-1)
+    if isinstance(target, tuple):
+        values, indices = target
+        log_p = F.log_softmax(values[:, :-1].float() / temperature, dim=-1)
+        log_q = torch.gather(log_q, -1, indices[:, :-1].long())
+    else:
+        log_p = F.log_softmax(target[:, :-1].float() / temperature, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    loss = alpha * ce + (1 - alpha) * temperature**2 * kl
+    return loss, {"loss": loss.item(), "ce": ce.item(), "kl": kl.item()}
+
+
+def evaluate(student, teacher, windows: list[list[int]], *, device: str = "cpu") -> dict[str, float]:
+    """Mean per-token KL(teacher || student) at T = 1 and the student's perplexity, over ``windows``."""
+    import torch
+    import torch.nn.functional as F
+
+    kl_sum, nll_sum, n = 0.0, 0.0, 0
+    with torch.inference_mode():
+        for ids in windows:
+            x = torch.tensor([ids], device=device)
+            z_s = student(input_ids=x, use_cache=False).logits[0, :-1].float()
+            z_t = teacher(input_ids=x, use_cache=False).logits[0, :-1].float()
+            log_q, log_p = F.log_softmax(z_s, -1), F.log_softmax(z_t, -1)
+            kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+            nll_sum += float(F.nll_loss(log_q, x[0, 1:], reduction="sum"))
+            n += len(ids) - 1
+    return {"kld": kl_sum / n, "ppl": math.exp(nll_sum / n), "tokens": n}
+
+
+def same_tokenizer(student: Path, teacher: Path):
+    """The student's tokenizer, after checking the teacher's is the same; raises UsageError."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok_s, tok_t = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(teacher)
+    vocab_s = AutoConfig.from_pretrained(student).vocab_size
+    vocab_t = AutoConfig.from_pretrained(teacher).vocab_size
+    if tok_s.get_vocab() != tok_t.get_vocab() or vocab_s != vocab_t:
+        raise UsageError(
+            f"the teacher {teacher} and the student {student} have different tokenizers, so their logits cannot be "
+            "compared: distill from the model the student was pruned from"
+        )
+    return tok_s
+
+
+def _load(path: Path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InvalidModelError(f"transformers cannot load {path} ({e}): check the checkpoint") from e
+
+
+def _device(config: Config):
+    """(torch device, autocast dtype or None)."""
+    import torch
+
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {config.device!r} asked for but torch sees no CUDA device: use --device cpu")
+    device = torch.device(name)
+    if config.dtype == "float32":
+        return device, None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if config.dtype == "bf16" and not supported:
+        raise UsageError(f"{device} has no bf16 support: use dtype float32")
+    return device, (torch.bfloat16 if supported else None)
+
+
+def _autocast(device, amp):
+    import contextlib
+
+    import torch
+
+    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+# -- LoRA --------------------------------------------------------------------------------------
+
+
+def add_lora(model, rank: int) -> list:
+    """Freeze ``model`` and wrap every linear layer of its decoder blocks in a rank-``rank`` adapter (Hu et al., 2021)."""
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = []
+    for layer in model.base_model.layers:
+        for parent in list(layer.modules()):
+            for attr, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    wrapped = _lora_linear()(child, rank)
+                    setattr(parent, attr, wrapped)
+                    trainable += [wrapped.a, wrapped.b]
+    return trainable
+
+
+def merge_lora(model) -> None:
+    """Fold every adapter into its base weight (W + B A) and put the plain linear back."""
+    import torch
+
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, _lora_linear()):
+                with torch.no_grad():
+                    child.base.weight += (child.b @ child.a).to(child.base.weight.dtype)
+                setattr(parent, attr, child.base)
+
+
+@functools.cache
+def _lora_linear():
+    """The adapter module class, built on first use so importing this module does not import torch."""
+    import torch
+
+    class LoRALinear(torch.nn.Module):
+        """``base(x) + x A^T B^T``: A starts random, B at zero, so training starts from the base model exactly."""
+
+        def __init__(self, base: torch.nn.Linear, rank: int) -> None:
+            super().__init__()
+            self.base = base
+            self.a = torch.nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features))
+            self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+
+        def forward(self, x):
+            return self.base(x) + (x @ self.a.t().to(x.dtype)) @ self.b.t().to(x.dtype)
+
+    return LoRALinear
+
+
+# -- resume and teacher cache ------------------------------------------------------------------
+
+
+class _Resume:
+    """Trainable weights, optimizer state, step and time spent, in ``<dir>/state.pt``."""
+
+    def __init__(self, folder: Path, model, opt) -> None:
+        self.path = folder / "state.pt"
+        self.model, self.opt = model, opt
+
+    def _trainable(self) -> dict:
+        return {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load(self) -> tuple[int, float, float | None]:
+        import torch
+
+        if not self.path.is_file():
+            return 0, 0.0, None
+        saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in saved["trainable"].items():
+                params[name].copy_(value)
+        self.opt.load_state_dict(saved["opt"])
+        return saved["step"], saved["spent"], saved["loss"]
+
+    def save(self, step: int, spent: float, loss: float | None) -> None:
+        import torch
+
+        if step == 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            torch.save({"trainable": self._trainable(), "opt": self.opt.state_dict(), "step": step, "spent": spent, "loss": loss}, tmp)
+
+    def clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.path.parent, ignore_errors=True)
+
+
+class _TopK:
+    """The teacher's top-k logits per training window, one file each, keyed by teacher, text, window length and k."""
+
+    def __init__(self, teacher: Path, text_sha: str, config: Config, chat: bool) -> None:
+        ident = f"{Artifact(Kind.HF, teacher).digest()}|{text_sha}|{config.seq_len}|{config.topk}|{chat}"
+        self.dir = constants.stages_dir() / "teacher-topk" / hashlib.sha256(ident.encode()).hexdigest()[:20]
+        self.k = config.topk
+        self.teacher = None
+
+    def get(self, idx: list[int], batch, teacher_path: Path, device, amp):
+        import torch
+
+        files = [self.dir / f"w{i:06d}.pt" for i in idx]
+        if not all(f.is_file() for f in files):
+            if self.teacher is None:
+                self.teacher = _load(teacher_path, amp or torch.float32).to(device).eval()
+            with torch.no_grad(), _autocast(device, amp):
+                logits = self.teacher(input_ids=batch, use_cache=False).logits.float()
+            values, indices = torch.topk(logits, self.k, dim=-1)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for f, v, i in zip(files, values, indices):
+                with atomic_path(f) as tmp:
+                    torch.save({"values": v.cpu(), "indices": i.to(torch.int32).cpu()}, tmp)
+            return values, indices
+        loaded = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+        values = torch.stack([d["values"] for d in loaded]).to(device)
+        indices = torch.stack([d["indices"] for d in loaded]).to(device)
+        return values, indices
+
+
+def _progress(steps: int, time_s: float):
+    """A rich progress bar on stderr over steps, or over seconds when ``time_s`` is given."""
+    import contextlib
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextlib.contextmanager
+    def bar():
+        by_time = bool(time_s)
+        columns = [
+            TextColumn("distill"),
+            BarColumn(),
+            TextColumn("step {task.fields[step]}/{task.fields[steps]}"),
+            TextColumn("loss {task.fields[loss]} (ce {task.fields[ce]} kl {task.fields[kl]})"),
+            TimeElapsedColumn(),
+        ]
+        with Progress(*columns, console=Console(stderr=True)) as progress:
+            task = progress.add_task("distill", total=time_s if by_time else steps, step=0, steps=steps, loss="-", ce="-", kl="-")
+
+            def update(step: int, elapsed: float, loss: float, parts: dict) -> None:
+                progress.update(
+                    task,
+                    completed=min(elapsed, time_s) if by_time else step,
+                    step=step,
+                    loss=f"{loss:.3f}",
+                    ce=f"{parts['ce']:.3f}",
+                    kl=f"{parts['kl']:.4f}",
+                )
+
+            yield update
+
+    return bar()

@@ -1,0 +1,336 @@
+"""Stage ``gguf-write``: a float HF checkpoint -> one GGUF file, streamed tensor by tensor.
+
+Plan, then stream, as gguf-py's ``GGUFWriter`` is built to: every tensor's
+name, shape and type is known from the safetensors headers before a byte is
+written, so the writer emits header, metadata and tensor infos first and the
+data after. The data is read in row blocks of at most ``BLOCK_BYTES`` from a
+safetensors mapping opened for that block only, converted and written, so
+peak memory is a few blocks whatever the model size (a mapping kept open
+would hold every page it touched resident until closed). The file appears
+under its final name only when complete (``fsutil.atomic_path``).
+
+Writer types: ``f32``, ``f16``, ``bf16``, ``q8_0`` for 2-D weights; 1-D
+tensors (norms, biases) and rope factors stay f32, as llama.cpp keeps them.
+Other llama.cpp types start from this stage's f16 output and go through
+llama.cpp's own quantizer (``converters/quantize.py``, see ``build``).
+
+``--to gguf:TYPE`` is implemented here by ``validate`` and ``build``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import ml_dtypes  # noqa: F401 - registers bfloat16 so safetensors can hand bf16 tensors to numpy
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, TensorNameMap
+from gguf import quants
+from safetensors import SafetensorError, safe_open
+
+from ..bundle import Variant
+from ..errors import InvalidModelError, UsageError
+from ..fsutil import atomic_path
+from ..stages import Artifact, Kind, Stage
+from . import gguf_arch, gguf_vocab
+
+Q = GGMLQuantizationType
+WRITER_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
+    "f32": (Q.F32, LlamaFileType.ALL_F32),
+    "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+}
+BLOCK_BYTES = 32 << 20  # float32 bytes of source rows converted at once
+_SOURCE_DTYPES = {"F32", "F16", "BF16"}
+
+
+@dataclass
+class TensorPlan:
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # numpy order (rows first)
+    qtype: GGMLQuantizationType
+    source: str | None = None  # safetensors key, or None for a tensor computed from the config
+    file: Path | None = None
+    data: np.ndarray | None = None
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        return self.n_elements // block * size
+
+
+@dataclass
+class Result:
+    path: Path
+    outtype: str
+    n_params: int
+    n_bytes: int
+    fallbacks: list[str] = field(default_factory=list)  # tensors written as f16 because q8_0 cannot take their rows
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return round(self.n_bytes * 8 / self.n_params, 3)
+
+
+def convert(
+    src: Path, dest: Path, outtype: str = "f16", *, name: str | None = None, log: Callable[[str], None] = print
+) -> Result:
+    """Write the checkpoint at ``src`` as a GGUF of ``outtype`` at ``dest`` (atomically).
+
+    ``name`` becomes ``general.name`` (default: the config's ``_name_or_path``).
+    llama.cpp keys a few tokenizer fixes on it (Phi-3's stripped spaces after
+    special tokens), so a folder name, often a hub snapshot hash, is not used.
+
+    Raises UsageError (unknown outtype), InvalidModelError (missing or odd
+    config, weights or tokenizer; a tensor the architecture's name map does not
+    know), UnsupportedArchitectureError, DiskFullError.
+    """
+    if outtype not in WRITER_TYPES:
+        raise UsageError(f"GGUF writer type {outtype!r} unknown: choose one of {', '.join(WRITER_TYPES)}")
+    src = Path(src)
+    model = gguf_arch.read_model(src)
+    vocab_job = gguf_vocab.VocabJob(src)  # transformers starts in a child while the tensors are planned
+    try:
+        plan, fallbacks = plan_tensors(src, model, outtype)
+    except BaseException:
+        vocab_job.cancel()
+        raise
+    embd = next(t for t in plan if t.name == "token_embd.weight")
+    vocab = vocab_job.result(embd.shape[0])
+    for w in model.warnings:
+        log(f"warning: {w}")
+    if fallbacks:
+        log(f"q8_0: {len(fallbacks)} tensor(s) kept in f16, their rows are not a multiple of 32: {', '.join(fallbacks)}")
+    with atomic_path(dest) as tmp:
+        writer = GGUFWriter(tmp, model.spec.name)
+        try:
+            writer.add_type("model")
+            if name := name or _config_name(model.config):
+                writer.add_name(name)
+            model.write_metadata(writer)
+            writer.add_vocab_size(embd.shape[0])
+            vocab.add_to(writer)
+            writer.add_file_type(WRITER_TYPES[outtype][1])
+            if outtype == "q8_0":
+                writer.add_quantization_version(GGML_QUANT_VERSION)
+            for t in plan:
+                writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            fout = writer.fout[0]
+            writer.write_padding(fout, fout.tell())
+            for t in plan:
+                writer.write_padding(fout, _stream(t, model, fout))
+        finally:
+            writer.close()
+    params = sum(t.n_elements for t in plan)
+    return Result(dest, outtype, params, sum(t.nbytes for t in plan), fallbacks, list(model.warnings))
+
+
+def plan_tensors(src: Path, model: gguf_arch.Model, outtype: str) -> tuple[list[TensorPlan], list[str]]:
+    """Every tensor of the output, in file order, from the safetensors headers alone (no data is read)."""
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise InvalidModelError(f"{src} has no *.safetensors weights: convert pickle checkpoints with `edgepack pull` first")
+    names = TensorNameMap(model.spec.arch, model.n_layer)
+    target = WRITER_TYPES[outtype][0]
+    plan: dict[str, TensorPlan] = {}
+    fallbacks: list[str] = []
+    for name, data in model.computed_tensors().items():
+        plan[name] = TensorPlan(name, data.shape, Q.F32, data=data)
+    for file in files:
+        try:
+            with safe_open(file, framework="numpy") as f:
+                headers = [(key, f.get_slice(key)) for key in f.keys()]
+                headers = [(key, tuple(s.get_shape()), s.get_dtype()) for key, s in headers]
+        except (SafetensorError, OSError) as e:
+            raise InvalidModelError(f"{file} is not a readable safetensors file ({e}): re-download it") from e
+        for key, shape, dtype in headers:
+            if key.endswith(gguf_arch.SKIPPED_SUFFIXES):
+                continue
+            gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise InvalidModelError(
+                    f"{file.name}: tensor {key!r} {list(shape)} has no GGUF name for architecture {model.spec.name}: "
+                    "edgepack converts plain causal-LM checkpoints (no vision towers, adapters or extra heads)"
+                )
+            if gguf_name == "output.weight" and model.tied:
+                continue  # tied to token_embd, which llama.cpp reuses when output is absent
+            if dtype not in _SOURCE_DTYPES:
+                raise InvalidModelError(
+                    f"{file.name}: tensor {key!r} is {dtype}; the GGUF writer reads float checkpoints (F32/F16/BF16): "
+                    "dequantize it first (edgepack pull does this for GGUF sources)"
+                )
+            if gguf_name in plan:
+                raise InvalidModelError(f"{src}: {key!r} and {plan[gguf_name].source!r} both map to {gguf_name}")
+            qtype = target
+            if len(shape) < 2 or gguf_name in gguf_arch.F32_TENSORS:
+                qtype = Q.F32
+            elif target == Q.Q8_0 and shape[-1] % GGML_QUANT_SIZES[Q.Q8_0][0]:
+                qtype = Q.F16
+                fallbacks.append(gguf_name)
+            plan[gguf_name] = TensorPlan(gguf_name, shape, qtype, source=key, file=file)
+    if "token_embd.weight" not in plan:
+        raise InvalidModelError(f"{src} has no token embedding (model.embed_tokens.weight): is this a causal LM checkpoint?")
+    return sorted(plan.values(), key=lambda t: _order(t.name)), fallbacks
+
+
+def _order(name: str) -> tuple:
+    m = re.match(r"blk\.(\d+)\.", name)
+    if m:
+        return (1, int(m.group(1)), name)
+    return (0 if name.startswith(("token_embd", "rope_")) else 2, 0, name)
+
+
+def _stream(t: TensorPlan, model: gguf_arch.Model, fout) -> int:
+    """Write one tensor's data in row blocks; returns the bytes written."""
+    written = 0
+    for block in _blocks(t, model):
+        data = _encode(block, t.qtype)
+        data.tofile(fout)
+        written += data.nbytes
+    if written != t.nbytes:
+        raise InvalidModelError(f"{t.name}: wrote {written} bytes, planned {t.nbytes}: the checkpoint changed during conversion")
+    return written
+
+
+def _blocks(t: TensorPlan, model: gguf_arch.Model):
+    if t.data is not None:
+        yield t.data
+        return
+    rows = t.shape[0]
+    row_bytes = 4 * math.prod(t.shape[1:])
+    align = model.row_align(t.name)
+    step = max(align, BLOCK_BYTES // row_bytes // align * align)
+    for start in range(0, rows, step):
+        with safe_open(t.file, framework="numpy") as f:
+            block = f.get_slice(t.source)[start : min(start + step, rows)]
+        yield model.transform(t.name, block)
+
+
+def _encode(block: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    if qtype == Q.F16 and block.dtype == np.float16:
+        return np.ascontiguousarray(block)
+    return np.ascontiguousarray(quants.quantize(block.astype(np.float32, copy=False), qtype))
+
+
+def _config_name(config: dict[str, Any]) -> str | None:
+    ref = config.get("_name_or_path") or ""
+    return ref.rstrip("/").rsplit("/", 1)[-1] if ref and not ref.startswith((".", "/", "~")) else None
+
+
+# -- the stage and the `--to gguf:TYPE` format ----------------------------------------------------
+
+
+class GGUFWrite(Stage):
+    """HF checkpoint -> GGUF file of one writer type (f32, f16, bf16, q8_0)."""
+
+    name = "gguf-write"
+    version = 1
+    input_kind = Kind.HF
+    output_kind = Kind.GGUF
+
+    @dataclass
+    class Config:
+        outtype: str = "f16"  # type of 2-D weights: f32 | f16 | bf16 | q8_0; 1-D tensors stay f32
+
+    def plan(self, inp: Artifact, config: Config) -> list[str]:
+        return [f"model-{config.outtype}.gguf"]
+
+    def run(self, inp: Artifact, config: Config, out_dir: Path) -> Artifact:
+        result = convert(inp.path, out_dir / self.plan(inp, config)[0], config.outtype)
+        meta = {
+            "outtype": result.outtype,
+            "n_params": result.n_params,
+            "bits_per_weight": result.bits_per_weight,
+            "f16_fallbacks": result.fallbacks,
+            "warnings": result.warnings,
+        }
+        return Artifact(Kind.GGUF, result.path, meta)
+
+
+def validate(arg: str) -> None:
+    """Check a ``gguf:TYPE`` argument before any work; raises UsageError listing the types."""
+    if arg.lower() not in WRITER_TYPES:
+        from . import quantize
+
+        quantize.file_type(arg)
+
+
+def build(arg: str, source: Artifact, ctx) -> Variant:
+    """Make the ``gguf:TYPE`` variant of ``source`` in ``ctx``'s bundle.
+
+    f32/f16/bf16/q8_0 come straight from the writer. Any other llama.cpp type
+    is quantized by llama.cpp from the writer's f16 file (``quantize.Quantize``)
+    with an importance matrix computed from calibration text on ``source``
+    (``imatrix.Imatrix``). ``ctx.options`` may hold:
+
+    ``imatrix``       False for none, or the path of an existing llama.cpp imatrix file
+    ``calibration``   calibration preset for the importance matrix (default ``builtin``)
+    ``calibration_tokens``  tokens of calibration text (default: the Imatrix stage's)
+    ``tensor_types``, ``output_type``, ``token_embedding_type``, ``target_size``,
+    ``target_bpw``, ``sensitivity``: passed to the quantize stage as they are.
+    """
+    validate(arg)
+    outtype = arg.lower()
+    if outtype in WRITER_TYPES:
+        art = ctx.run(GGUFWrite(), source, GGUFWrite.Config(outtype=outtype))
+        meta = {k: art.meta[k] for k in ("outtype", "n_params", "f16_fallbacks", "warnings") if k in art.meta}
+        return _variant(ctx, f"gguf-{outtype}", art, meta)
+    from . import quantize
+
+    opts = ctx.options
+    base = ctx.run(GGUFWrite(), source, GGUFWrite.Config(outtype="f16"))
+    passed = ("tensor_types", "output_type", "token_embedding_type", "target_size", "target_bpw", "sensitivity")
+    config = quantize.Quantize.Config(
+        type=quantize.file_type(arg),
+        imatrix=_imatrix(source, ctx),
+        **{k: opts[k] for k in passed if opts.get(k) is not None},
+    )
+    art = ctx.run(quantize.Quantize(), base, config)
+    return _variant(ctx, f"gguf-{outtype}", art, dict(art.meta))
+
+
+def _imatrix(source: Artifact, ctx) -> str | None:
+    """Path of the importance matrix for ``source`` (computed once, kept in the bundle's calibration/)."""
+    choice = ctx.options.get("imatrix")
+    if choice is False:
+        return None
+    if choice is not None:
+        path = Path(choice).expanduser()
+        if not path.is_file():
+            raise UsageError(f"--imatrix {choice}: no such file; give a llama.cpp imatrix file or leave it out to compute one")
+        return str(path.resolve())
+    from . import imatrix
+
+    fields = {"calibration": ctx.options.get("calibration") or "builtin"}
+    if ctx.options.get("calibration_tokens"):
+        fields["tokens"] = int(ctx.options["calibration_tokens"])
+    art = ctx.run(imatrix.Imatrix(), source, imatrix.Imatrix.Config(**fields))
+    ctx.bundle.add_calibration(art.meta["calibration"])
+    kept = ctx.bundle.root / "calibration" / art.path.name
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.unlink(missing_ok=True)
+    try:
+        os.link(art.path, kept)
+    except OSError:
+        shutil.copy2(art.path, kept)
+    return str(art.path)
+
+
+def _variant(ctx, vid: str, art: Artifact, meta: dict[str, Any]) -> Variant:
+    path = ctx.place(art, vid)
+    rel = path.relative_to(ctx.bundle.root).as_posix()
+    return Variant(vid, "gguf", "llama.cpp", rel, ctx.files(path), art.meta.get("bits_per_weight"), meta)

@@ -1,0 +1,449 @@
+"""Stage ``quantize``: a float GGUF -> any llama.cpp file type, through llama.cpp's own quantizer.
+
+llama-cpp-python exposes ``llama_model_quantize`` with everything the
+``llama-quantize`` tool passes (importance matrix entries, per-tensor type
+overrides, metadata overrides), so edgepack calls it in-process and needs no
+binary. llama.cpp picks each tensor's type from the file type's mix (Q4_K_M
+gives attn_v and some ffn_down Q6_K, ...) and falls back to a type with
+smaller blocks when a tensor's rows do not divide into the type's blocks
+(576 columns cannot take 256-wide K-quant blocks); its log names those
+tensors and this stage reports them.
+
+With ``target_size``/``target_bpw`` the stage chooses every weight's type
+itself from measured sensitivity (``imatrix.Sensitivity``): the predicted
+loss of each (tensor, type) pair, minimised under the size budget (see
+``plan_mix``), and hands the choice to llama.cpp as per-tensor overrides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import heapq
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendError, DiskFullError, InvalidModelError, UsageError
+from ..fsutil import atomic_path
+from ..stages import Artifact, Kind, Stage
+
+# llama.cpp file types (enum llama_ftype in llama.h); llama-quantize's names.
+QUANT_TYPES: dict[str, int] = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
+    "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15,
+    "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ2_XXS": 19, "IQ2_XS": 20, "Q2_K_S": 21,
+    "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27,
+    "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "BF16": 32, "TQ1_0": 36,
+    "TQ2_0": 37, "MXFP4_MOE": 38, "Q1_0": 40, "Q2_0": 41,
+}  # fmt: skip
+ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as llama-quantize accepts them
+# File types whose mix puts tensors in types llama.cpp refuses to make without an importance
+# matrix (tensor_requires_imatrix in llama-quant.cpp: IQ1/IQ2/IQ3_XXS, and Q2_K inside Q2_K_S).
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
+
+# Tensor types (enum ggml_type in ggml.h) for per-tensor, output and token-embedding overrides.
+TENSOR_TYPES: dict[str, int] = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
+    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ2_XXS": 16, "IQ2_XS": 17,
+    "IQ3_XXS": 18, "IQ1_S": 19, "IQ4_NL": 20, "IQ3_S": 21, "IQ2_S": 22, "IQ4_XS": 23,
+    "IQ1_M": 29, "BF16": 30, "TQ1_0": 34, "TQ2_0": 35, "MXFP4": 39, "Q1_0": 41, "Q2_0": 42,
+}  # fmt: skip
+TENSOR_NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
+_FLOAT_TYPES = {0, 1, 30}  # f32, f16, bf16: what llama.cpp quantizes from
+_ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT: every tensor's data is padded to it
+_HEADER_SLACK = 4096  # bytes the quantizer's metadata may add to the input's header
+_KV_INT, _KV_STR = 0, 3  # llama_model_kv_override_type
+
+
+def file_type(name: str) -> str:
+    """Canonical llama.cpp file type name for ``name`` (any case); raises UsageError."""
+    key = ALIASES.get(name.upper(), name.upper())
+    if key not in QUANT_TYPES:
+        raise UsageError(f"unknown GGUF type {name!r}: choose one of {', '.join(QUANT_TYPES)}")
+    return key
+
+
+def tensor_type(name: str) -> str:
+    """Canonical ggml tensor type name for ``name`` (any case); raises UsageError."""
+    key = name.upper()
+    if key not in TENSOR_TYPES:
+        raise UsageError(f"unknown tensor type {name!r}: choose one of {', '.join(TENSOR_TYPES)}")
+    return key
+
+
+def parse_tensor_types(items: list[str]) -> list[tuple[str, str]]:
+    """``["PATTERN=TYPE", ...]`` as (regex, tensor type) pairs; raises UsageError."""
+    out = []
+    for item in items:
+        pattern, sep, kind = item.rpartition("=")
+        if not sep or not pattern:
+            raise UsageError(f"--tensor-type {item!r}: write PATTERN=TYPE, e.g. 'attn_v=q8_0' or 'blk\\.[0-3]\\.ffn_down=q6_k'")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UsageError(f"--tensor-type {item!r}: {pattern!r} is not a regular expression ({e})") from e
+        out.append((pattern, tensor_type(kind)))
+    return out
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in ``"105.5MB"``, ``"98MiB"``, ``"1.2G"`` or a plain number; raises UsageError."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise UsageError(f"size {text!r} not understood: write e.g. 105MB, 98.5MiB, 1.2GB or a number of bytes")
+    power = " kmgt".index(m.group(2).lower() or " ")
+    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+
+
+# -- reading the input ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: shape[0] is the row length (input columns)
+    type: int  # ggml_type
+    nbytes: int
+
+    @property
+    def quantizable(self) -> bool:
+        """A weight llama.cpp would quantize (2-D+, not a norm)."""
+        return len(self.shape) >= 2 and self.name.endswith("weight") and not self.name.endswith("_norm.weight")
+
+    @property
+    def columns(self) -> int:
+        """Importance-matrix length: input columns, once per expert."""
+        return self.shape[0] * (self.shape[2] if len(self.shape) > 2 else 1)
+
+
+def read_tensors(path: Path) -> tuple[dict[str, TensorInfo], int]:
+    """Tensor infos of a GGUF and the offset where its data starts; raises InvalidModelError."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - gguf raises ValueError/struct.error/IndexError on bad files
+        raise InvalidModelError(f"{path} is not a readable GGUF file ({e}): write it again with the gguf-write stage") from e
+    tensors = {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in t.shape)
+        tensors[t.name] = TensorInfo(t.name, shape, int(t.tensor_type), int(t.n_bytes))
+    return tensors, int(reader.data_offset)
+
+
+# -- llama.cpp and ggml through ctypes ------------------------------------------------------------
+
+
+class _Ggml:
+    """The few ggml functions edgepack needs (row sizes, single-tensor quantization), from llama-cpp-python's build."""
+
+    def __init__(self) -> None:
+        import llama_cpp
+        from llama_cpp._ctypes_extensions import load_shared_library
+
+        lib = load_shared_library("ggml-base", llama_cpp.llama_cpp._base_path)
+        lib.ggml_row_size.restype, lib.ggml_row_size.argtypes = ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]
+        lib.ggml_blck_size.restype, lib.ggml_blck_size.argtypes = ctypes.c_int64, [ctypes.c_int]
+        lib.ggml_type_name.restype, lib.ggml_type_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = [
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ]  # fmt: skip
+        self.lib = lib
+        self._dequant: dict[int, Any] = {}
+
+    def name(self, ggml_type: int) -> str:
+        return self.lib.ggml_type_name(ggml_type).decode()
+
+    def block(self, ggml_type: int) -> int:
+        return int(self.lib.ggml_blck_size(ggml_type))
+
+    def nbytes(self, ggml_type: int, shape: tuple[int, ...]) -> int:
+        """Bytes of a tensor of ``shape`` (ggml order) in ``ggml_type``, padded as GGUF pads it."""
+        rows = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        size = int(self.lib.ggml_row_size(ggml_type, shape[0])) * rows
+        return -(-size // _ALIGN) * _ALIGN
+
+    def roundtrip(self, w: np.ndarray, ggml_type: int, imatrix: np.ndarray | None) -> np.ndarray:
+        """``w`` (rows x columns, float32) quantized to ``ggml_type`` exactly as llama.cpp's quantizer does, then dequantized."""
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        rows, cols = w.shape
+        if ggml_type in (TENSOR_TYPES["F16"], TENSOR_TYPES["BF16"]):
+            return w.astype(np.float16).astype(np.float32) if ggml_type == TENSOR_TYPES["F16"] else _bf16(w)
+        buf = np.empty(int(self.lib.ggml_row_size(ggml_type, cols)) * rows, dtype=np.uint8)
+        im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+        self.lib.ggml_quantize_chunk(
+            ggml_type, w.ctypes.data, buf.ctypes.data, 0, rows, cols, None if im is None else im.ctypes.data
+        )
+        out = np.empty_like(w)
+        fn = self._dequant.get(ggml_type)
+        if fn is None:
+            fn = getattr(self.lib, f"dequantize_row_{self.name(ggml_type)}")
+            fn.restype, fn.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+            self._dequant[ggml_type] = fn
+        fn(buf.ctypes.data, out.ctypes.data, w.size)
+        return out
+
+
+def _bf16(w: np.ndarray) -> np.ndarray:
+    bits = w.view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # round to nearest even, as ggml does
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+_ggml: _Ggml | None = None
+
+
+def ggml() -> _Ggml:
+    global _ggml
+    if _ggml is None:
+        _ggml = _Ggml()
+    return _ggml
+
+
+@contextlib.contextmanager
+def _llama_log():
+    """Collect llama.cpp's log lines while the block runs, then restore whatever logger was set."""
+    import llama_cpp
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode("utf-8", "replace"))
+
+    prev, prev_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(prev), ctypes.byref(prev_data))
+    llama_cpp.llama_log_set(collect, None)
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(prev, prev_data)
+
+
+_FALLBACK = re.compile(
+    r"warning: (\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\w+)\)\s*"
+    r"(?:\(WARNING: must use F16 due to unusual shape\)\s*)?-> falling back to\s+(\w+)"
+)
+
+
+def fallbacks_in(log: str) -> list[dict[str, Any]]:
+    """Tensors llama.cpp gave another type because their rows do not divide into the wanted type's blocks."""
+    return [
+        {"tensor": m[1], "columns": int(m[2]), "wanted": m[4].upper(), "used": m[5].upper()}
+        for m in _FALLBACK.finditer(log)
+    ]
+
+
+@dataclass
+class _Params:
+    """llama_model_quantize_params plus the ctypes arrays its pointers refer to (kept alive with it)."""
+
+    ftype: int
+    threads: int = 0
+    dry_run: bool = False
+    output_type: int | None = None
+    token_embedding_type: int | None = None
+    overrides: list[tuple[str, int]] = field(default_factory=list)
+    imatrix: dict[str, np.ndarray] | None = None
+    kv: dict[str, int | str] = field(default_factory=dict)
+
+    def build(self):
+        import llama_cpp
+
+        p = llama_cpp.llama_model_quantize_default_params()
+        p.ftype, p.nthread, p.dry_run = self.ftype, self.threads, self.dry_run
+        if self.output_type is not None:
+            p.output_tensor_type = self.output_type
+        if self.token_embedding_type is not None:
+            p.token_embedding_type = self.token_embedding_type
+        keep: list[Any] = []
+        if self.overrides:
+            arr = (llama_cpp.llama_model_tensor_override * (len(self.overrides) + 1))()
+            for i, (pattern, kind) in enumerate(self.overrides):
+                arr[i].pattern, arr[i].type = pattern.encode(), kind
+            p.tt_overrides = arr
+            keep.append(arr)
+        if self.imatrix:
+            arr = (llama_cpp.llama_model_imatrix_data * (len(self.imatrix) + 1))()
+            for i, (name, values) in enumerate(sorted(self.imatrix.items())):
+                values = np.ascontiguousarray(values, dtype=np.float32)
+                keep.append(values)
+                arr[i].name = name.encode()
+                arr[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+                arr[i].size = values.size
+            p.imatrix = arr
+            keep.append(arr)
+        if self.kv:
+            arr = (llama_cpp.llama_model_kv_override * (len(self.kv) + 1))()
+            for i, (key, value) in enumerate(self.kv.items()):
+                arr[i].key = key.encode()
+                if isinstance(value, int):
+                    arr[i].tag, arr[i].value.val_i64 = _KV_INT, value
+                else:
+                    arr[i].tag, arr[i].value.val_str = _KV_STR, value.encode()[:127]
+            p.kv_overrides = arr
+            keep.append(arr)
+        return p, keep
+
+
+def _run_llama_quantize(src: Path, dest: Path, params: _Params) -> str:
+    """Call llama_model_quantize; returns its log. Raises UsageError (needs an imatrix) or BackendError."""
+    import llama_cpp
+
+    p, _keep = params.build()
+    with _llama_log() as lines:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), ctypes.byref(p))
+    log = "".join(lines)
+    if rc != 0:
+        m = re.search(r"failed to quantize: (.*)", log)
+        reason = m.group(1).strip() if m else f"return code {rc}"
+        if "requires an imatrix" in reason or "Missing importance matrix" in reason:
+            raise UsageError(f"llama.cpp: {reason}: give an importance matrix (--imatrix, or let edgepack compute one)")
+        if "iostream error" in reason:
+            raise BackendError(f"llama.cpp failed writing {dest.name} ({reason}): check free space and write permission in {dest.parent}, then re-run")
+        raise BackendError(f"llama.cpp could not quantize {src.name}: {reason}: check that the file loads (edgepack inspect {src})")
+    return log
+
+
+# -- the stage -------------------------------------------------------------------------------------
+
+
+class Quantize(Stage):
+    """Float GGUF (f32/f16/bf16) -> GGUF of a llama.cpp file type, optionally size-targeted."""
+
+    name = "quantize"
+    version = 1
+    input_kind = Kind.GGUF
+    output_kind = Kind.GGUF
+
+    @dataclass
+    class Config:
+        type: str = "Q4_K_M"  # llama.cpp file type (QUANT_TYPES); with a target, the mix for unmeasured tensors
+        imatrix: str | None = None  # importance matrix (llama.cpp imatrix.dat) from the Imatrix stage or llama-imatrix
+        tensor_types: list[str] = field(default_factory=list)  # "REGEX=TYPE" per-tensor overrides; first match wins
+        output_type: str | None = None  # tensor type of output.weight (and of a tied token_embd)
+        token_embedding_type: str | None = None  # tensor type of token_embd.weight
+        target_size: int | None = None  # bytes of the whole file: choose each weight's type to fit (needs sensitivity)
+        target_bpw: float | None = None  # or bits per weight of the tensor data
+        sensitivity: str | None = None  # sensitivity.json from the Sensitivity stage, for target_size/target_bpw
+        threads: int = 0  # 0: all cores
+
+    def plan(self, inp: Artifact, config: Config) -> list[str]:
+        return [self._out_name(inp.path, config)]
+
+    @staticmethod
+    def _out_name(src: Path, config: Config) -> str:
+        stem = re.sub(r"[-.](f32|f16|bf16)$", "", src.stem, flags=re.IGNORECASE)
+        label = file_type(config.type)
+        if config.target_size:
+            label += f"-{config.target_size / 1e6:.1f}MB"
+        elif config.target_bpw:
+            label += f"-{config.target_bpw:g}bpw"
+        return f"{stem}-{label}.gguf"
+
+    def run(self, inp: Artifact, config: Config, out_dir: Path) -> Artifact:
+        ftype = file_type(config.type)
+        overrides = parse_tensor_types(config.tensor_types)
+        out_type = tensor_type(config.output_type) if config.output_type else None
+        embd_type = tensor_type(config.token_embedding_type) if config.token_embedding_type else None
+        named = {ftype} | {t for _, t in overrides} | {out_type, embd_type}
+        if config.imatrix is None:
+            needs = sorted((named & TENSOR_NEEDS_IMATRIX) | ({ftype} & NEEDS_IMATRIX))
+            if needs:
+                raise UsageError(
+                    f"{', '.join(needs)} needs an importance matrix (llama.cpp refuses to make it without one): "
+                    "pass --imatrix FILE or let edgepack compute one from calibration text"
+                )
+        tensors, data_offset = read_tensors(inp.path)
+        quantized = sorted(t.name for t in tensors.values() if t.quantizable and t.type not in _FLOAT_TYPES)
+        if quantized:
+            raise UsageError(
+                f"{inp.path.name} is already quantized ({quantized[0]} is {ggml().name(tensors[quantized[0]].type)}): "
+                "quantize from the f32/f16/bf16 GGUF the gguf-write stage makes"
+            )
+        params = _Params(QUANT_TYPES[ftype], threads=config.threads)
+        params.output_type = TENSOR_TYPES[out_type] if out_type else None
+        params.token_embedding_type = TENSOR_TYPES[embd_type] if embd_type else None
+        params.overrides = [(pattern, TENSOR_TYPES[kind]) for pattern, kind in overrides]
+        meta: dict[str, Any] = {"type": ftype}
+        if config.imatrix:
+            imat = _load_imatrix(Path(config.imatrix), tensors, inp.path.name)
+            params.imatrix = imat.entries
+            params.kv = {
+                "quantize.imatrix.file": Path(config.imatrix).name,
+                "quantize.imatrix.dataset": imat.dataset,
+                "quantize.imatrix.entries_count": len(imat.entries),
+                "quantize.imatrix.chunks_count": imat.chunks,
+            }
+            meta["imatrix"] = {"dataset": imat.dataset, "entries": len(imat.entries), "chunks": imat.chunks}
+        if config.target_size or config.target_bpw:
+            mix = self._target(config, tensors, data_offset, overrides)
+            params.overrides += [(f"^{re.escape(name)}$", TENSOR_TYPES[kind]) for name, kind in sorted(mix["types"].items())]
+            meta["target"] = mix
+        dest = out_dir / self._out_name(inp.path, config)
+        planned = _planned_bytes(inp.path, dest, params)
+        free = shutil.disk_usage(out_dir).free
+        if planned > free:
+            raise DiskFullError(f"{dest.name} needs about {planned / 1e6:.1f} MB but {out_dir} has {free / 1e6:.1f} MB free: free space and re-run")
+        with atomic_path(dest) as tmp:
+            try:
+                log = _run_llama_quantize(inp.path, tmp, params)
+            except BackendError as e:
+                if shutil.disk_usage(out_dir).free < planned - (tmp.stat().st_size if tmp.exists() else 0):
+                    raise DiskFullError(f"disk full while writing {dest.name}: free space and re-run") from e
+                raise
+        out_tensors, _ = read_tensors(dest)
+        meta.update(_summary(out_tensors, dest))
+        meta["fallbacks"] = fallbacks_in(log)
+        return Artifact(Kind.GGUF, dest, meta)
+
+
+def _load_imatrix(path: Path, tensors: dict[str, TensorInfo], model: str):
+    from .imatrix import ImatrixFile
+
+    imat = ImatrixFile.load(path)
+    required = {t.name for t in tensors.values() if t.quantizable and t.name.startswith("blk.")}
+    imat.check({t.name: t.columns for t in tensors.values() if t.quantizable}, model=model, required=required)
+    return imat
+
+
+_QUANT_SIZE = re.compile(r"quant size\s*=\s*([0-9.]+) MiB")
+
+
+def _planned_bytes(src: Path, dest: Path, params: _Params) -> int:
+    """File size llama.cpp's dry run predicts for ``params`` (tensor data to 0.01 MiB, header bounded)."""
+    dry = _Params(**{**params.__dict__, "dry_run": True})
+    log = _run_llama_quantize(src, dest, dry)
+    m = _QUANT_SIZE.search(log)
+    if not m:
+        raise BackendError(f"llama.cpp's dry run of {src.name} reported no size: is llama-cpp-python older than 0.3.36?")
+    _, data_offset = read_tensors(src)
+    return int(float(m.group(1)) * 2**20) + data_offset + _HEADER_SLACK
+
+
+def _summary(tensors: dict[str, TensorInfo], path: Path) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for t in tensors.values():
+        if t.quantizable:
+            kind = ggml().name(t.type).upper()
+            counts[kind] = counts.get(kind, 0) + 1
+    n_params = sum(int(np.prod(t.shape)) for t in tensors.values())
+    data = sum(t.nbytes for t in tensors.values())
+    return {
+        "bytes": path.stat().st_size,
+        "n_params": n_params,
+        "bits_per_weight": round(data * 8 / n_params, 3),
+        "tensor_types": dict(sorted(counts.items())),
+    }

@@ -1,0 +1,230 @@
+"""``bench``: load time, time to first token, prefill and decode speed, peak memory, per variant.
+
+Each variant runs in its own process (``python -m edgepack.bench``), so its peak
+RSS is its own and not what an earlier variant left behind. Every repetition
+uses a different prompt window: llama.cpp would otherwise reuse the cached
+prefix and report an impossibly fast prefill. Results go into the manifest's
+"bench" slot, one run per (variant, device, threads)::
+
+    "bench": {"machine": {...}, "runs": {"gguf-q4_k_m@cpu": {"load_s": ..., "prefill_tokens_per_s":
+              {"median", "min", "max", "values"}, ..., "peak_rss_bytes": ..., "settings": {...}}}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .bundle import Bundle
+from .errors import BackendError, BundleError, EdgepackError, UsageError
+
+RUNNABLE = ("llama.cpp", "onnx")  # backends edgepack's runtime loads
+
+
+@dataclass
+class BenchConfig:
+    prompt_tokens: int = 512  # prefill is measured on a prompt this long
+    decode_tokens: int = 128  # tokens generated per repetition (greedy; fewer if the model ends)
+    repetitions: int = 3  # measured runs; the report shows their median and range
+    warmup: int = 1  # unmeasured runs first (page faults, kernel selection)
+    threads: int | None = None  # CPU threads (default: the physical cores)
+    device: str = "auto"  # auto | cpu | cuda | metal
+
+    def check(self) -> None:
+        if self.prompt_tokens < 1 or self.decode_tokens < 2 or self.repetitions < 1 or self.warmup < 0:
+            raise UsageError("bench needs prompt_tokens >= 1, decode_tokens >= 2, repetitions >= 1, warmup >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"threads must be at least 1, got {self.threads}")
+
+
+def bench(
+    bundle: Bundle | str | Path,
+    cfg: BenchConfig | None = None,
+    *,
+    variants: list[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Benchmark ``variants`` (default: every one the runtime can load); write the manifest's "bench" slot.
+
+    Raises UsageError, BundleError, and BackendError when a variant's process fails.
+    """
+    cfg = cfg or BenchConfig()
+    cfg.check()
+    b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    chosen = [b.variant(v) for v in variants] if variants else [v for v in b.variants if v.backend in RUNNABLE]
+    for v in chosen:
+        if v.backend not in RUNNABLE:
+            raise UsageError(f"variant {v.id} runs on {v.backend}, which edgepack's runtime does not load: bench one of {RUNNABLE}")
+    if not chosen:
+        raise BundleError(f"bundle {b.root} has no variant edgepack's runtime can run: convert one with --to gguf:Q4_K_M")
+    text = _prompt_text(cfg)
+    slot = b.data.setdefault("bench", {})
+    slot["machine"] = machine()
+    runs = slot.setdefault("runs", {})
+    for v in chosen:
+        log(f"bench {v.id}: {cfg.warmup} warm-up + {cfg.repetitions} runs of {cfg.prompt_tokens} + {cfg.decode_tokens} tokens")
+        raw = _run_worker({"bundle": str(b.root), "variant": v.id, "config": asdict(cfg), "text": text})
+        run = summarise(raw)
+        run.update(variant=v.id, format=v.format, backend=v.backend, bytes=v.bytes, settings=asdict(cfg))
+        runs[f"{v.id}@{run['device']}"] = run
+        log(
+            f"bench {v.id} on {run['device']}: prefill {run['prefill_tokens_per_s']['median']:.0f} tok/s, "
+            f"decode {run['decode_tokens_per_s']['median']:.1f} tok/s, peak RSS {run['peak_rss_bytes'] / 2**20:.0f} MiB"
+        )
+    b.save()
+    return slot
+
+
+def summarise(raw: dict[str, Any]) -> dict[str, Any]:
+    """Median, min and max of each repeated measure; single measures pass through."""
+    out = {k: v for k, v in raw.items() if k != "reps"}
+    for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "completion_tokens"):
+        vals = [r[key] for r in raw["reps"]]
+        out[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "values": vals}
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import psutil
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores_physical": psutil.cpu_count(logical=False),
+        "cores_logical": psutil.cpu_count(logical=True),
+        "ram_bytes": psutil.virtual_memory().total,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "edgepack": __version__,
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _prompt_text(cfg: BenchConfig) -> str:
+    """Plain prose for the prompts: the built-in eval text, enough for every repetition's window."""
+    from .converters import calibration
+
+    need_chars = (cfg.warmup + cfg.repetitions + 1) * cfg.prompt_tokens * 8  # generous: ~4 chars per token
+    parts, n = [], 0
+    for _, body in calibration.load("builtin", split="eval").samples:
+        parts.append(body)
+        n += len(body)
+        if n >= need_chars:
+            break
+    return "\n\n".join(parts)
+
+
+def _run_worker(job: dict[str, Any]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "edgepack.bench"]
+    proc = subprocess.run(cmd, input=json.dumps(job), capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BackendError(f"benchmarking {job['variant']} failed: {tail}; run with EDGEPACK_DEBUG=1 for details")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- the worker process ------------------------------------------------------------------------
+
+
+def _worker(job: dict[str, Any]) -> dict[str, Any]:
+    from . import runtime
+
+    cfg = BenchConfig(**job["config"])
+    n_ctx = cfg.prompt_tokens + cfg.decode_tokens + 8
+    rss_start = _rss()
+    t0 = time.perf_counter()
+    session = runtime.load(job["bundle"], variant=job["variant"], device=cfg.device, threads=cfg.threads, n_ctx=n_ctx)
+    load_s = time.perf_counter() - t0
+    rss_loaded = _rss()
+    gpu = _DeviceMemory() if session.info.device == "cuda" else None
+    ids = session.tokenize(job["text"])
+    count = cfg.warmup + cfg.repetitions
+    if len(ids) < count * cfg.prompt_tokens:
+        raise UsageError(f"the bench text gives {len(ids)} tokens, {count * cfg.prompt_tokens} needed: lower --prompt-tokens")
+    reps = []
+    for i in range(count):
+        prompt = ids[i * cfg.prompt_tokens : (i + 1) * cfg.prompt_tokens]
+        c = session.generate(prompt, max_tokens=cfg.decode_tokens if i >= cfg.warmup else 8, temperature=0.0)
+        if i >= cfg.warmup:
+            reps.append(
+                {
+                    "ttft_s": c.ttft_s,
+                    "prefill_tokens_per_s": c.prefill_tokens_per_s,
+                    "decode_tokens_per_s": c.decode_tokens_per_s,
+                    "completion_tokens": c.completion_tokens,
+                }
+            )
+    info = session.info
+    session.close()
+    return {
+        "device": info.device,
+        "threads": info.threads,
+        "n_ctx": info.n_ctx,
+        "load_s": load_s,
+        "rss_start_bytes": rss_start,
+        "rss_loaded_bytes": rss_loaded,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+        "peak_device_bytes": gpu.stop() if gpu else None,
+        "reps": reps,
+    }
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class _DeviceMemory:
+    """Peak GPU memory of this process, polled from nvidia-smi (covers llama.cpp and onnxruntime alike)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        pid = str(os.getpid())
+        cmd = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+        while not self._done.wait(0.1):
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                return
+            for line in out.splitlines():
+                p, _, mib = line.partition(",")
+                if p.strip() == pid and mib.strip().isdigit():
+                    self.peak = max(self.peak, int(mib) * 2**20)
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return self.peak
+
+
+if __name__ == "__main__":
+    try:
+        print(json.dumps(_worker(json.loads(sys.stdin.read()))))
+    except EdgepackError as e:  # one line for the parent's message
+        print(e, file=sys.stderr)
+        sys.exit(1)

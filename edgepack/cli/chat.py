@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def chat(
+        model: str = typer.Argument(..., help="A bundle folder, a .gguf file or an ONNX model folder."),
+        system: str = typer.Option("", "--system", help="System prompt (change it later with /system)."),
+        variant: str | None = typer.Option(None, "--variant", help="Bundle variant to start with (default: the best for the device); F2 switches."),
+        backend: str = typer.Option("auto", "--backend", help="auto, llama.cpp or onnx (for the first variant)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
+        n_ctx: int | None = typer.Option(None, "--n-ctx", help="Context window in tokens (default: the model's, at most 4096)."),
+        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+        temp: float = typer.Option(0.7, "--temp", help="Sampling temperature, 0 is greedy (change it later with /temp)."),
+        max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer in tokens."),
+        seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
+        truncate: str = typer.Option(
+            "error", "--truncate", help="When the conversation outgrows the context: 'error' (then /clear) or 'left' (drop the oldest turns)."
+        ),
+    ) -> None:
+        """Chat with MODEL in the terminal, offline: Markdown answers streamed as they are generated.
+
+        Keys: Enter sends, Up/Down recall earlier input, Esc or Ctrl+C stops an answer, F2 switches variant, Ctrl+Q quits.
+        Commands: /system TEXT, /clear, /save [PATH], /temp X, /variant [ID], /help.
+
+        Examples: edgepack chat ~/.cache/edgepack/bundles/smollm2-135m; edgepack chat model.gguf --system "Answer briefly." --temp 0
+        """
+        from ..errors import UsageError
+        from ..runtime.base import SamplingParams
+        from ..tui.app import run_chat
+
+        if truncate not in ("error", "left"):
+            raise UsageError(f"--truncate must be 'error' or 'left', got {truncate!r}")
+        sampling = SamplingParams.from_kwargs({"temperature": temp, "max_tokens": max_tokens, "seed": seed})
+        run_chat(
+            model,
+            variant=variant,
+            backend=backend,
+            device=device,
+            n_ctx=n_ctx,
+            threads=threads,
+            system=system,
+            sampling=sampling,
+            truncate=truncate,
+        )

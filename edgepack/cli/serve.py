@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import ipaddress
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        model: str = typer.Argument(..., help="A bundle folder, a .gguf file or an ONNX model folder."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 lets other machines in (set --api-key then)."),
+        port: int = typer.Option(8000, "--port", help="Port to listen on (0 picks a free one)."),
+        api_key: str | None = typer.Option(
+            None, "--api-key", envvar="EDGEPACK_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes (or set EDGEPACK_API_KEY)."
+        ),
+        name: str | None = typer.Option(None, "--name", help="Model id reported by /v1/models (default: the model's name)."),
+        backend: str = typer.Option("auto", "--backend", help="auto, llama.cpp or onnx."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
+        variant: str | None = typer.Option(None, "--variant", help="Bundle variant id (default: the best for the device)."),
+        n_ctx: int | None = typer.Option(None, "--n-ctx", help="Context window in tokens (default: the model's, at most 4096)."),
+        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+        max_tokens: int = typer.Option(1024, "--max-tokens", help="Largest max_tokens a request may ask for; also the default."),
+        max_messages: int = typer.Option(256, "--max-messages", help="Most messages one chat request may carry."),
+        max_body_kb: int = typer.Option(1024, "--max-body-kb", help="Largest request body in KiB."),
+        max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting or running before new ones get 503."),
+        log_level: str = typer.Option("info", "--log-level", help="Server log level: debug, info, warning, error."),
+    ) -> None:
+        """Serve MODEL over an OpenAI-compatible HTTP API: chat and text completions (streaming or not), models, health.
+
+        Requests run one at a time, in arrival order; a client that disconnects cancels its generation.
+
+        Example: edgepack serve model.gguf --port 8080, then
+        curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+        or point any OpenAI client at base_url="http://127.0.0.1:8080/v1".
+        """
+        from ..errors import UsageError
+        from . import info
+
+        for flag, value, low in (("--max-tokens", max_tokens, 1), ("--max-messages", max_messages, 1), ("--max-body-kb", max_body_kb, 1), ("--max-queue", max_queue, 1)):
+            if value < low:
+                raise UsageError(f"{flag} must be at least {low}, got {value}")
+        if not 0 <= port <= 65535:
+            raise UsageError(f"--port must be between 0 and 65535, got {port}")
+        if api_key is not None and not api_key.strip():
+            raise UsageError("--api-key is empty: give a key, or leave the flag out to serve without one")
+        if log_level not in ("debug", "info", "warning", "error"):
+            raise UsageError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
+
+        from ..runtime import load
+        from ..runtime.server import Limits, bind
+        from ..runtime.server import serve as run_server
+
+        sock = bind(host, port)  # before loading, so a taken port fails fast
+        try:
+            session = load(model, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant)
+        except BaseException:
+            sock.close()
+            raise
+        with session:
+            i = session.info
+            actual = sock.getsockname()[1]
+            shown = f"[{host}]" if ":" in host else host
+            info(f"serving {name or i.name} ({i.backend} on {i.device}, n_ctx {i.n_ctx}) at http://{shown}:{actual}/v1")
+            if api_key is None and not _loopback(host):
+                info(f"warning: {host} is reachable from other machines and no --api-key is set")
+            limits = Limits(max_body_bytes=max_body_kb * 1024, max_messages=max_messages, max_tokens=max_tokens, max_queue=max_queue)
+            run_server(session, sock, model_id=name, api_key=api_key, limits=limits, log_level=log_level)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,204 @@
+"""``recommend``: the variant and context length that fit a memory budget, best quality first.
+
+Memory of a running variant = weights (its files) + KV cache + runtime overhead:
+
+- KV cache = 2 (K and V) x layers x KV heads x head dim x bytes per element x context
+  tokens, read from the variant itself (GGUF metadata, genai_config.json, config.json),
+  since a pruned variant has fewer layers than its reference. llama.cpp caches in
+  float16; onnxruntime-genai in the model's input dtype. For sliding-window
+  models (Gemma 3) this is an upper bound.
+- Overhead = what ``bench`` measured beyond weights and its own KV cache (peak RSS on
+  CPU, peak device memory on CUDA): interpreter, libraries, compute buffers. Without a
+  measurement of the variant, the largest one measured for its backend is used, else
+  ``DEFAULT_OVERHEAD``.
+
+Among the variants that fit with at least ``MIN_CTX`` tokens, the lowest mean KLD
+wins (from ``eval``; unevaluated variants rank after, larger first), with the
+longest power-of-two context that fits, up to the trained context.
+``edgepack.load(bundle, ram=...)`` uses ``pick``, the same rule.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from .bundle import Bundle, Variant
+from .errors import BundleError, InvalidModelError, UsageError
+
+MIN_CTX = 512
+DEFAULT_OVERHEAD = 300 * 2**20  # bytes; above what bench measured for SmolLM2 on llama.cpp and ONNX Runtime
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+_ONNX_BYTES = {1: 4, 10: 2, 16: 2}  # onnx TensorProto elem types: FLOAT, FLOAT16, BFLOAT16
+
+
+def parse_size(text: str | int) -> int:
+    """``4GB`` (10**9), ``4GiB`` or ``4G`` (2**30), ``512MB``, or a byte count; raises UsageError."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise UsageError(f"cannot read memory size {text!r}: write e.g. 4GB, 3.5GiB, 512MB or a byte count")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise UsageError(f"memory size must be positive, got {text!r}")
+    return value
+
+
+def architecture(bundle: Bundle, variant: Variant) -> dict[str, int]:
+    """Layers, KV heads, head dim, KV bytes per element and trained context of a variant.
+
+    Raises InvalidModelError when neither the variant nor the reference describes it.
+    """
+    path = bundle.resolve(variant.path)
+    if path.is_file() and path.suffix == ".gguf":
+        return _from_gguf(path)
+    if (path / "genai_config.json").is_file():
+        return _from_genai(path)
+    for folder in (path, Path(bundle.data.get("source", {}).get("reference_path") or "")):
+        if (folder / "config.json").is_file():
+            return _from_hf(json.loads((folder / "config.json").read_text()), kv_bytes=2)
+    raise InvalidModelError(f"variant {variant.id} has no readable architecture (no GGUF metadata or config.json): re-convert it")
+
+
+def _from_gguf(path: Path) -> dict[str, int]:
+    import gguf
+
+    r = gguf.GGUFReader(path)
+
+    def val(key: str):
+        f = r.get_field(key)
+        return f.contents() if f is not None else None
+
+    arch = val("general.architecture")
+    heads = val(f"{arch}.attention.head_count")
+    kv = val(f"{arch}.attention.head_count_kv") or heads
+    head_dim = val(f"{arch}.attention.key_length") or val(f"{arch}.embedding_length") // heads
+    return {
+        "layers": int(val(f"{arch}.block_count")),
+        "kv_heads": int(kv if isinstance(kv, int) else max(kv)),  # per-layer lists: the largest bounds the cache
+        "head_dim": int(head_dim),
+        "kv_bytes": 2,  # llama.cpp's default cache type is F16
+        "context": int(val(f"{arch}.context_length")),
+    }
+
+
+def _from_genai(path: Path) -> dict[str, int]:
+    cfg = json.loads((path / "genai_config.json").read_text())["model"]
+    dec = cfg["decoder"]
+    return {
+        "layers": int(dec["num_hidden_layers"]),
+        "kv_heads": int(dec["num_key_value_heads"]),
+        "head_dim": int(dec["head_size"]),
+        "kv_bytes": _onnx_kv_bytes(path / dec.get("filename", "model.onnx")),
+        "context": int(cfg["context_length"]),
+    }
+
+
+def _onnx_kv_bytes(model: Path) -> int:
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    for inp in graph.input:
+        if "past_key_values" in inp.name or inp.name.startswith("past"):
+            return _ONNX_BYTES.get(inp.type.tensor_type.elem_type, 4)
+    return 4
+
+
+def _from_hf(cfg: dict[str, Any], *, kv_bytes: int) -> dict[str, int]:
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg["num_attention_heads"]
+    return {
+        "layers": int(cfg["num_hidden_layers"]),
+        "kv_heads": int(cfg.get("num_key_value_heads") or heads),
+        "head_dim": int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        "kv_bytes": kv_bytes,
+        "context": int(cfg.get("max_position_embeddings", 2048)),
+    }
+
+
+def kv_cache_bytes(arch: dict[str, int], n_ctx: int) -> int:
+    return 2 * arch["layers"] * arch["kv_heads"] * arch["head_dim"] * arch["kv_bytes"] * n_ctx
+
+
+def _overhead(bundle: Bundle, variant: Variant, arch: dict[str, int], device: str) -> tuple[int, str]:
+    """Measured memory beyond weights and KV cache, and where the figure came from."""
+    key = "peak_device_bytes" if device == "cuda" else "peak_rss_bytes"
+    own, same_backend = [], []
+    for run in bundle.data.get("bench", {}).get("runs", {}).values():
+        if run.get("device") != device or not run.get(key):
+            continue
+        try:
+            v = bundle.variant(run["variant"])
+            extra = run[key] - v.bytes - kv_cache_bytes(architecture(bundle, v), run["n_ctx"])
+        except (KeyError, BundleError, InvalidModelError):  # a run of a variant since removed or rebuilt
+            continue
+        (own if v.id == variant.id else same_backend if v.backend == variant.backend else []).append(max(extra, 0))
+    if own:
+        return max(own), "measured"
+    if same_backend:
+        return max(same_backend), f"measured on another {variant.backend} variant"
+    return DEFAULT_OVERHEAD, "default (run `edgepack bench` to measure)"
+
+
+def recommend(bundle: Bundle | str | Path, ram: str | int, *, device: str = "cpu") -> dict[str, Any]:
+    """Every runnable variant with the longest context that fits ``ram``, ranked; ``choice`` is the best or None.
+
+    On ``cuda`` the budget is GPU memory and overhead comes from peak device memory.
+
+    Raises UsageError for a bad size or device, BundleError for a bad bundle.
+    """
+    from . import runtime
+
+    if device not in ("cpu", "cuda", "metal"):
+        raise UsageError(f"unknown device {device!r}: choose cpu, cuda (the budget is GPU memory) or metal")
+    b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    budget = parse_size(ram)
+    evals = b.data.get("eval", {}).get("variants", {})
+    options = []
+    for v in b.variants:
+        if v.backend not in runtime.BACKENDS:
+            continue
+        arch = architecture(b, v)
+        overhead, source = _overhead(b, v, arch, device)
+        fixed = v.bytes + overhead
+        n_ctx = MIN_CTX
+        while n_ctx * 2 <= arch["context"] and fixed + kv_cache_bytes(arch, n_ctx * 2) <= budget:
+            n_ctx *= 2
+        n_ctx = min(n_ctx, arch["context"])
+        total = fixed + kv_cache_bytes(arch, n_ctx)
+        kld = evals.get(v.id, {}).get("kld", {}).get("mean")
+        options.append(
+            {
+                "variant": v.id,
+                "format": v.format,
+                "backend": v.backend,
+                "fits": total <= budget,
+                "n_ctx": n_ctx if total <= budget else None,
+                "weights_bytes": v.bytes,
+                "kv_cache_bytes": kv_cache_bytes(arch, n_ctx),
+                "overhead_bytes": overhead,
+                "overhead_source": source,
+                "total_bytes": total,
+                "kld": kld,
+            }
+        )
+    options.sort(key=lambda o: (not o["fits"], o["kld"] is None, o["kld"] or 0.0, -o["weights_bytes"]))
+    choice = options[0] if options and options[0]["fits"] else None
+    return {"ram_bytes": budget, "device": device, "choice": choice, "options": options}
+
+
+def pick(bundle: Bundle | str | Path, ram: str | int, *, device: str = "cpu") -> tuple[str, int]:
+    """(variant id, n_ctx) of the best variant that fits; raises UsageError when none does."""
+    rec = recommend(bundle, ram, device=device)
+    if rec["choice"] is None:
+        smallest = min(rec["options"], key=lambda o: o["total_bytes"], default=None)
+        need = f": the smallest, {smallest['variant']}, needs {smallest['total_bytes'] / 2**30:.2f} GiB with {MIN_CTX} tokens" if smallest else ""
+        raise UsageError(
+            f"no variant fits in {rec['ram_bytes'] / 2**30:.2f} GiB on {device}{need}; raise the budget or convert a smaller variant"
+        )
+    return rec["choice"]["variant"], rec["choice"]["n_ctx"]

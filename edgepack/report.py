@@ -1,0 +1,301 @@
+"""``report``: render a bundle's manifest (variants, eval, bench, provenance) as Markdown and HTML.
+
+Renderers only render: every number comes from ``edgepack.json`` as ``eval`` and
+``bench`` wrote it. Output, rebuilt whole on each run::
+
+    <bundle>/report/
+        report.md          tables and provenance; links the two plots
+        report.html        the same, self-contained (CSS and plots inline as SVG)
+        size_vs_kld.svg    file size against mean KLD, the Pareto front marked
+        speed.svg          prefill and decode tokens/s per variant and device
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from .bundle import Bundle
+from .fsutil import atomic_dir
+
+REPORT_DIR = "report"
+_DASH = "—"
+
+# (header, key in a row, format)
+COLUMNS = (
+    ("variant", "variant", "{}"),
+    ("format", "format", "{}"),
+    ("size MB", "mb", "{:.1f}"),
+    ("bits/weight", "bpw", "{:.2f}"),
+    ("KLD mean", "kld", "{:.5f}"),
+    ("KLD p99", "kld_p99", "{:.4f}"),
+    ("PPL", "ppl", "{:.3f}"),
+    ("top-1", "top1", "{:.1%}"),
+    ("BLEU", "bleu", "{:.1f}"),
+    ("ROUGE-L", "rouge_l", "{:.3f}"),
+    ("prefill tok/s", "prefill", "{:.0f}"),
+    ("decode tok/s", "decode", "{:.1f}"),
+    ("TTFT s", "ttft", "{:.3f}"),
+    ("peak MiB", "peak_mib", "{:.0f}"),
+)
+
+
+def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per variant: its manifest entry joined with its eval and its first bench run (CPU preferred)."""
+    evals = data.get("eval", {}).get("variants", {})
+    runs = list(data.get("bench", {}).get("runs", {}).values())
+    out = []
+    for v in data.get("variants", []):
+        e = evals.get(v["id"], {})
+        mine = sorted((r for r in runs if r.get("variant") == v["id"]), key=lambda r: r.get("device") != "cpu")
+        r = mine[0] if mine else {}
+        gen = e.get("generation", {})
+        peak = r.get("peak_device_bytes") or r.get("peak_rss_bytes")
+        out.append(
+            {
+                "variant": v["id"],
+                "format": v["format"],
+                "backend": v["backend"],
+                "mb": v["bytes"] / 1e6,
+                "bpw": v.get("bits_per_weight"),
+                "kld": e.get("kld", {}).get("mean"),
+                "kld_p99": e.get("kld", {}).get("p99"),
+                "ppl": e.get("ppl"),
+                "top1": e.get("top1_agreement"),
+                "bleu": gen.get("bleu"),
+                "rouge_l": gen.get("rouge_l"),
+                "prefill": _median(r, "prefill_tokens_per_s"),
+                "decode": _median(r, "decode_tokens_per_s"),
+                "ttft": _median(r, "ttft_s"),
+                "peak_mib": peak / 2**20 if peak else None,
+                "device": r.get("device"),
+            }
+        )
+    return out
+
+
+def _median(run: dict[str, Any], key: str) -> float | None:
+    v = run.get(key)
+    return v.get("median") if isinstance(v, dict) else v
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    v = row.get(key)
+    return _DASH if v is None else fmt.format(v)
+
+
+def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """Points no other point beats on both size and KLD (smaller is better on both), by size."""
+    front, best = [], float("inf")
+    for p in sorted(points, key=lambda p: (p[0], p[1])):
+        if p[1] < best:
+            front.append(p)
+            best = p[1]
+    return front
+
+
+# -- plots -----------------------------------------------------------------------------------
+
+
+def _svg(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
+
+
+def size_vs_kld_svg(table: list[dict[str, Any]]) -> str | None:
+    pts = [(r["mb"], r["kld"], r["variant"]) for r in table if r["kld"] is not None]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = pareto(pts)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.scatter([p[0] for p in pts], [max(p[1], 1e-6) for p in pts], color="#4c72b0", zorder=3)
+    ax.step([p[0] for p in front], [max(p[1], 1e-6) for p in front], where="post", color="#dd8452", label="Pareto front", zorder=2)
+    for x, y, name in pts:
+        ax.annotate(name, (x, max(y, 1e-6)), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("size (MB)")
+    ax.set_ylabel("mean KL divergence from reference (nats)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    svg = _svg(fig)
+    plt.close(fig)
+    return svg
+
+
+def speed_svg(runs: list[dict[str, Any]]) -> str | None:
+    runs = [r for r in runs if _median(r, "decode_tokens_per_s") is not None]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['variant']} ({r['device']})" for r in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(8.0, 0.5 * len(runs) + 1.5), sharey=True)
+    for ax, key, title, colour in (
+        (axes[0], "prefill_tokens_per_s", "prefill tokens/s", "#4c72b0"),
+        (axes[1], "decode_tokens_per_s", "decode tokens/s", "#55a868"),
+    ):
+        med = [_median(r, key) for r in runs]
+        lo = [m - r[key]["min"] for m, r in zip(med, runs)]
+        hi = [r[key]["max"] - m for m, r in zip(med, runs)]
+        ax.barh(labels, med, xerr=[lo, hi], color=colour, capsize=3)
+        ax.set_title(title)
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0].invert_yaxis()
+    svg = _svg(fig)
+    plt.close(fig)
+    return svg
+
+
+# -- documents -------------------------------------------------------------------------------
+
+
+def _runs_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    head = ["variant", "device", "threads", "load s", "TTFT s", "prefill tok/s", "decode tok/s", "peak RSS MiB", "peak GPU MiB"]
+    body = []
+    for r in runs:
+        body.append(
+            [
+                r["variant"],
+                str(r.get("device")),
+                str(r.get("threads") or _DASH),
+                f"{r['load_s']:.2f}",
+                f"{_median(r, 'ttft_s'):.3f}",
+                f"{_median(r, 'prefill_tokens_per_s'):.0f} ({r['prefill_tokens_per_s']['min']:.0f}–{r['prefill_tokens_per_s']['max']:.0f})",
+                f"{_median(r, 'decode_tokens_per_s'):.1f} ({r['decode_tokens_per_s']['min']:.1f}–{r['decode_tokens_per_s']['max']:.1f})",
+                f"{r['peak_rss_bytes'] / 2**20:.0f}",
+                f"{r['peak_device_bytes'] / 2**20:.0f}" if r.get("peak_device_bytes") else _DASH,
+            ]
+        )
+    return head, body
+
+
+def _provenance(data: dict[str, Any]) -> list[tuple[str, str]]:
+    src = data.get("source", {})
+    items = [
+        ("model", f"{data.get('name')} ({src.get('architecture')})"),
+        ("source", f"{src.get('ref')} from {src.get('origin')}, revision {src.get('revision') or 'none recorded'}"),
+        ("created", f"{data.get('created')} by edgepack {data.get('edgepack_version')}"),
+    ]
+    for c in data.get("calibration", []):
+        items.append(("calibration", f"{c.get('name')}: {c.get('tokens')} tokens, sha256 {str(c.get('sha256'))[:16]}…"))
+    ref = data.get("eval", {}).get("reference")
+    if ref:
+        t = ref.get("text", {})
+        items.append(
+            (
+                "eval text",
+                f"{t.get('name')} (sha256 {str(t.get('sha256'))[:16]}…): {ref.get('windows')} windows of {ref.get('window_len')} tokens, "
+                f"reference top-{ref.get('top_k')}, reference PPL {ref.get('ppl', 0):.3f}",
+            )
+        )
+    m = data.get("bench", {}).get("machine")
+    if m:
+        items.append(("bench machine", f"{m.get('cpu')}, {m.get('cores_physical')} cores, {m.get('ram_bytes', 0) / 2**30:.0f} GiB RAM, {m.get('os')}"))
+    for s in data.get("steps", []):
+        params = json.dumps(s.get("params", {}), sort_keys=True)
+        items.append(("step", f"{s.get('stage')} v{s.get('version')} {params} in {s.get('wall_s')} s{' (cached)' if s.get('cached') else ''}"))
+    return items
+
+
+def _md_table(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _html_table(head: list[str], body: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+_HTML = Template(
+    """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>edgepack report: $name</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; padding: 0 1em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+thead th { background: #f0f0f0; }
+figure { margin: 1em 0; } figure svg { max-width: 100%; height: auto; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; font-size: 0.9em; }
+dt { font-weight: bold; } dd { margin: 0; font-family: ui-monospace, monospace; }
+.note { color: #666; }
+</style></head><body>
+<h1>edgepack report: $name</h1>
+<h2>Variants</h2>
+$table
+<p class="note">KLD: mean KL divergence of next-token distributions from the float reference (top-k buckets, a lower bound);
+PPL on the eval text; top-1: same likeliest token as the reference; BLEU/ROUGE-L: greedy answers against the reference's.</p>
+<h2>Size against quality</h2>
+$size_plot
+<h2>Speed</h2>
+$runs
+$speed_plot
+<h2>Provenance</h2>
+<dl>$provenance</dl>
+</body></html>
+"""
+)
+
+
+def render(data: dict[str, Any]) -> dict[str, str]:
+    """Every report file's text, from a manifest's data alone."""
+    table = rows(data)
+    head = [c[0] for c in COLUMNS]
+    body = [[_cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in table]
+    runs = list(data.get("bench", {}).get("runs", {}).values())
+    rhead, rbody = _runs_table(runs)
+    kld_svg, spd_svg = size_vs_kld_svg(table), speed_svg(runs)
+    prov = _provenance(data)
+    no_eval = "<p class='note'>No eval results yet: run <code>edgepack eval</code>.</p>"
+    no_bench = "<p class='note'>No bench results yet: run <code>edgepack bench</code>.</p>"
+    files = {
+        "report.html": _HTML.substitute(
+            name=html.escape(str(data.get("name"))),
+            table=_html_table(head, body),
+            size_plot=f"<figure>{kld_svg}</figure>" if kld_svg else no_eval,
+            runs=_html_table(rhead, rbody) if runs else no_bench,
+            speed_plot=f"<figure>{spd_svg}</figure>" if spd_svg else "",
+            provenance="".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in prov),
+        )
+    }
+    md = [f"# edgepack report: {data.get('name')}", "", "## Variants", "", _md_table(head, body), ""]
+    md += ["## Size against quality", "", "![size vs KLD](size_vs_kld.svg)" if kld_svg else "No eval results yet: run `edgepack eval`.", ""]
+    md += ["## Speed", "", _md_table(rhead, rbody) if runs else "No bench results yet: run `edgepack bench`.", ""]
+    md += ["![speed](speed.svg)", ""] if spd_svg else []
+    md += ["## Provenance", ""] + [f"- **{k}**: {v}" for k, v in prov] + [""]
+    files["report.md"] = "\n".join(md)
+    if kld_svg:
+        files["size_vs_kld.svg"] = kld_svg
+    if spd_svg:
+        files["speed.svg"] = spd_svg
+    return files
+
+
+def report(bundle: Bundle | str | Path) -> Path:
+    """Write ``report/`` into the bundle (replacing any earlier one) and return the HTML's path.
+
+    Raises BundleError for a bad bundle.
+    """
+    b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    files = render(b.data)
+    with atomic_dir(b.root / REPORT_DIR) as tmp:
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return b.root / REPORT_DIR / "report.html"

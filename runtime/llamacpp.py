@@ -1,0 +1,260 @@
+"""The llama.cpp backend, through llama-cpp-python's low-level C API.
+
+Not the ``Llama`` class: its ``eval`` copies the full logits row into a numpy
+array after every token, and its sampler is rebuilt in Python. Here a token
+costs one ``llama_decode`` and one ``llama_sampler_sample`` on a chain built
+once per generation (penalties -> top-k -> top-p -> min-p -> temperature ->
+dist, the order of llama.cpp's own defaults), and logits are read only by
+``score``. Logs from llama.cpp are kept (the last lines go into error messages)
+and printed only with EDGEPACK_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import ctypes
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .. import constants
+from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
+from .base import ModelInfo, SamplingParams, Scores, Session
+
+try:
+    import llama_cpp as ll
+except ImportError as e:  # pragma: no cover - llama-cpp-python is a core dependency
+    raise MissingDependencyError("llama-cpp-python", purpose="running GGUF models") from e
+
+_LOG = collections.deque(maxlen=20)
+_init_lock = threading.Lock()
+_initialised = False
+
+
+@ll.llama_log_callback
+def _log(level: int, text: bytes, _data: ctypes.c_void_p) -> None:
+    line = text.decode("utf-8", "replace")
+    if level in (2, 3):  # warn, error
+        _LOG.append(line.strip())
+    if constants.debug():
+        print(line, end="", file=sys.stderr, flush=True)
+
+
+def _init() -> None:
+    global _initialised
+    with _init_lock:
+        if not _initialised:
+            ll.llama_log_set(_log, ctypes.c_void_p(0))
+            ll.llama_backend_init()
+            _initialised = True
+
+
+def _recent_log() -> str:
+    lines = [x for x in _LOG if x]
+    _LOG.clear()
+    return f" (llama.cpp said: {lines[-1]})" if lines else ""
+
+
+def devices() -> list[str]:
+    """GPU first when this build of llama.cpp can offload, then CPU."""
+    _init()
+    out = []
+    if ll.llama_supports_gpu_offload():
+        info = ll.llama_print_system_info().decode(errors="replace").upper()
+        out += [d for d, tag in (("cuda", "CUDA"), ("metal", "METAL")) if tag in info]
+    return [*out, "cpu"]
+
+
+def open_session(path: Path, *, device: str, n_ctx: int | None, threads: int | None) -> LlamaCppSession:
+    return LlamaCppSession(path, device=device, n_ctx=n_ctx, threads=threads)
+
+
+class LlamaCppSession(Session):
+    def __init__(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None) -> None:
+        _init()
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise InvalidModelError(f"{path} is not a GGUF file (bad magic): re-download or re-convert it")
+        mp = ll.llama_model_default_params()
+        mp.n_gpu_layers = 0 if device == "cpu" else -1  # -1: every layer
+        self._model = ll.llama_model_load_from_file(str(path).encode(), mp)
+        if not self._model:
+            raise BackendError(f"llama.cpp could not load {path}{_recent_log()}: check it with `edgepack inspect {path}`")
+        self._vocab = ll.llama_model_get_vocab(self._model)
+        self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        trained = ll.llama_model_n_ctx_train(self._model)
+        n_ctx = n_ctx or min(trained, 4096)
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = cp.n_ubatch = min(n_ctx, 512)
+        if threads:
+            cp.n_threads = cp.n_threads_batch = threads
+        cp.no_perf = True
+        if device == "cpu":
+            cp.op_offload = False  # keep big prefill matmuls off a GPU the caller did not ask for
+        self._ctx = ll.llama_init_from_model(self._model, cp)
+        if not self._ctx:
+            ll.llama_model_free(self._model)
+            self._model = None
+            raise BackendError(f"llama.cpp could not create a context of {n_ctx} tokens{_recent_log()}: try a smaller n_ctx")
+        self._n_batch = cp.n_batch
+        self._pieces: dict[int, bytes] = {}
+        self._one = (ll.llama_token * 1)()
+        super().__init__(ModelInfo(path=path, backend="llama.cpp", device=device, n_ctx=ll.llama_n_ctx(self._ctx), threads=threads))
+
+    # -- tokens --------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        self._check_open()
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
+        if n < 0:
+            cap = -n
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
+        if n < 0:
+            raise BackendError(f"llama.cpp failed to tokenize {len(data)} bytes of text: report it with the text")
+        return list(buf[:n])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Text of ``tokens`` with special tokens written out, like transformers' ``decode``."""
+        self._check_open()
+        ids = (ll.llama_token * len(tokens))(*tokens)
+        cap = max(64, 8 * len(tokens))
+        buf = ctypes.create_string_buffer(cap)
+        n = ll.llama_detokenize(self._vocab, ids, len(tokens), buf, cap, False, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = ll.llama_detokenize(self._vocab, ids, len(tokens), buf, -n, False, True)
+        return buf.raw[:n].decode("utf-8", "replace")
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = ll.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = ll.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            piece = self._pieces[token] = buf.raw[:n]
+        return piece
+
+    def _chat_template(self) -> tuple[str, dict[str, str]]:
+        self._check_open()
+        src = ll.llama_model_chat_template(self._model, None)
+        if not src:
+            raise UsageError(f"{self.info.path} has no chat template (tokenizer.chat_template): use generate() with your own prompt")
+        specials = {}
+        for name, fn in (("bos_token", ll.llama_vocab_bos), ("eos_token", ll.llama_vocab_eos)):
+            tok = fn(self._vocab)
+            if tok >= 0:
+                specials[name] = ll.llama_vocab_get_text(self._vocab, tok).decode("utf-8", "replace")
+        return src.decode("utf-8"), specials
+
+    # -- running -------------------------------------------------------------------------------
+    def _reset(self) -> None:
+        ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
+
+    def _decode(self, batch, what: str) -> None:
+        rc = ll.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise BackendError(f"llama_decode failed with code {rc} while {what}{_recent_log()}: try a smaller n_ctx or prompt")
+
+    def _prefill(self, tokens: list[int], cancelled: threading.Event | None) -> bool:
+        """Feed the prompt in n_batch chunks, logits for the last token only; False if cancelled."""
+        for start in range(0, len(tokens), self._n_batch):
+            if cancelled is not None and cancelled.is_set():
+                return False
+            chunk = tokens[start : start + self._n_batch]
+            arr = (ll.llama_token * len(chunk))(*chunk)
+            self._decode(ll.llama_batch_get_one(arr, len(chunk)), "reading the prompt")
+        return True
+
+    def _sampler(self, params: SamplingParams, prompt: list[int]):
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        add = ll.llama_sampler_chain_add
+        if params.repeat_penalty != 1.0:
+            add(chain, ll.llama_sampler_init_penalties(self._n_vocab, self.n_ctx, params.repeat_penalty, 0.0, 0.0))
+        if params.temperature == 0:
+            add(chain, ll.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(chain, ll.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                add(chain, ll.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0:
+                add(chain, ll.llama_sampler_init_min_p(params.min_p, 1))
+            add(chain, ll.llama_sampler_init_temp(params.temperature))
+            add(chain, ll.llama_sampler_init_dist(ll.LLAMA_DEFAULT_SEED if params.seed is None else params.seed))
+        if params.repeat_penalty != 1.0:  # the prompt counts too, as in transformers
+            for t in prompt:
+                ll.llama_sampler_accept(chain, t)
+        return chain
+
+    def _generate(self, tokens: list[int], params: SamplingParams, cancelled: threading.Event) -> Iterator[str]:
+        self._check_open()
+        self._reset()
+        if not self._prefill(tokens, cancelled):
+            return
+        chain = self._sampler(params, tokens)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        one, ctx, vocab = self._one, self._ctx, self._vocab
+        sample, is_eog, decode, batch_one = ll.llama_sampler_sample, ll.llama_vocab_is_eog, ll.llama_decode, ll.llama_batch_get_one
+        try:
+            while True:
+                tok = sample(chain, ctx, -1)  # also accepts tok into the chain's history
+                if is_eog(vocab, tok):
+                    return
+                yield decoder.decode(self._piece(tok))
+                one[0] = tok
+                if decode(ctx, batch_one(one, 1)) != 0:
+                    self._decode(batch_one(one, 1), "generating")
+        finally:
+            ll.llama_sampler_free(chain)
+
+    def _score(self, tokens: list[int], top_k: int) -> Scores:
+        self._check_open()
+        self._reset()
+        n = len(tokens)
+        scores = Scores.empty(n - 1, min(top_k, self._n_vocab))
+        batch = ll.llama_batch_init(self._n_batch, 0, 1)
+        try:
+            for start in range(0, n - 1, self._n_batch):  # the last token needs no prediction
+                m = min(self._n_batch, n - 1 - start)
+                batch.n_tokens = m
+                for j in range(m):
+                    batch.token[j] = tokens[start + j]
+                    batch.pos[j] = start + j
+                    batch.n_seq_id[j] = 1
+                    batch.seq_id[j][0] = 0
+                    batch.logits[j] = 1
+                self._decode(batch, "scoring")
+                logits = np.ctypeslib.as_array(ll.llama_get_logits(self._ctx), shape=(m, self._n_vocab))
+                scores.fill(start, logits, tokens[start + 1 : start + 1 + m])
+        finally:
+            ll.llama_batch_free(batch)
+        return scores
+
+    def _check_open(self) -> None:
+        if self._ctx is None:
+            raise UsageError("this session is closed: load the model again")
+
+    def _close(self) -> None:
+        if self._ctx is not None:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self, _finalizing=sys.is_finalizing) -> None:
+        # A session dropped without close() frees its memory; at interpreter exit the OS does
+        # (module globals such as ``ll`` may already be gone then, hence the bound default).
+        if not _finalizing() and (getattr(self, "_ctx", None) is not None or getattr(self, "_model", None) is not None):
+            self._close()
+

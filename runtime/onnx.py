@@ -1,0 +1,157 @@
+"""The ONNX backend, through onnxruntime-genai (``og.Model``, ``og.Generator``, ``og.Tokenizer``).
+
+A folder qualifies when it holds ``genai_config.json`` (what onnxruntime-genai's model
+builder writes). Sampling stays inside ``og.Generator``'s own search; only ``min_p``,
+which genai lacks, reads the logits in Python, and only when it is asked for.
+
+Text goes through the folder's ``tokenizer.json`` with Hugging Face ``tokenizers``, not
+``og.Tokenizer``: genai's tokenizer adds SentencePiece's dummy-prefix space after special
+tokens where transformers does not, so chat ids would differ. The chat template comes
+from ``chat_template.jinja`` or ``tokenizer_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
+from .base import ModelInfo, SamplingParams, Scores, Session
+
+try:
+    import onnxruntime_genai as og
+except ImportError as e:  # pragma: no cover - onnxruntime-genai is a core dependency
+    raise MissingDependencyError("onnxruntime-genai", purpose="running ONNX models") from e
+
+
+def devices() -> list[str]:
+    """CUDA first when the CUDA build of onnxruntime-genai is installed (the ``cuda`` extra), then CPU."""
+    return ["cuda", "cpu"] if og.is_cuda_available() else ["cpu"]
+
+
+def open_session(path: Path, *, device: str, n_ctx: int | None, threads: int | None) -> OnnxSession:
+    return OnnxSession(path, device=device, n_ctx=n_ctx, threads=threads)
+
+
+class OnnxSession(Session):
+    def __init__(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None) -> None:
+        try:
+            genai = json.loads((path / "genai_config.json").read_text())
+            trained = int(genai["model"]["context_length"])
+            self._vocab = int(genai["model"]["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InvalidModelError(f"{path}/genai_config.json is unreadable or lacks model.context_length or vocab_size ({e}): re-convert the model") from e
+        try:
+            from tokenizers import Tokenizer
+
+            self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file
+            raise InvalidModelError(f"{path}/tokenizer.json is missing or unreadable ({e}): re-convert the model") from e
+        try:
+            config = og.Config(str(path))
+            config.clear_providers()
+            if device == "cuda":
+                config.append_provider("cuda")
+            if threads:
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+            self._model = og.Model(config)
+        except Exception as e:  # noqa: BLE001 - og raises plain RuntimeError for every failure
+            raise BackendError(f"onnxruntime-genai could not load {path}: {e}. Re-convert it, or check `edgepack doctor`") from e
+        self._path = path
+        eos = genai["model"].get("eos_token_id", [])
+        self._eos = set(eos if isinstance(eos, list) else [eos])
+        n_ctx = min(n_ctx or min(trained, 4096), trained)
+        super().__init__(ModelInfo(path=path, backend="onnx", device=device, n_ctx=n_ctx, threads=threads))
+
+    # -- tokens --------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        self._check_open()
+        return self._tok.encode(text, add_special_tokens=add_special).ids
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Text of ``tokens`` with special tokens written out, like transformers' ``decode``."""
+        self._check_open()
+        return self._tok.decode([int(t) for t in tokens], skip_special_tokens=False)
+
+    def _chat_template(self) -> tuple[str, dict[str, str]]:
+        cfg = {}
+        tc = self._path / "tokenizer_config.json"
+        if tc.is_file():
+            cfg = json.loads(tc.read_text())
+        jinja = self._path / "chat_template.jinja"
+        src = jinja.read_text() if jinja.is_file() else cfg.get("chat_template")
+        if not isinstance(src, str) or not src:
+            raise UsageError(f"{self._path} has no chat template (chat_template.jinja or tokenizer_config.json): use generate()")
+        specials = {}
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            v = cfg.get(name)
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                specials[name] = v
+        return src, specials
+
+    # -- running -------------------------------------------------------------------------------
+    def _generator(self, params: SamplingParams | None, max_length: int):
+        gp = og.GeneratorParams(self._model)
+        opts: dict = {"max_length": max_length}
+        if params is not None:
+            opts["repetition_penalty"] = params.repeat_penalty
+            if params.temperature == 0:
+                opts["do_sample"] = False
+            else:
+                opts.update(
+                    do_sample=True,
+                    temperature=params.temperature,
+                    top_k=params.top_k or self._vocab,
+                    top_p=params.top_p,
+                )
+                if params.seed is not None:
+                    opts["random_seed"] = params.seed
+        gp.set_search_options(**opts)
+        return og.Generator(self._model, gp)
+
+    def _generate(self, tokens: list[int], params: SamplingParams, cancelled: threading.Event) -> Iterator[str]:
+        self._check_open()
+        try:
+            gen = self._generator(params, self.n_ctx)
+            gen.append_tokens(np.asarray(tokens, dtype=np.int32))
+        except Exception as e:  # noqa: BLE001
+            raise BackendError(f"onnxruntime-genai failed on a {len(tokens)}-token prompt: {e}") from e
+        from tokenizers.decoders import DecodeStream
+
+        stream, tok_ = DecodeStream(skip_special_tokens=True), self._tok
+        min_p = params.min_p if params.temperature > 0 else 0.0
+        while not gen.is_done():
+            if min_p:
+                gen.set_logits(_min_p(gen.get_logits(), min_p))
+            gen.generate_next_token()
+            tok = int(gen.get_next_tokens()[0])
+            if tok in self._eos:
+                return
+            yield stream.step(tok_, tok) or ""
+
+    def _score(self, tokens: list[int], top_k: int) -> Scores:
+        self._check_open()
+        gen = self._generator(None, self.n_ctx)
+        # One append: genai's chunked prefill runs other int4 kernels, so chunks would shift the numbers.
+        gen.append_tokens(np.asarray(tokens[:-1], dtype=np.int32))
+        scores = Scores.empty(len(tokens) - 1, min(top_k, self._vocab))
+        scores.fill(0, gen.get_output("logits")[0], tokens[1:])
+        return scores
+
+    def _check_open(self) -> None:
+        if self._model is None:
+            raise UsageError("this session is closed: load the model again")
+
+    def _close(self) -> None:
+        self._model = None
+
+
+def _min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Drop tokens less likely than min_p times the likeliest, as llama.cpp's min-p sampler does."""
+    floor = logits.max(axis=-1, keepdims=True) + np.log(min_p)
+    return np.where(logits >= floor, logits, np.float32(-np.inf))

@@ -1,0 +1,180 @@
+"""Distill stage on tiny models: healing lowers the divergence to the teacher, resumes exactly, refuses bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from models import tiny_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from edgepack import constants
+from edgepack.convert import prepare
+from edgepack.converters import calibration, prune
+from edgepack.converters.distill import Config, Distill, distillation_loss, evaluate, validate
+from edgepack.converters.pull import from_folder
+from edgepack.errors import CalibrationError, UsageError
+from edgepack.stages import run_stage
+
+# A random teacher knows nothing about the text, so the tests distill from its logits alone (alpha 0).
+TINY = dict(batch=2, seq_len=64, lr=3e-3, alpha=0.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls on a shared 2-core box run far faster without OpenMP's second thread spinning."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return tiny_model("llama", tmp_path_factory.mktemp("teacher"), num_hidden_layers=4)
+
+
+@pytest.fixture
+def student(teacher) -> Path:
+    art, _ = run_stage(prune.Prune(), from_folder(teacher), prune.Config(drop=(1,), samples=2, seq_len=32))
+    return art.path
+
+
+def _kld(student: Path, teacher: Path) -> float:
+    tok = AutoTokenizer.from_pretrained(teacher)
+    ids = calibration.token_stream(calibration.load("builtin", "eval"), tok, chat=True, max_tokens=4 * 64)
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
+    return evaluate(load(student), load(teacher), calibration.windows(ids, 4, 64))["kld"]
+
+
+def test_full_fine_tuning_heals_on_held_out_text(student, teacher):
+    before = _kld(student, teacher)
+    art, step = run_stage(Distill(), from_folder(student), Config(teacher=str(teacher), steps=30, **TINY))
+    after = _kld(art.path, teacher)
+    assert after < 0.6 * before, (before, after)
+    assert art.meta["steps"] == 30 and art.meta["stopped_by"] == "steps"
+    assert art.meta["text"]["name"] == "builtin:calibration"  # the eval split is never trained on
+    assert step.params["alpha"] == 0.0 and step.params["temperature"] == 4.0
+    assert not list(constants.stages_dir().glob("*.resume"))
+
+
+def test_lora_adapters_merge_into_a_plain_checkpoint(student, teacher):
+    before = _kld(student, teacher)
+    art, _ = run_stage(Distill(), from_folder(student), Config(teacher=str(teacher), steps=30, lora=4, **TINY))
+    healed, original = load_file(art.path / "model.safetensors"), load_file(student / "model.safetensors")
+    assert healed.keys() == original.keys()
+    assert not torch.equal(healed["model.layers.0.mlp.down_proj.weight"], original["model.layers.0.mlp.down_proj.weight"])
+    torch.testing.assert_close(healed["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
+    assert _kld(art.path, teacher) < 0.8 * before
+
+
+def test_time_budget_bounds_the_run(student, teacher):
+    art, _ = run_stage(Distill(), from_folder(student), Config(teacher=str(teacher), time_s=3, **TINY))
+    assert art.meta["stopped_by"] == "time" and art.meta["steps"] >= 1
+    assert art.meta["train_s"] < 3 + 5  # stops at the first step boundary past the budget
+
+
+def test_top_k_teacher_cache_is_filled_once_and_reused(student, teacher):
+    cfg = Config(teacher=str(teacher), steps=4, topk=16, **TINY)
+    run_stage(Distill(), from_folder(student), cfg)
+    files = sorted((constants.stages_dir() / "teacher-topk").rglob("*.pt"))
+    assert len(files) == 4 * 2
+    stamps = [f.stat().st_mtime_ns for f in files]
+    art, _ = run_stage(Distill(), from_folder(student), Config(**{**cfg.__dict__, "lr": 1e-3}))
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert art.meta["steps"] == 4
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_weights(student, teacher, tmp_path, monkeypatch):
+    cfg = Config(teacher=str(teacher), steps=40, checkpoint_s=0, **TINY)
+    whole, _ = run_stage(Distill(), from_folder(student), cfg)
+
+    home = tmp_path / "home2"
+    script = (
+        "import torch, sys; torch.set_num_threads(1)\n"
+        "from edgepack.stages import run_stage\nfrom edgepack.converters.pull import from_folder\n"
+        "from edgepack.converters.distill import Config, Distill\n"
+        f"run_stage(Distill(), from_folder(sys.argv[1]), Config(**{cfg.__dict__!r}))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(student)], env={**os.environ, "EDGEPACK_HOME": str(home)})
+    deadline = time.monotonic() + 300
+    while not list(home.glob("stages/*.resume/state.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) != 0, "the run finished before it could be interrupted"
+    assert list(home.glob("stages/*.resume/state.pt"))
+    assert not list(home.glob("stages/distill-*/.complete")), "an interrupted run must not look finished"
+
+    monkeypatch.setenv("EDGEPACK_HOME", str(home))
+    resumed, _ = run_stage(Distill(), from_folder(student), cfg)
+    assert 1 <= resumed.meta["resumed_from"] < 40 and resumed.meta["steps"] == 40
+    a, b = load_file(whole.path / "model.safetensors"), load_file(resumed.path / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_kl_term_keeps_its_gradient_scale_across_temperatures():
+    # Hinton et al.: the T^2 factor makes the soft-target gradient roughly independent of T.
+    torch.manual_seed(0)
+    teacher_logits, ids = torch.randn(1, 9, 50), torch.randint(0, 50, (1, 9))
+    grads = []
+    for temperature in (4.0, 8.0):
+        z = (teacher_logits + 0.5 * torch.randn(1, 9, 50, generator=torch.Generator().manual_seed(1))).requires_grad_()
+        loss, parts = distillation_loss(z, teacher_logits, ids, alpha=0.0, temperature=temperature)
+        loss.backward()
+        grads.append(z.grad.norm().item())
+    assert 0.8 < grads[0] / grads[1] < 1.25
+    same, parts = distillation_loss(teacher_logits, teacher_logits, ids, alpha=0.0, temperature=4.0)
+    assert abs(parts["kl"]) < 1e-6
+
+
+def test_teacher_with_another_tokenizer_is_refused(student, tmp_path):
+    other = tiny_model("llama", tmp_path / "other", tokenizer="bpe-qwen2")
+    with pytest.raises(UsageError, match="different tokenizers"):
+        run_stage(Distill(), from_folder(student), Config(teacher=str(other), steps=2, **TINY))
+    assert not list(constants.stages_dir().glob("distill-*"))
+
+
+def test_text_too_short_for_the_steps_is_refused(student, teacher):
+    with pytest.raises(CalibrationError, match="never repeated"):
+        run_stage(Distill(), from_folder(student), Config(teacher=str(teacher), steps=10**6, **TINY))
+    assert not list(constants.stages_dir().glob("distill-*"))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [Config(teacher="t"), Config(teacher="t", steps=2, alpha=1.5), Config(teacher="t", steps=2, temperature=0), Config(steps=-1)],
+)
+def test_config_checks_need_no_model(config):
+    with pytest.raises(UsageError):
+        validate(config)
+
+
+def test_prepare_prunes_then_heals_through_the_cache(teacher):
+    src = from_folder(teacher)
+    pcfg, dcfg = prune.Config(layers=1, samples=2, seq_len=32), Config(steps=3, **TINY)
+    art, steps = prepare(src, prune=pcfg, distill=dcfg, log=lambda m: None)
+    assert [s["stage"] for s in steps] == ["prune", "distill"]
+    assert steps[1]["params"]["teacher"] == str(teacher)
+    assert AutoModelForCausalLM.from_pretrained(art.path).config.num_hidden_layers == 3
+    again, steps2 = prepare(src, prune=pcfg, distill=dcfg, log=lambda m: None)
+    assert again.path == art.path and all(s["cached"] for s in steps2)
+    with pytest.raises(UsageError, match="heals a pruned student"):
+        prepare(src, distill=dcfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_run_saves_a_cpu_float32_checkpoint(student, teacher):
+    art, _ = run_stage(Distill(), from_folder(student), Config(teacher=str(teacher), steps=3, device="cuda", **TINY))
+    assert art.meta["device"].startswith("cuda")
+    weights = load_file(art.path / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in weights.values())

@@ -1,0 +1,164 @@
+"""The ONNX backend on real onnxruntime-genai: an int4 CPU build of SmolLM2, and a tiny Phi-3 for its tokenizer.
+
+The folders are made with onnxruntime-genai's own model builder (as ``converters/onnx.py``
+does for bundles); the SmolLM2 build is kept in pytest's cache between runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgepack
+from edgepack.bundle import Bundle, Variant
+
+from models import tiny_model
+
+COUNTING = "A long list of numbers: 1, 2, 3,"
+CHAT = [
+    {"role": "system", "content": "Be terse. ünïcødé 😀"},
+    {"role": "user", "content": "Hi <|im_start|> there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "How  are\nyou?"},
+]
+
+pytestmark = pytest.mark.slow
+
+
+def build_onnx(src: Path, out: Path) -> Path:
+    """int4 CPU ONNX folder of the checkpoint at ``src``, written under a temp name then renamed."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(tmp), "-p", "int4", "-e", "cpu", "-c", f"{tmp}-cache"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.rmtree(f"{tmp}-cache", ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smollm2_onnx(smollm2, request) -> Path:
+    import onnxruntime_genai as og
+
+    out = Path(request.config.cache.mkdir("edgepack-onnx")) / f"smollm2-int4-og{og.__version__}"
+    return out if (out / "genai_config.json").is_file() else build_onnx(smollm2, out)
+
+
+@pytest.fixture(scope="module")
+def session(smollm2_onnx):
+    with edgepack.load(smollm2_onnx, threads=1, n_ctx=1024) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(smollm2):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2)
+
+
+def test_loads_as_onnx_on_cpu(session, smollm2_onnx):
+    assert (session.info.backend, session.info.device, session.n_ctx) == ("onnx", "cpu", 1024)
+    with edgepack.load(smollm2_onnx, n_ctx=10**6, threads=1) as big:
+        assert big.n_ctx == 8192  # capped at the trained context
+
+
+def test_chat_ids_and_tokens_equal_transformers(session, hf_tokenizer):
+    for conv in (CHAT, CHAT[1:2]):
+        ref = hf_tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert session.chat_tokens(conv) == list(ref)
+    for text in ["Hello world", "café 😀 中文", "<|im_start|>user\nhi<|im_end|>"]:
+        ids = hf_tokenizer(text)["input_ids"]
+        assert session.tokenize(text, add_special=True) == ids
+        assert session.detokenize(ids) == hf_tokenizer.decode(ids)
+
+
+def test_generation_sampling_and_stop(session):
+    greedy = session.generate(COUNTING, max_tokens=10, temperature=0)
+    assert (greedy.completion_tokens, greedy.finish_reason) == (10, "length")
+    assert session.generate(COUNTING, max_tokens=10, temperature=0).text == greedy.text
+    # Narrowest filters reduce sampling to greedy; min_p goes through the logits hook.
+    assert session.generate(COUNTING, max_tokens=10, temperature=1.0, top_k=1, seed=3).text == greedy.text
+    assert session.generate(COUNTING, max_tokens=10, temperature=1.0, top_k=0, top_p=1.0, min_p=0.99, seed=3).text == greedy.text
+    sampled = {"temperature": 1.3, "top_k": 0, "top_p": 1.0, "max_tokens": 10}
+    runs = [session.generate("Once upon a time", seed=s, **sampled).text for s in (7, 7, 8, 9)]
+    assert runs[0] == runs[1] and len(set(runs)) > 1
+    stop = greedy.text.strip()[2:5]
+    cut = session.generate(COUNTING, max_tokens=10, temperature=0, stop=[stop])
+    assert (cut.finish_reason, cut.text) == ("stop", greedy.text[: greedy.text.index(stop)])
+
+
+def test_cancel_mid_stream(session):
+    stream = session.stream(COUNTING, max_tokens=200, temperature=0)
+    for i, _ in enumerate(stream):
+        if i == 2:
+            session.cancel()
+    assert stream.completion.finish_reason == "cancelled" and stream.completion.completion_tokens < 20
+
+
+def test_score_agrees_with_greedy_and_sums_to_one(session):
+    prompt = session.tokenize("The capital of France is", add_special=True)
+    first = session.tokenize(session.generate(prompt, max_tokens=1, temperature=0).text)[0]
+    s = session.score(prompt + [first], top_k=4)
+    assert s.top_ids[-1, 0] == first
+    total = np.logaddexp(np.logaddexp.reduce(s.top_logprobs, axis=1), s.rest_logprob)
+    np.testing.assert_allclose(total, 0.0, atol=1e-6)
+
+
+def test_bundle_variants_pick_by_backend(smollm2_onnx, smollm2_gguf, tmp_path):
+    root = tmp_path / "bundle"
+    b = Bundle.create(root, "smollm2-135m", {"ref": "smollm2-135m"})
+    gguf = root / "variants" / "gguf-q4_1" / "model.gguf"
+    gguf.parent.mkdir(parents=True)
+    _link(smollm2_gguf, gguf)
+    b.add_variant(Variant("gguf-q4_1", "gguf", "llama.cpp", "variants/gguf-q4_1/model.gguf", [b.file_record(gguf)]))
+    onnx = root / "variants" / "onnx-int4"
+    shutil.copytree(smollm2_onnx, onnx, copy_function=_link)
+    b.add_variant(Variant("onnx-int4", "onnx", "onnx", "variants/onnx-int4", [b.file_record(p) for p in sorted(onnx.iterdir())]))
+    b.save()
+    with edgepack.load(root, threads=1, n_ctx=256) as s:
+        assert (s.info.variant, s.info.backend) == ("gguf-q4_1", "llama.cpp")
+    with edgepack.load(root, backend="onnx", threads=1, n_ctx=256) as s:
+        assert (s.info.variant, s.info.backend) == ("onnx-int4", "onnx")
+    with edgepack.load(root, variant="onnx-int4", threads=1, n_ctx=256) as s:
+        assert s.chat([{"role": "user", "content": "Hi"}], max_tokens=2).completion_tokens >= 1
+
+
+def _link(src, dst) -> None:
+    """Hard-link (the model files are large), copying across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def test_chat_ids_on_spm_tokenizer_with_dummy_prefix(tmp_path):
+    """SentencePiece with a dummy prefix: genai's own tokenizer would add a space after special tokens."""
+    from transformers import AutoTokenizer
+
+    ckpt = tiny_model("phi3", tmp_path / "phi3")
+    folder = build_onnx(ckpt, tmp_path / "phi3-onnx")
+    hf = AutoTokenizer.from_pretrained(ckpt)
+    with edgepack.load(folder, threads=1, n_ctx=256) as s:
+        ref = hf.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert s.chat_tokens(CHAT) == list(ref)
+        assert s.tokenize("Hello", add_special=True) == hf("Hello")["input_ids"]  # BOS added once, by the tokenizer
+        assert s.generate(s.chat_tokens(CHAT), max_tokens=3, temperature=0).completion_tokens >= 1
+
+
+@pytest.mark.gpu
+def test_cuda_generates(smollm2_onnx):
+    import onnxruntime_genai as og
+
+    if not og.is_cuda_available():
+        pytest.skip("onnxruntime-genai has no CUDA here (pip install 'edgepack[cuda]')")
+    with edgepack.load(smollm2_onnx, device="cuda", n_ctx=512) as s:
+        assert s.info.device == "cuda"
+        assert s.generate(COUNTING, max_tokens=4, temperature=0).completion_tokens == 4

@@ -1,0 +1,68 @@
+"""bench: the real SmolLM2 Q4_1 GGUF measured in its own process through edgepack's runtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from test_eval import make_bundle
+
+from edgepack.bench import BenchConfig, bench, summarise
+from edgepack.bundle import Bundle, Variant
+from edgepack.errors import BackendError, UsageError
+
+
+def test_summarise_gives_median_and_range():
+    raw = {"device": "cpu", "reps": [{"ttft_s": t, "prefill_tokens_per_s": 10 * t, "decode_tokens_per_s": t, "completion_tokens": 8} for t in (3, 1, 2)]}
+    s = summarise(raw)
+    assert s["ttft_s"] == {"median": 2, "min": 1, "max": 3, "values": [3, 1, 2]}
+    assert s["device"] == "cpu" and "reps" not in s
+
+
+def test_config_is_checked():
+    for bad in (BenchConfig(repetitions=0), BenchConfig(decode_tokens=1), BenchConfig(threads=0)):
+        with pytest.raises(UsageError):
+            bad.check()
+
+
+@pytest.mark.slow
+def test_cli_benches_a_lone_gguf(tmp_path, smollm2_gguf):
+    out = tmp_path / "b"
+    cmd = [sys.executable, "-m", "edgepack", "bench", str(smollm2_gguf), "-o", str(out), "--threads", "1",
+           "--prompt-tokens", "64", "--decode-tokens", "8", "-n", "2", "--warmup", "1", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    (key, run), = res["runs"].items()
+    assert key == f"{run['variant']}@cpu" and run["threads"] == 1 and run["backend"] == "llama.cpp"
+    assert 0 < run["load_s"] < 60
+    for k in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
+        assert len(run[k]["values"]) == 2 and 0 < run[k]["min"] <= run[k]["median"] <= run[k]["max"]
+    assert run["prefill_tokens_per_s"]["median"] == pytest.approx(64 / run["ttft_s"]["median"], rel=0.5)
+    assert all(1 <= n <= 8 for n in run["completion_tokens"]["values"])
+    # the weights are mmapped and every page is read during a forward pass
+    assert run["rss_start_bytes"] < run["rss_loaded_bytes"] <= run["peak_rss_bytes"]
+    assert run["peak_rss_bytes"] > 0.8 * run["bytes"]
+    assert run["peak_device_bytes"] is None
+    assert res["machine"]["cores_logical"] >= 1
+    assert Bundle.open(out).data["bench"]["runs"][key]["load_s"] == run["load_s"]
+
+
+@pytest.mark.slow
+def test_bench_reports_a_variant_the_backend_refuses(tmp_path, smollm2, smollm2_gguf):
+    b = make_bundle(tmp_path / "b", smollm2, smollm2_gguf)
+    broken = tmp_path / "b" / "variants" / "broken" / "model.gguf"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"GGUF" + bytes(4096))
+    b.add_variant(Variant("broken", "gguf", "llama.cpp", "variants/broken/model.gguf", [b.file_record(broken)]))
+    b.save()
+    with pytest.raises(BackendError, match="benchmarking broken failed: llama.cpp could not load"):
+        bench(b, BenchConfig(prompt_tokens=16, decode_tokens=2, repetitions=1, warmup=0, threads=1), variants=["broken"], log=lambda m: None)
+    hf = tmp_path / "b" / "variants" / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    b.add_variant(Variant("gptq-4", "gptq", "transformers", "variants/hf", [b.file_record(hf / "config.json")]))
+    with pytest.raises(UsageError, match="does not load"):
+        bench(b, variants=["gptq-4"], log=lambda m: None)

