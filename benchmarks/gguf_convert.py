@@ -50,7 +50,11 @@ print(json.dumps({"convert_s": time.perf_counter() - t,
 
 
 def run_tree(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``, reaping it with wait4: wall time, CPU time of the process tree, largest peak RSS in it."""
+    """Run ``cmd``, reaping it with wait4: wall time, CPU time of the process tree, largest peak RSS in it.
+
+    Linux starts a child's peak RSS at its parent's RSS when it forks, so this
+    process stays small: the synthetic checkpoint and the pull run in children.
+    """
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
@@ -66,7 +70,13 @@ def run_tree(cmd: list[str], env: dict | None = None) -> dict:
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
         "tree_peak_rss": usage.ru_maxrss * 1024,
         "stdout": out.decode(),
+        "benchmark_rss_at_spawn": _own_rss(),
     }
+
+
+def _own_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def fetch_llama_cpp_script(tmp: Path) -> tuple[Path, Path]:
@@ -181,7 +191,11 @@ def make_synthetic(dest: Path, tokenizer_from: Path, target_gb: float) -> dict:
 
 def streaming_bar(src: Path, script: Path | None, gguf_py: Path | None, work: Path, target_gb: float) -> dict:
     synth = work / "synthetic"
-    info = make_synthetic(synth, src, target_gb)
+    made = subprocess.run(
+        [sys.executable, __file__, "--make-synthetic", str(synth), "--model", str(src), "--synthetic-gb", str(target_gb)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    info = json.loads(made.stdout)
     r = run_tree(edgepack_cmd(synth, work / "synthetic-f16.gguf", "f16"))
     r.update(json.loads(r.pop("stdout").strip().splitlines()[-1]))
     (work / "synthetic-f16.gguf").unlink()
@@ -208,11 +222,17 @@ def main() -> int:
     ap.add_argument("--synthetic-gb", type=float, default=2.5)
     ap.add_argument("--skip-llamacpp-synthetic", action="store_true")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--make-synthetic", type=Path, help=argparse.SUPPRESS)  # internal: build the checkpoint, print its facts
     args = ap.parse_args()
+    if args.make_synthetic:
+        print(json.dumps(make_synthetic(args.make_synthetic, args.model, args.synthetic_gb)))
+        return 0
     if args.model is None:
-        from edgepack.converters.pull import pull
-
-        args.model = pull("smollm2-135m", log=lambda m: print(m, file=sys.stderr)).path
+        pulled = subprocess.run(
+            [sys.executable, "-c", "from edgepack.converters.pull import pull; print(pull('smollm2-135m', log=lambda m: None).path)"],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        args.model = Path(pulled.stdout.strip().splitlines()[-1])
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-gguf-") as tmp:
         work = Path(tmp)

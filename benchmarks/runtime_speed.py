@@ -12,10 +12,12 @@ Measures, on the same prompt and greedy decoding:
 - ONNX on CPU: edgepack against a raw ``og.Generator`` loop; bar: >= 0.98 x raw.
 - time to first token and prefill tokens/s on a ~500-token prompt, for edgepack and raw.
 
-Runs alternate edgepack and raw so load from other processes hits both alike; each
-figure is the median over ``--runs``. Decode rates come in wall-clock and thread-CPU
-flavours; with the default single thread the bar is judged on CPU time, which other
-processes on a shared machine cannot skew. Defaults are SmolLM2-135M's Q4_1 GGUF (pulled
+The decode ratios step edgepack and the raw loop token by token in alternating order
+(``interleaved``), so both see the same machine load; each figure is the median over
+``--runs``. With the default single thread the libraries compute on the calling thread
+and the bar is judged on thread-CPU time, which other processes on a shared machine
+cannot skew; with more threads, on wall-clock time. Block runs give tokens/s, TTFT and
+prefill rates as a caller sees them. Defaults are SmolLM2-135M's Q4_1 GGUF (pulled
 with edgepack) and an int4 CPU ONNX build of it made with onnxruntime-genai's builder.
 Writes one JSON object to stdout and, with --out, to a file.
 """
@@ -31,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 N_TOKENS = 128  # as llama-bench tg128
@@ -67,29 +70,27 @@ class RawLlama:
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_batch = cp.n_batch
 
-    def run(self, tokens: list[int], n: int) -> dict:
+    def steps(self, tokens: list[int], n: int) -> Iterator[int]:
+        """Yield each greedy token; the next decode runs on resume, as in edgepack's loop."""
         ll = self.ll
         ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
-        t0 = time.perf_counter(), time.thread_time()
-        for s in range(0, len(tokens), self.n_batch):
-            chunk = tokens[s : s + self.n_batch]
-            arr = (ll.llama_token * len(chunk))(*chunk)
-            ll.llama_decode(self.ctx, ll.llama_batch_get_one(arr, len(chunk)))
-        one = (ll.llama_token * 1)()
-        clock = Clock(len(tokens), t0)
-        while clock.n < n:
-            tok = ll.llama_sampler_sample(chain, self.ctx, -1)
-            if ll.llama_vocab_is_eog(self.vocab, tok):
-                break
-            clock.tick()
-            if clock.n == n:
-                break
-            one[0] = tok
-            ll.llama_decode(self.ctx, ll.llama_batch_get_one(one, 1))
-        ll.llama_sampler_free(chain)
-        return clock.rates()
+        try:
+            for s in range(0, len(tokens), self.n_batch):
+                chunk = tokens[s : s + self.n_batch]
+                arr = (ll.llama_token * len(chunk))(*chunk)
+                ll.llama_decode(self.ctx, ll.llama_batch_get_one(arr, len(chunk)))
+            one = (ll.llama_token * 1)()
+            for _ in range(n):
+                tok = ll.llama_sampler_sample(chain, self.ctx, -1)
+                if ll.llama_vocab_is_eog(self.vocab, tok):
+                    return
+                yield tok
+                one[0] = tok
+                ll.llama_decode(self.ctx, ll.llama_batch_get_one(one, 1))
+        finally:
+            ll.llama_sampler_free(chain)
 
 
 def llama_generate_tps(path: Path, tokens: list[int], n: int, threads: int) -> float:
@@ -109,7 +110,8 @@ def llama_bench_tg128(path: Path) -> float | None:
     exe = shutil.which("llama-bench")
     if exe is None:
         return None
-    out = subprocess.run([exe, "-m", str(path), "-p", "0", "-n", str(N_TOKENS), "-ngl", "99", "-o", "json"], capture_output=True, text=True, check=True)
+    cmd = [exe, "-m", str(path), "-p", "0", "-n", str(N_TOKENS), "-ngl", "99", "-o", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout)[0]["avg_ts"])
 
 
@@ -127,93 +129,94 @@ class RawOnnx:
         self.model = og.Model(cfg)
         self.n_ctx = n_ctx
 
-    def run(self, tokens: list[int], n: int) -> dict:
+    def steps(self, tokens: list[int], n: int) -> Iterator[int]:
         import numpy as np
 
-        og = self.og
-        t0 = time.perf_counter(), time.thread_time()
-        gp = og.GeneratorParams(self.model)
+        gp = self.og.GeneratorParams(self.model)
         gp.set_search_options(max_length=self.n_ctx, do_sample=False)
-        gen = og.Generator(self.model, gp)
+        gen = self.og.Generator(self.model, gp)
         gen.append_tokens(np.asarray(tokens, dtype=np.int32))
-        clock = Clock(len(tokens), t0)
-        while clock.n < n and not gen.is_done():
+        for _ in range(n):
+            if gen.is_done():
+                return
             gen.generate_next_token()
-            gen.get_next_tokens()
-            clock.tick()
-        return clock.rates()
+            yield int(gen.get_next_tokens()[0])
 
 
-# -- shared -------------------------------------------------------------------------------------
-class Clock:
-    """Wall and thread-CPU stamps of the first and last token.
+# -- measuring ----------------------------------------------------------------------------------
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.thread_time()
 
-    With one thread, llama.cpp and ONNX Runtime compute on the calling thread, so the
-    CPU-time rate measures the work per token, overhead included, even on a busy machine
-    where wall-clock rates swing with other processes.
+
+def timed(steps: Iterator, n_prompt: int) -> dict:
+    """Wall-clock TTFT, prefill and decode rates of one run."""
+    t0 = _now()
+    stamps = [_now() for _ in steps]
+    first, last = stamps[0][0], stamps[-1][0]
+    return {
+        "tokens": len(stamps),
+        "ttft_s": first - t0[0],
+        "prefill_tokens_per_s": n_prompt / (first - t0[0]),
+        "decode_tokens_per_s": (len(stamps) - 1) / (last - first) if len(stamps) > 1 else 0.0,
+    }
+
+
+def interleaved(ours: Iterator, raw: Iterator) -> dict:
+    """Step both loops token by token, in alternating order, summing wall and thread-CPU time per side.
+
+    Adjacent tokens of the two loops see the same machine load, so the ratio holds on a
+    busy machine; with one thread the library computes on this thread, so the CPU sums
+    are the whole per-token cost, overhead included.
     """
-
-    def __init__(self, n_prompt: int, t0: tuple[float, float]) -> None:
-        self.n_prompt, self.t0, self.n = n_prompt, t0, 0
-        self.first = self.last = t0
-
-    def tick(self) -> None:
-        self.n += 1
-        self.last = (time.perf_counter(), time.thread_time())
-        if self.n == 1:
-            self.first = self.last
-
-    def rates(self) -> dict:
-        ttft = self.first[0] - self.t0[0]
-        span = [self.last[i] - self.first[i] for i in (0, 1)]
-        return {
-            "tokens": self.n,
-            "ttft_s": ttft,
-            "prefill_tokens_per_s": self.n_prompt / ttft,
-            "prefill_cpu_tokens_per_s": self.n_prompt / max(self.first[1] - self.t0[1], 1e-9),
-            "decode_tokens_per_s": (self.n - 1) / span[0] if self.n > 1 else 0.0,
-            "decode_cpu_tokens_per_s": (self.n - 1) / span[1] if self.n > 1 and span[1] > 0 else 0.0,
-        }
+    next(ours), next(raw)  # prefill and first token: measured by `timed`
+    wall, cpu = {"ours": 0.0, "raw": 0.0}, {"ours": 0.0, "raw": 0.0}
+    n, order, end = 0, [("ours", ours), ("raw", raw)], object()
+    try:
+        while True:
+            for side, it in order:
+                t = _now()
+                if next(it, end) is end:
+                    return {"tokens": n, **{f"{k}_wall_s": v for k, v in wall.items()}, **{f"{k}_cpu_s": v for k, v in cpu.items()}}
+                wall[side] += time.perf_counter() - t[0]
+                cpu[side] += time.thread_time() - t[1]
+            n += 1
+            order.reverse()
+    finally:
+        ours.close(), raw.close()  # the one that did not end yet
 
 
-def edgepack_run(session, tokens: list[int], n: int) -> dict:
-    """Time edgepack as a caller sees it: stamps taken on each piece the stream hands out."""
-    clock = Clock(len(tokens), (time.perf_counter(), time.thread_time()))
-    with session.stream(tokens, max_tokens=n, temperature=0) as stream:
-        for _ in stream:
-            clock.tick()
-    if clock.n != stream.completion.completion_tokens:
-        raise SystemExit("a token produced no text (partial UTF-8): pick a prompt with plain English output")
-    return clock.rates()
+def compare(session, raw, runs: int, prompt: list[int], long_prompt_tokens: list[int]) -> dict:
+    """edgepack against a raw loop: interleaved decode ratios, block decode rates, TTFT and prefill."""
 
+    def ours(tokens, n):
+        return session.stream(tokens, max_tokens=n, temperature=0)
 
-def compare(session, raw, runs: int, prompt_tokens: list[int], long_tokens: list[int]) -> dict:
-    """Alternate edgepack and raw runs; medians of decode (short prompt) and prefill (long prompt)."""
-    edgepack_run(session, prompt_tokens, 8), raw.run(prompt_tokens, 8)  # warm-up
-    ep, rw = [], []
-    for i in range(runs):  # alternate which goes first, so drifts in machine load cancel
-        if i % 2:
-            rw.append(raw.run(prompt_tokens, N_TOKENS))
-        ep.append(edgepack_run(session, prompt_tokens, N_TOKENS))
-        if not i % 2:
-            rw.append(raw.run(prompt_tokens, N_TOKENS))
-    ep_long = [edgepack_run(session, long_tokens, 1) for _ in range(3)]
-    rw_long = [raw.run(long_tokens, 1) for _ in range(3)]
+    list(ours(prompt, 8)), list(raw.steps(prompt, 8))  # warm-up
+    pairs = [interleaved(ours(prompt, N_TOKENS), raw.steps(prompt, N_TOKENS)) for _ in range(runs)]
+    block_ours = [timed(ours(prompt, N_TOKENS), len(prompt)) for _ in range(max(1, runs // 3))]
+    block_raw = [timed(raw.steps(prompt, N_TOKENS), len(prompt)) for _ in range(max(1, runs // 3))]
+    long_ours = [timed(ours(long_prompt_tokens, 1), len(long_prompt_tokens)) for _ in range(3)]
+    long_raw = [timed(raw.steps(long_prompt_tokens, 1), len(long_prompt_tokens)) for _ in range(3)]
 
     def med(rows, key):
         return statistics.median(r[key] for r in rows)
 
-    out: dict = {"prompt_tokens": len(prompt_tokens), "generated_tokens": [r["tokens"] for r in ep], "runs": runs}
-    for key in ("decode_tokens_per_s", "decode_cpu_tokens_per_s"):
-        out[f"edgepack_{key}"], out[f"raw_{key}"] = med(ep, key), med(rw, key)
-    out["long_prompt_tokens"] = len(long_tokens)
-    for key in ("ttft_s", "prefill_tokens_per_s", "prefill_cpu_tokens_per_s"):
-        out[f"edgepack_{key}"], out[f"raw_{key}"] = med(ep_long, key), med(rw_long, key)
-    # Ratios are medians over adjacent (edgepack, raw) pairs: each pair saw the same machine load.
-    for key, name in (("decode_tokens_per_s", "decode_ratio"), ("decode_cpu_tokens_per_s", "decode_cpu_ratio")):
-        out[name] = statistics.median(e[key] / r[key] for e, r in zip(ep, rw))
-    out["prefill_ratio"] = out["edgepack_prefill_tokens_per_s"] / out["raw_prefill_tokens_per_s"]
-    return out
+    return {
+        "prompt_tokens": len(prompt),
+        "tokens_per_run": [p["tokens"] for p in pairs],
+        "runs": runs,
+        "decode_cpu_ratio": statistics.median(p["raw_cpu_s"] / p["ours_cpu_s"] for p in pairs),
+        "decode_wall_ratio": statistics.median(p["raw_wall_s"] / p["ours_wall_s"] for p in pairs),
+        "edgepack_decode_tokens_per_s": med(block_ours, "decode_tokens_per_s"),
+        "raw_decode_tokens_per_s": med(block_raw, "decode_tokens_per_s"),
+        "edgepack_decode_cpu_tokens_per_s": statistics.median(p["tokens"] / p["ours_cpu_s"] for p in pairs),
+        "raw_decode_cpu_tokens_per_s": statistics.median(p["tokens"] / p["raw_cpu_s"] for p in pairs),
+        "long_prompt_tokens": len(long_prompt_tokens),
+        "edgepack_ttft_s": med(long_ours, "ttft_s"),
+        "raw_ttft_s": med(long_raw, "ttft_s"),
+        "edgepack_prefill_tokens_per_s": med(long_ours, "prefill_tokens_per_s"),
+        "raw_prefill_tokens_per_s": med(long_raw, "prefill_tokens_per_s"),
+    }
 
 
 def default_gguf() -> Path:
@@ -244,7 +247,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gguf", type=Path, help="GGUF to run (default: SmolLM2-135M Q4_1)")
     ap.add_argument("--onnx", type=Path, help="ONNX folder to run (default: an int4 build of SmolLM2-135M)")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: see Clock; give more on a quiet machine)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: see interleaved(); give more on a quiet machine)")
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--skip-onnx", action="store_true")
@@ -278,8 +281,8 @@ def main() -> None:
         with edgepack.load(onnx, device="cpu", n_ctx=args.n_ctx, threads=threads) as s:
             prompt, long_tokens = s.tokenize(PROMPT, add_special=True), s.tokenize(long_prompt(), add_special=True)[:500]
             report["onnx-cpu"] = compare(s, RawOnnx(onnx, args.n_ctx, threads), args.runs, prompt, long_tokens)
-    # One thread: judge on CPU time, immune to other processes; more threads: wall clock.
-    metric = "decode_cpu_ratio" if threads == 1 else "decode_ratio"
+    # One thread: judge on CPU time, which other processes cannot skew; more threads: wall clock.
+    metric = "decode_cpu_ratio" if threads == 1 else "decode_wall_ratio"
     bars = {"llama.cpp-cpu": metric, "llama.cpp-cuda": "bench_ratio", "onnx-cpu": metric}
     report["bars"] = {
         name: {"metric": key, "ratio": report[name][key], "bar": 0.98, "pass": report[name][key] is not None and report[name][key] >= 0.98}

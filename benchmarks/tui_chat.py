@@ -3,9 +3,9 @@
     nice .venv/bin/python benchmarks/tui_chat.py [--gguf F.gguf] [--runs 3] [--tokens 128] [--out tui_chat.json]
 
 Both sides answer the same question with greedy decoding on the same loaded model:
-"bare" consumes ``session.chat_stream`` in a thread; "chat" is the real ChatApp, run
-headless with Textual's test driver, which renders the streamed Markdown exactly as in a
-terminal (only the final write to the tty is skipped). Runs alternate so other load hits
+"bare" consumes ``session.chat_stream`` in a thread; "chat" is the real ChatApp (with its
+own session on the same file), run headless with Textual's test driver, which lays out and
+renders the streamed Markdown as in a terminal (only the final write to the tty is skipped). Runs alternate so other load hits
 both alike; figures are medians. Besides wall-clock decode tokens/s, it reports process
 CPU seconds per generated token: the difference is the UI's own work per token, which
 other processes on a shared machine cannot skew. Writes one JSON object to stdout and,
@@ -49,37 +49,25 @@ def bare(session, tokens: int) -> dict:
     return {"decode_tokens_per_s": c.decode_tokens_per_s, "cpu_s_per_token": out["cpu"] / c.completion_tokens, "tokens": c.completion_tokens}
 
 
-def chat(session, tokens: int) -> dict:
+def chat(gguf: Path, threads: int | None, tokens: int) -> dict:
+    from edgepack.runtime import load
     from edgepack.runtime.base import SamplingParams
     from edgepack.tui.app import ChatApp
     from edgepack.tui.widgets import PromptInput
 
-    class Borrowed:
-        """Hands the loaded session to the app and keeps it open after the app quits."""
-
-        def __init__(self, s):
-            self.s = s
-
-        def __call__(self, variant):
-            return self.s
-
     async def drive() -> dict:
-        app = ChatApp(Borrowed(session), sampling=SamplingParams(temperature=0, max_tokens=tokens))
-        close, session.close = session.close, lambda: None  # the app closes its session on exit; this one is shared
-        try:
-            async with app.run_test(size=(100, 40)) as pilot:
-                while app.screen.session is None or app.screen.busy:
-                    await pilot.pause(0.01)
-                app.screen.query_one(PromptInput).value = QUESTION
-                c0 = _cpu()
-                await pilot.press("enter")
-                await pilot.pause(0.05)
-                while app.screen.busy:
-                    await pilot.pause(0.01)
-                cpu = _cpu() - c0
-                c = app.screen.conversation.turns[-1].meta["completion"]
-        finally:
-            session.close = close
+        app = ChatApp(lambda variant: load(gguf, n_ctx=1024, threads=threads), sampling=SamplingParams(temperature=0, max_tokens=tokens))
+        async with app.run_test(size=(100, 40)) as pilot:
+            while app.screen.session is None or app.screen.busy:
+                await asyncio.sleep(0.1)  # plain sleeps: Pilot's pause would add its own CPU to the figure
+            app.screen.query_one(PromptInput).value = QUESTION
+            c0 = _cpu()
+            await pilot.press("enter")
+            await asyncio.sleep(0.1)
+            while app.screen.busy:
+                await asyncio.sleep(0.1)
+            cpu = _cpu() - c0
+            c = app.screen.conversation.turns[-1].meta["completion"]
         return {"decode_tokens_per_s": c["decode_tokens_per_s"], "cpu_s_per_token": cpu / c["completion_tokens"], "tokens": c["completion_tokens"]}
 
     return asyncio.run(drive())
@@ -101,7 +89,7 @@ def main() -> None:
     bare(session, 8)  # warm up caches and the thread pool
     for _ in range(args.runs):
         runs["bare"].append(bare(session, args.tokens))
-        runs["chat"].append(chat(session, args.tokens))
+        runs["chat"].append(chat(args.gguf, args.threads, args.tokens))
     session.close()
 
     def med(side, key):

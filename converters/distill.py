@@ -17,7 +17,11 @@ read at most once (no epochs), so ``steps * batch`` windows must fit in it;
 the held-out ``eval`` split is never trained on. Training is full
 fine-tuning or LoRA (``lora`` = rank; the adapters are merged before
 saving, so the output is a plain checkpoint), on CPU or CUDA, in bf16
-autocast where the device supports it.
+autocast where the device supports it (CUDA, or CPUs with AVX512-BF16/AMX,
+where it is 2-3x faster than float32). The embeddings stay frozen, and so do
+the leading blocks that are still bit-identical to the teacher's (all those
+below the first dropped block): the backward pass stops above them, which
+on a 24-of-30-block SmolLM2 halves the cost of a step.
 
 Checkpoints go to ``stages/<key>.resume/`` every ``checkpoint_s`` seconds
 and on Ctrl-C (unless it lands inside an optimizer update, when the last
@@ -63,6 +67,7 @@ class Config:
     topk: int = 0  # cache the teacher's top-k logits on disk and distill against them (0: run the teacher every step)
     device: str = "auto"  # auto (cuda when present, else cpu), cpu, cuda, cuda:N
     dtype: str = "auto"  # compute precision: auto (bf16 where the device supports it), bf16, float32
+    freeze_prefix: bool = True  # keep the leading blocks that still equal the teacher's frozen (no backward through them)
     seed: int = 0  # data order and LoRA initialisation
     checkpoint_s: float = 300.0  # seconds between resume checkpoints
 
@@ -124,10 +129,8 @@ class Distill(Stage):
         torch.manual_seed(config.seed)
         student = _load(inp.path, torch.float32).to(device)
         teacher = None if config.topk else _load(teacher_path, amp or torch.float32).to(device).eval()
-        if config.lora:
-            trainable = add_lora(student, config.lora)
-        else:
-            trainable = [p for p in student.parameters()]
+        frozen = shared_prefix(inp.path, teacher_path, student) if config.freeze_prefix else 0
+        trainable = trainable_parameters(student, frozen, config.lora)
         student.train()
         lr = config.lr or (1e-3 if config.lora else 1e-4)
         opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
@@ -195,6 +198,7 @@ class Distill(Stage):
             "loss": round(loss_ema, 4),
             "lr": lr,
             "device": str(device),
+            "frozen_blocks": frozen,
             "dtype": "bf16" if amp is not None else "float32",
             "text": text.provenance(step * config.batch * config.seq_len),
         }
@@ -295,17 +299,66 @@ def _autocast(device, amp):
     return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
 
-# -- LoRA --------------------------------------------------------------------------------------
+# -- what trains ---------------------------------------------------------------------------------
 
 
-def add_lora(model, rank: int) -> list:
-    """Freeze ``model`` and wrap every linear layer of its decoder blocks in a rank-``rank`` adapter (Hu et al., 2021)."""
-    import torch
+def shared_prefix(student: Path, teacher: Path, model) -> int:
+    """How many leading decoder blocks of ``student`` are bit-identical to the teacher's.
 
+    Depth pruning leaves every block below the first dropped one untouched; their
+    outputs already are what the teacher's upper blocks expect, so they stay frozen
+    and the backward pass stops above them.
+    """
+    from safetensors import safe_open
+
+    layers = model.base_model.layers
+    prefix = next(name for name, mod in model.named_modules() if mod is layers)
+    s_keys, t_keys = _tensor_files(student), _tensor_files(teacher)
+    n = 0
+    for i in range(len(layers)):
+        mine = sorted(k for k in s_keys if k.startswith(f"{prefix}.{i}."))
+        if not mine or any(k not in t_keys for k in mine):
+            break
+        for k in mine:
+            with safe_open(s_keys[k], "pt") as fs, safe_open(t_keys[k], "pt") as ft:
+                a, b = fs.get_tensor(k), ft.get_tensor(k)
+            if a.shape != b.shape or a.dtype != b.dtype or not bool((a == b).all()):
+                return n
+        n += 1
+    return n
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            out.update(dict.fromkeys(fh.keys(), f))
+    return out
+
+
+def trainable_parameters(model, frozen: int, lora: int) -> list:
+    """Freeze the embeddings (pruning leaves them intact) and the first ``frozen`` blocks; train the rest,
+    whole or (``lora`` > 0) through rank-``lora`` adapters. Returns the parameters to optimise."""
     for p in model.parameters():
         p.requires_grad_(False)
+    layers = list(model.base_model.layers)[frozen:]
+    if lora:
+        return add_lora(layers, lora)
+    params = [p for layer in layers for p in layer.parameters()]
+    params += [p for name, p in model.base_model.named_parameters() if "norm" in name and not name.startswith("layers.")]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def add_lora(layers, rank: int) -> list:
+    """Wrap every linear layer of ``layers`` in a rank-``rank`` adapter (Hu et al., 2021); returns the adapter parameters."""
+    import torch
+
     trainable = []
-    for layer in model.base_model.layers:
+    for layer in layers:
         for parent in list(layer.modules()):
             for attr, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):

@@ -131,12 +131,15 @@ def convert(
             writer.write_ti_data_to_file()
             fout = writer.fout[0]
             writer.write_padding(fout, fout.tell())
+            warnings = list(model.warnings)
             for t in plan:
-                writer.write_padding(fout, _stream(t, model, fout))
+                writer.write_padding(fout, _stream(t, model, fout, warnings))
         finally:
             writer.close()
+    for w in warnings[len(model.warnings) :]:
+        log(f"warning: {w}")
     params = sum(t.n_elements for t in plan)
-    return Result(dest, outtype, params, sum(t.nbytes for t in plan), fallbacks, list(model.warnings))
+    return Result(dest, outtype, params, sum(t.nbytes for t in plan), fallbacks, warnings)
 
 
 def plan_tensors(src: Path, model: gguf_arch.Model, outtype: str) -> tuple[list[TensorPlan], list[str]]:
@@ -194,11 +197,15 @@ def _order(name: str) -> tuple:
     return (0 if name.startswith(("token_embd", "rope_")) else 2, 0, name)
 
 
-def _stream(t: TensorPlan, model: gguf_arch.Model, fout) -> int:
+def _stream(t: TensorPlan, model: gguf_arch.Model, fout, warnings: list[str]) -> int:
     """Write one tensor's data in row blocks; returns the bytes written."""
     written = 0
+    overflow = False
     for block in _blocks(t, model):
         data = _encode(block, t.qtype)
+        if t.qtype == Q.F16 and not overflow and np.isinf(data).any() and np.isfinite(block).all():
+            overflow = True
+            warnings.append(f"{t.name} has values beyond float16's range (now inf): convert to bf16 or f32 instead")
         data.tofile(fout)
         written += data.nbytes
     if written != t.nbytes:
@@ -223,7 +230,8 @@ def _blocks(t: TensorPlan, model: gguf_arch.Model):
 def _encode(block: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     if qtype == Q.F16 and block.dtype == np.float16:
         return np.ascontiguousarray(block)
-    return np.ascontiguousarray(quants.quantize(block.astype(np.float32, copy=False), qtype))
+    with np.errstate(over="ignore"):  # f16 overflow is reported by _stream, once per tensor
+        return np.ascontiguousarray(quants.quantize(block.astype(np.float32, copy=False), qtype))
 
 
 def _config_name(config: dict[str, Any]) -> str | None:
@@ -250,7 +258,9 @@ class GGUFWrite(Stage):
         return [f"model-{config.outtype}.gguf"]
 
     def run(self, inp: Artifact, config: Config, out_dir: Path) -> Artifact:
-        result = convert(inp.path, out_dir / self.plan(inp, config)[0], config.outtype)
+        origin = inp.meta.get("origin") or ""
+        name = inp.meta.get("recipe") or (origin.rsplit("/", 1)[-1] if origin.startswith("hub:") else None)
+        result = convert(inp.path, out_dir / self.plan(inp, config)[0], config.outtype, name=name)
         meta = {
             "outtype": result.outtype,
             "n_params": result.n_params,

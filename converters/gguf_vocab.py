@@ -158,7 +158,9 @@ def build_vocab(facts: dict, n_vocab: int, path: Path) -> Vocab:
         raise InvalidModelError(
             f"{path}: the tokenizer has {max(by_id) + 1} tokens but the embedding only {n_vocab} rows: the checkpoint is inconsistent"
         )
-    spm = bool(model.get("byte_fallback")) and _uses_metaspace(spec)
+    spm = _uses_metaspace(spec)
+    if spm and not model.get("byte_fallback"):
+        raise UnsupportedArchitectureError("SentencePiece-style BPE without byte fallback", _SUPPORTED)
     tokens, types = [], []
     for i in range(n_vocab):
         text = by_id.get(i)

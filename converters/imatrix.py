@@ -250,3 +250,168 @@ class Imatrix(Stage):
         out = out_dir / FILENAME
         ImatrixFile(means, len(windows), record["name"]).save(out)
         return Artifact(Kind.FILE, out, {"calibration": record, "entries": len(means), "chunks": len(windows)})
+
+
+# -- sensitivity: what each tensor's rounding costs in KL divergence ---------------------------------
+
+SENSITIVITY_FILE = "sensitivity.json"
+# Candidate tensor types for size-targeted mixes; a tensor gets those whose blocks divide its rows.
+CANDIDATES = ("Q2_K", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16")
+
+
+class _Fisher:
+    """Second moments of inputs (per column) and output gradients (per row) of each weight: a rank-1 Fisher per tensor.
+
+    With labels sampled from the model itself, E[g g^T] is the Fisher
+    information, whose quadratic form is the second-order KL divergence:
+    KL(p || p_W+dW) ~ 1/2 dW^T F dW per position. Its diagonal for a linear
+    weight, E_t[g_ti^2 x_tj^2], is approximated as E[g_i^2] E[x_j^2], so
+    only a row vector and a column vector are kept per tensor. The token
+    embedding's lookup rows are kept per token seen.
+    """
+
+    def __init__(self, model, names: dict[str, str]):
+        import torch
+
+        self.cols: dict[str, Any] = {}
+        self.rows: dict[str, Any] = {}
+        self._hooks = []
+        for mod_name, mod in model.named_modules():
+            if mod_name in names:
+                name = names[mod_name]
+                self.cols[name] = torch.zeros(mod.in_features, dtype=torch.float64)
+                self.rows[name] = torch.zeros(mod.out_features, dtype=torch.float64)
+                self._hooks.append(mod.register_forward_pre_hook(self._forward(name)))
+                self._hooks.append(mod.register_full_backward_hook(self._backward(name)))
+        emb = model.get_input_embeddings()
+        self.embd_rows = torch.zeros(emb.num_embeddings, dtype=torch.float64)
+        self.embd_cols = torch.zeros(emb.embedding_dim, dtype=torch.float64)
+        self._hooks.append(emb.register_forward_hook(self._embedding))
+
+    def _forward(self, name: str):
+        def hook(module, args):
+            x = args[0].detach()
+            self.cols[name] += x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+
+        return hook
+
+    def _backward(self, name: str):
+        def hook(module, grad_input, grad_output):
+            g = grad_output[0].detach()
+            self.rows[name] += g.reshape(-1, g.shape[-1]).double().pow(2).sum(0)
+
+        return hook
+
+    def _embedding(self, module, args, out):
+        ids = args[0].reshape(-1)
+        out.requires_grad_(True)  # the weights stay frozen; gradients flow from here on
+
+        def grad_hook(g):
+            g2 = g.detach().reshape(-1, g.shape[-1]).double().pow(2)
+            self.embd_rows.index_add_(0, ids, g2.sum(1))
+            self.embd_cols.add_(g2.sum(0))
+
+        out.register_hook(grad_hook)
+        return out
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def measure_fisher(model, names: dict[str, str], windows: list[list[int]], *, tied: bool, seed: int = 0) -> dict[str, list]:
+    """Per GGUF tensor, rank-1 terms (rows, cols) whose sum approximates its Fisher diagonal per position."""
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fisher = _Fisher(model, names)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = 0
+    try:
+        for w in windows:
+            logp = torch.log_softmax(model(torch.tensor([w])).logits[0].float(), -1)
+            labels = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+            (-logp.gather(1, labels).sum()).backward()
+            tokens += len(w)
+    finally:
+        fisher.close()
+    terms: dict[str, list] = {}
+    for name in fisher.cols:
+        term = ((fisher.rows[name] / tokens).numpy(), (fisher.cols[name] / tokens).numpy())
+        terms["token_embd.weight" if tied and name == "output.weight" else name] = [term]
+    # lookup rows: each seen token's gradient energy, spread over columns by their average profile
+    profile = (fisher.embd_cols / fisher.embd_cols.sum()).numpy()
+    terms.setdefault("token_embd.weight", []).append(((fisher.embd_rows / tokens).numpy(), profile))
+    return terms
+
+
+def predicted_loss(terms: list, w: np.ndarray, wq: np.ndarray) -> float:
+    """Second-order KL divergence per position from replacing ``w`` by ``wq``: 1/2 sum F dW^2."""
+    d2 = np.square(w - wq, dtype=np.float64)
+    return 0.5 * float(sum(rows @ (d2 @ cols) for rows, cols in terms))
+
+
+class Sensitivity(Stage):
+    """HF reference -> predicted KL divergence of every weight tensor in every candidate type (``sensitivity.json``).
+
+    Each candidate is made by llama.cpp's own quantization code (ggml, with
+    the importance matrix the final quantization will use), so the measured
+    rounding error is the one the file will hold; the Fisher weighting says
+    what that error costs in the model's output distribution.
+    """
+
+    name = "sensitivity"
+    version = 1
+    input_kind = Kind.HF
+    output_kind = Kind.FILE
+
+    @dataclass
+    class Config:
+        calibration: str = "builtin"  # calibration.load preset
+        tokens: int = 8192  # calibration tokens for the gradient pass, rounded down to whole windows
+        window: int = 512
+        chat: bool | None = None  # chat-format the samples; None: when the tokenizer has a chat template
+        imatrix: str | None = None  # the importance matrix the quantize stage will use (None: quantize without)
+        types: tuple[str, ...] = CANDIDATES  # candidate tensor types
+        seed: int = 0  # for the sampled labels
+
+    def plan(self, inp: Artifact, config: Config) -> list[str]:
+        return [SENSITIVITY_FILE]
+
+    def run(self, inp: Artifact, config: Config, out_dir: Path) -> Artifact:
+        from ..fsutil import sha256_file, write_json
+        from .gguf_arch import read_model
+        from .quantize import TENSOR_NEEDS_IMATRIX, TENSOR_TYPES, ggml, tensor_type
+
+        types = [tensor_type(t) for t in config.types]
+        imat = ImatrixFile.load(config.imatrix) if config.imatrix else None
+        model, tok, names = load_reference(inp.path)
+        tied = read_model(inp.path).tied
+        windows, record = calibration_windows(tok, config.calibration, config.tokens, config.window, config.chat)
+        names_all = dict(names)
+        head = model.get_output_embeddings()
+        if tied:
+            names_all.update({n: "output.weight" for n, m in model.named_modules() if m is head})
+        terms = measure_fisher(model, names_all, windows, tied=tied, seed=config.seed)
+        weights = {g: m.weight for n, m in model.named_modules() if (g := names.get(n))}
+        weights["token_embd.weight"] = model.get_input_embeddings().weight
+        g = ggml()
+        table = {}
+        for name, param in sorted(weights.items()):
+            w = param.detach().float().numpy()
+            im = imat.entries.get(name) if imat else None
+            loss = {}
+            for kind in types:
+                if w.shape[1] % g.block(TENSOR_TYPES[kind]) or (kind in TENSOR_NEEDS_IMATRIX and im is None):
+                    continue
+                loss[kind] = predicted_loss(terms[name], w, g.roundtrip(w, TENSOR_TYPES[kind], im))
+            table[name] = {"columns": w.shape[1], "rows": w.shape[0], "loss": loss}
+        out = out_dir / SENSITIVITY_FILE
+        write_json(out, {
+            "schema": 1,
+            "calibration": record,
+            "imatrix_sha256": sha256_file(config.imatrix) if config.imatrix else None,
+            "tensors": table,
+        })  # fmt: skip
+        return Artifact(Kind.FILE, out, {"calibration": record, "tensors": len(table)})

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError, DiskFullError, InvalidModelError, UsageError
+from ..errors import BackendError, CalibrationError, DiskFullError, InvalidModelError, UsageError
 from ..fsutil import atomic_path
 from ..stages import Artifact, Kind, Stage
 
@@ -58,6 +58,7 @@ TENSOR_NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S"
 _FLOAT_TYPES = {0, 1, 30}  # f32, f16, bf16: what llama.cpp quantizes from
 _ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT: every tensor's data is padded to it
 _HEADER_SLACK = 4096  # bytes the quantizer's metadata may add to the input's header
+_SIZE_MARGIN = 16384  # what the dry run's 0.01 MiB rounding may hide
 _KV_INT, _KV_STR = 0, 3  # llama_model_kv_override_type
 
 
@@ -330,7 +331,7 @@ class Quantize(Stage):
 
     @dataclass
     class Config:
-        type: str = "Q4_K_M"  # llama.cpp file type (QUANT_TYPES); with a target, the mix for unmeasured tensors
+        type: str = "Q4_K_M"  # llama.cpp file type (QUANT_TYPES); with a target, the file type it is labelled
         imatrix: str | None = None  # importance matrix (llama.cpp imatrix.dat) from the Imatrix stage or llama-imatrix
         tensor_types: list[str] = field(default_factory=list)  # "REGEX=TYPE" per-tensor overrides; first match wins
         output_type: str | None = None  # tensor type of output.weight (and of a tied token_embd)
@@ -358,9 +359,8 @@ class Quantize(Stage):
         overrides = parse_tensor_types(config.tensor_types)
         out_type = tensor_type(config.output_type) if config.output_type else None
         embd_type = tensor_type(config.token_embedding_type) if config.token_embedding_type else None
-        named = {ftype} | {t for _, t in overrides} | {out_type, embd_type}
         if config.imatrix is None:
-            needs = sorted((named & TENSOR_NEEDS_IMATRIX) | ({ftype} & NEEDS_IMATRIX))
+            needs = sorted(({t for _, t in overrides} | {out_type, embd_type}) & TENSOR_NEEDS_IMATRIX | {ftype} & NEEDS_IMATRIX)
             if needs:
                 raise UsageError(
                     f"{', '.join(needs)} needs an importance matrix (llama.cpp refuses to make it without one): "
@@ -379,57 +379,67 @@ class Quantize(Stage):
         params.overrides = [(pattern, TENSOR_TYPES[kind]) for pattern, kind in overrides]
         meta: dict[str, Any] = {"type": ftype}
         if config.imatrix:
-            imat = _load_imatrix(Path(config.imatrix), tensors, inp.path.name)
-            params.imatrix = imat.entries
-            params.kv = {
-                "quantize.imatrix.file": Path(config.imatrix).name,
-                "quantize.imatrix.dataset": imat.dataset,
-                "quantize.imatrix.entries_count": len(imat.entries),
-                "quantize.imatrix.chunks_count": imat.chunks,
-            }
-            meta["imatrix"] = {"dataset": imat.dataset, "entries": len(imat.entries), "chunks": imat.chunks}
+            meta["imatrix"] = _use_imatrix(params, Path(config.imatrix), tensors, inp.path.name)
         if config.target_size or config.target_bpw:
-            mix = self._target(config, tensors, data_offset, overrides)
-            params.overrides += [(f"^{re.escape(name)}$", TENSOR_TYPES[kind]) for name, kind in sorted(mix["types"].items())]
-            meta["target"] = mix
+            # types the user set are not ours to choose; --output-type/--token-embedding-type beat patterns in llama.cpp
+            fixed = {n: k for n, k in (("token_embd.weight", embd_type), ("output.weight", out_type)) if k and n in tensors}
+            for name in (n for n, t in tensors.items() if t.quantizable):
+                fixed.setdefault(name, next((k for p, k in overrides if re.search(p, name)), None))
+            meta["target"] = _target(config, tensors, data_offset, {n: k for n, k in fixed.items() if k})
+            params.overrides += [(f"^{re.escape(n)}$", TENSOR_TYPES[k]) for n, k in sorted(meta["target"]["types"].items())]
         dest = out_dir / self._out_name(inp.path, config)
-        planned = _planned_bytes(inp.path, dest, params)
-        free = shutil.disk_usage(out_dir).free
-        if planned > free:
-            raise DiskFullError(f"{dest.name} needs about {planned / 1e6:.1f} MB but {out_dir} has {free / 1e6:.1f} MB free: free space and re-run")
-        with atomic_path(dest) as tmp:
-            try:
-                log = _run_llama_quantize(inp.path, tmp, params)
-            except BackendError as e:
-                if shutil.disk_usage(out_dir).free < planned - (tmp.stat().st_size if tmp.exists() else 0):
-                    raise DiskFullError(f"disk full while writing {dest.name}: free space and re-run") from e
-                raise
-        out_tensors, _ = read_tensors(dest)
-        meta.update(_summary(out_tensors, dest))
+        log = _write(inp.path, dest, params, data_offset)
+        meta.update(_summary(read_tensors(dest)[0], dest))
+        if config.target_size and meta["bytes"] > config.target_size:
+            raise BackendError(f"{dest.name} came out at {meta['bytes']} bytes, over the {config.target_size} planned: please report this")
         meta["fallbacks"] = fallbacks_in(log)
         return Artifact(Kind.GGUF, dest, meta)
 
 
-def _load_imatrix(path: Path, tensors: dict[str, TensorInfo], model: str):
+def _use_imatrix(params: _Params, path: Path, tensors: dict[str, TensorInfo], model: str) -> dict[str, Any]:
+    """Check an importance matrix against the model and hand it, with its metadata keys, to ``params``."""
     from .imatrix import ImatrixFile
 
     imat = ImatrixFile.load(path)
     required = {t.name for t in tensors.values() if t.quantizable and t.name.startswith("blk.")}
     imat.check({t.name: t.columns for t in tensors.values() if t.quantizable}, model=model, required=required)
-    return imat
+    params.imatrix = imat.entries
+    params.kv = {  # the keys llama-quantize writes, so tools that read them see where the matrix came from
+        "quantize.imatrix.file": path.name,
+        "quantize.imatrix.dataset": imat.dataset,
+        "quantize.imatrix.entries_count": len(imat.entries),
+        "quantize.imatrix.chunks_count": imat.chunks,
+    }
+    return {"dataset": imat.dataset, "entries": len(imat.entries), "chunks": imat.chunks}
+
+
+def _write(src: Path, dest: Path, params: _Params, data_offset: int) -> str:
+    """Quantize ``src`` into ``dest`` atomically after a dry run sized it; returns llama.cpp's log.
+
+    Raises DiskFullError (before writing when the planned size does not fit), UsageError, BackendError.
+    """
+    planned = _planned_bytes(src, dest, params, data_offset)
+    free = shutil.disk_usage(dest.parent).free
+    if planned > free:
+        raise DiskFullError(f"{dest.name} needs about {planned / 1e6:.1f} MB but {dest.parent} has {free / 1e6:.1f} MB free: free space and re-run")
+    with atomic_path(dest) as tmp:
+        try:
+            return _run_llama_quantize(src, tmp, params)
+        except BackendError as e:
+            if shutil.disk_usage(dest.parent).free < planned - (tmp.stat().st_size if tmp.exists() else 0):
+                raise DiskFullError(f"disk full while writing {dest.name}: free space and re-run") from e
+            raise
 
 
 _QUANT_SIZE = re.compile(r"quant size\s*=\s*([0-9.]+) MiB")
 
 
-def _planned_bytes(src: Path, dest: Path, params: _Params) -> int:
+def _planned_bytes(src: Path, dest: Path, params: _Params, data_offset: int) -> int:
     """File size llama.cpp's dry run predicts for ``params`` (tensor data to 0.01 MiB, header bounded)."""
-    dry = _Params(**{**params.__dict__, "dry_run": True})
-    log = _run_llama_quantize(src, dest, dry)
+    log = _run_llama_quantize(src, dest, _Params(**{**params.__dict__, "dry_run": True}))
     m = _QUANT_SIZE.search(log)
     if not m:
         raise BackendError(f"llama.cpp's dry run of {src.name} reported no size: is llama-cpp-python older than 0.3.36?")
-    _, data_offset = read_tensors(src)
     return int(float(m.group(1)) * 2**20) + data_offset + _HEADER_SLACK
 
 
@@ -447,3 +457,139 @@ def _summary(tensors: dict[str, TensorInfo], path: Path) -> dict[str, Any]:
         "bits_per_weight": round(data * 8 / n_params, 3),
         "tensor_types": dict(sorted(counts.items())),
     }
+
+
+# -- size-targeted mixes -----------------------------------------------------------------------------
+
+
+def plan_mix(options: dict[str, list[tuple[str, int, float]]], budget: int) -> dict[str, str]:
+    """Choose one (type, bytes, loss) option per tensor: least total loss with total bytes <= ``budget``.
+
+    A multiple-choice knapsack, solved the Lagrangian way: each tensor's
+    options are reduced to the lower convex hull of (bytes, loss); every
+    tensor starts at its smallest option and the upgrade with the most loss
+    saved per byte is taken next while it fits; the bytes left over then go,
+    best saving first, to any upgrade that still fits. Raises UsageError when
+    even the smallest options exceed the budget.
+    """
+    hulls = {name: _hull(opts) for name, opts in options.items()}
+    choice = {name: 0 for name in hulls}
+    used = sum(h[0][1] for h in hulls.values())
+    if used > budget:
+        raise UsageError(
+            f"the smallest types measured still need {used / 1e6:.2f} MB of weights, over the {budget / 1e6:.2f} MB left for them: "
+            "raise the target size, or add smaller candidate types to the sensitivity stage"
+        )
+    heap = [(-_gain(h, 0), name) for name, h in hulls.items() if len(h) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        h, i = hulls[name], choice[name]
+        extra = h[i + 1][1] - h[i][1]
+        if used + extra > budget:
+            continue
+        choice[name], used = i + 1, used + extra
+        if i + 2 < len(h):
+            heapq.heappush(heap, (-_gain(h, i + 1), name))
+    picked = {name: hulls[name][i] for name, i in choice.items()}
+    while True:  # spend what is left on the best upgrade that still fits, hull or not
+        best = None
+        for name, opts in options.items():
+            _, size, loss = picked[name]
+            for opt in opts:
+                saved, extra = loss - opt[2], opt[1] - size
+                if saved > 0 and used + extra <= budget and (best is None or saved > best[0]):
+                    best = (saved, name, opt, extra)
+        if best is None:
+            break
+        _, name, opt, extra = best
+        picked[name], used = opt, used + extra
+    return {name: opt[0] for name, opt in picked.items()}
+
+
+def _hull(opts: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
+    """Options on the lower convex hull of (bytes, loss), smallest first; dominated ones dropped."""
+    pts: list[tuple[str, int, float]] = []
+    for opt in sorted(opts, key=lambda o: (o[1], o[2])):
+        if pts and opt[2] >= pts[-1][2]:
+            continue  # more bytes for no less loss
+        while len(pts) >= 2 and _slope(pts[-2], pts[-1]) >= _slope(pts[-1], opt):
+            pts.pop()
+        pts.append(opt)
+    return pts
+
+
+def _slope(a, b) -> float:
+    return (b[2] - a[2]) / max(b[1] - a[1], 1)
+
+
+def _gain(h: list, i: int) -> float:
+    return (h[i][2] - h[i + 1][2]) / max(h[i + 1][1] - h[i][1], 1)
+
+
+def _target(config: Quantize.Config, tensors: dict[str, TensorInfo], data_offset: int, fixed: dict[str, str]) -> dict[str, Any]:
+    """Per-tensor types meeting ``config``'s target with the least predicted loss; ``fixed`` are types set by the user.
+
+    Raises UsageError, CalibrationError.
+    """
+    if config.target_size and config.target_bpw:
+        raise UsageError("give a target size or a target bits per weight, not both")
+    if not config.sensitivity:
+        raise UsageError("a size target needs measured sensitivity: run the sensitivity stage on the reference checkpoint first")
+    table = _load_sensitivity(Path(config.sensitivity), config.imatrix)
+    g = ggml()
+    options: dict[str, list[tuple[str, int, float]]] = {}
+    rest = 0  # bytes of the tensors whose type is not ours to choose
+    for name, t in tensors.items():
+        if name in fixed:
+            rest += g.nbytes(TENSOR_TYPES[fixed[name]], t.shape)
+            continue
+        if not t.quantizable:
+            rest += g.nbytes(t.type, t.shape)
+            continue
+        entry = table.get(name)
+        if entry is None or (entry["columns"], entry["rows"]) != (t.shape[0], int(np.prod(t.shape[1:]))):
+            raise CalibrationError(
+                f"the sensitivity table {config.sensitivity} has no entry of shape {list(t.shape)} for {name}: "
+                "it was measured on another model; run the sensitivity stage on this model's reference"
+            )
+        allowed = [(k, loss) for k, loss in entry["loss"].items() if config.imatrix or k not in TENSOR_NEEDS_IMATRIX]
+        options[name] = [(k, g.nbytes(TENSOR_TYPES[k], t.shape), loss) for k, loss in allowed]
+    if config.target_size:
+        budget = config.target_size - data_offset - _HEADER_SLACK - _SIZE_MARGIN - rest
+        goal = {"target_size": config.target_size}
+    else:
+        n_params = sum(int(np.prod(t.shape)) for t in tensors.values())
+        budget = int(config.target_bpw * n_params / 8) - rest
+        goal = {"target_bpw": config.target_bpw}
+    types = plan_mix(options, budget)
+    losses = {name: dict((k, loss) for k, _, loss in opts) for name, opts in options.items()}
+    counts: dict[str, int] = {}
+    for kind in types.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return {
+        **goal,
+        "predicted_loss": round(sum(losses[n][k] for n, k in types.items()), 6),
+        "chosen": dict(sorted(counts.items())),
+        "types": types,
+    }
+
+
+def _load_sensitivity(path: Path, imatrix: str | None) -> dict[str, Any]:
+    from ..fsutil import sha256_file
+
+    try:
+        data = json.loads(path.read_text())
+        table = data["tensors"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CalibrationError(f"{path} is not a sensitivity table ({e}): run the sensitivity stage again") from e
+    want, had = (sha256_file(imatrix) if imatrix else None), data.get("imatrix_sha256")
+    if had != want:
+        if want is None:
+            why = "with an importance matrix but this quantization has none: pass the same imatrix"
+        elif had is None:
+            why = "without an importance matrix but this quantization uses one: run the sensitivity stage with it"
+        else:
+            why = "with another importance matrix than this quantization uses: run the sensitivity stage with the same one"
+        raise CalibrationError(f"{path} was measured {why}")
+    return table

@@ -79,7 +79,7 @@ def bench(
         run.update(variant=v.id, format=v.format, backend=v.backend, bytes=v.bytes, settings=asdict(cfg))
         runs[f"{v.id}@{run['device']}"] = run
         log(
-            f"bench {v.id} on {run['device']}: prefill {run['prefill_tokens_per_s']['median']:.0f} tok/s, "
+            f"bench {v.id} on {run['device']} ({run['prompt_tokens']}-token prompt): prefill {run['prefill_tokens_per_s']['median']:.0f} tok/s, "
             f"decode {run['decode_tokens_per_s']['median']:.1f} tok/s, peak RSS {run['peak_rss_bytes'] / 2**20:.0f} MiB"
         )
     b.save()
@@ -158,11 +158,15 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     gpu = _DeviceMemory() if session.info.device == "cuda" else None
     ids = session.tokenize(job["text"])
     count = cfg.warmup + cfg.repetitions
-    if len(ids) < count * cfg.prompt_tokens:
-        raise UsageError(f"the bench text gives {len(ids)} tokens, {count * cfg.prompt_tokens} needed: lower --prompt-tokens")
+    # a model trained on a shorter context gets a shorter prompt (the run records what it used)
+    prompt_tokens = min(cfg.prompt_tokens, session.n_ctx - cfg.decode_tokens - 1)
+    if prompt_tokens < 1:
+        raise UsageError(f"{cfg.decode_tokens} decode tokens leave no room for a prompt in a {session.n_ctx}-token context: lower --decode-tokens")
+    if len(ids) < count * prompt_tokens:
+        raise UsageError(f"the bench text gives {len(ids)} tokens, {count * prompt_tokens} needed: lower --prompt-tokens")
     reps = []
     for i in range(count):
-        prompt = ids[i * cfg.prompt_tokens : (i + 1) * cfg.prompt_tokens]
+        prompt = ids[i * prompt_tokens : (i + 1) * prompt_tokens]
         c = session.generate(prompt, max_tokens=cfg.decode_tokens if i >= cfg.warmup else 8, temperature=0.0)
         if i >= cfg.warmup:
             reps.append(
@@ -179,13 +183,25 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
         "device": info.device,
         "threads": info.threads,
         "n_ctx": info.n_ctx,
+        "prompt_tokens": prompt_tokens,
         "load_s": load_s,
         "rss_start_bytes": rss_start,
         "rss_loaded_bytes": rss_loaded,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+        "peak_rss_bytes": _peak_rss(),
         "peak_device_bytes": gpu.stop() if gpu else None,
         "reps": reps,
     }
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS. On Linux from VmHWM: ru_maxrss carries the parent's peak across exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _rss() -> int:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -165,6 +165,15 @@ def _reference_path(bundle: Bundle) -> Path:
             f"run `edgepack pull {ref}` again, or eval with the settings the bundle was evaluated with"
         )
     return path
+
+
+def _trained_context(bundle: Bundle) -> int | None:
+    raw = bundle.data.get("source", {}).get("reference_path")
+    cfg_path = Path(raw) / "config.json" if raw else None
+    if cfg_path is None or not cfg_path.is_file():
+        return None
+    cfg = json.loads(cfg_path.read_text())
+    return cfg.get("text_config", cfg).get("max_position_embeddings")
 
 
 def _eval_text(preset: str, log: Callable[[str], None]) -> calibration.Text:
@@ -372,6 +381,10 @@ def evaluate(
     cfg = cfg or EvalConfig()
     cfg.check()
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    trained = _trained_context(b)
+    if trained and cfg.window_len > trained:
+        log(f"eval windows shortened from {cfg.window_len} to the model's {trained}-token context")
+        cfg = replace(cfg, window_len=trained)
     chosen = [b.variant(v) for v in variants] if variants else b.variants
     if not chosen:
         raise BundleError(f"bundle {b.root} has no variants to evaluate: convert some with `edgepack convert --to ...`")

@@ -44,8 +44,9 @@ def load(
     From a bundle, ``variant`` picks a variant by id; without it the first variant in the
     manifest whose backend runs on ``device`` is used (so the order of ``convert --to`` is
     the order of preference). ``device="auto"`` takes the backend's best device (CUDA or
-    Metal when the build has it, else CPU). ``n_ctx=None`` uses the model's trained context,
-    capped at 4096; ``threads=None`` uses the physical cores. ``ram`` (``"4GB"``; GPU memory
+    Metal when the build has it, else CPU). ``n_ctx=None`` means 4096; either way it is
+    capped at the model's trained context (``session.n_ctx`` says what was given).
+    ``threads=None`` uses the physical cores. ``ram`` (``"4GB"``; GPU memory
     when ``device="cuda"``) picks the bundle variant and n_ctx that fit it, lowest KLD first,
     by the rule of ``edgepack recommend``.
 

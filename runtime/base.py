@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ContextOverflowError, UsageError
 
@@ -160,20 +160,32 @@ class ModelInfo:
         return {f.name: str(v) if isinstance(v, Path) else v for f in fields(self) if (v := getattr(self, f.name)) is not None}
 
 
+class _Run:
+    """One generation's shared state. The loop holds this, never the ``Stream``, so a stream
+    dropped unfinished is freed at once and its loop's ``finally`` releases the session."""
+
+    def __init__(self) -> None:
+        self.cancel = threading.Event()
+        self.completion: Completion | None = None
+
+
 class Stream(Iterator[str]):
     """Text pieces of one generation; ``completion`` is set once it ends (by stop, length or cancel)."""
 
     def __init__(self, session: Session, tokens: list[int], params: SamplingParams, truncated: int) -> None:
-        self.completion: Completion | None = None
-        self._cancel = threading.Event()
-        self._gen = session._drive(self, tokens, params, truncated)
+        self._run = _Run()
+        self._gen = session._drive(self._run, tokens, params, truncated)
+
+    @property
+    def completion(self) -> Completion | None:
+        return self._run.completion
 
     def __next__(self) -> str:
         return next(self._gen)
 
     def cancel(self) -> None:
         """Stop this generation after the current token (or before it starts); safe from any thread."""
-        self._cancel.set()
+        self._run.cancel.set()
 
     def close(self) -> None:
         """Abandon the generation and release the session."""
@@ -189,14 +201,11 @@ class Stream(Iterator[str]):
 class Session(ABC):
     """A loaded model. See the module docstring for the API and the threading rules."""
 
-    can_score: ClassVar[bool] = True  # score() works
-    can_score_top_k: ClassVar[bool] = True  # score(top_k=k) works
-
     def __init__(self, info: ModelInfo) -> None:
         self.info = info
         self.last: Completion | None = None  # the most recent finished generation
         self._lock = threading.Lock()
-        self._running: Stream | None = None
+        self._running: _Run | None = None
         self._template = None
 
     # -- what a backend implements ------------------------------------------------------------
@@ -238,7 +247,7 @@ class Session(ABC):
         """Complete raw text (or token ids); the tokenizer's own specials (e.g. BOS) are added to text.
 
         Raises ContextOverflowError when prompt + max_tokens exceeds n_ctx and truncate="error";
-        with truncate="left" the oldest prompt tokens are dropped instead.
+        with truncate="left" the oldest prompt tokens are dropped instead (a leading BOS stays).
         """
         return self._finish(self.stream(prompt, truncate=truncate, **sampling))
 
@@ -309,7 +318,7 @@ class Session(ABC):
         """Stop the running generation after the current token; safe from any thread. No-op when idle."""
         running = self._running
         if running is not None:
-            running.cancel()
+            running.cancel.set()
 
     def close(self) -> None:
         """Free the model; waits for a running generation to stop first."""
@@ -339,10 +348,13 @@ class Session(ABC):
             return tokens, 0
         if truncate == "error":
             raise ContextOverflowError(needed, self.n_ctx)
-        keep = self.n_ctx - (params.max_tokens or 1)
+        # What the tokenizer puts first (BOS) stays first: the model expects it.
+        head = self.tokenize("", add_special=True)
+        head = head if head and tokens[: len(head)] == head else []
+        keep = self.n_ctx - (params.max_tokens or 1) - len(head)
         if keep < 1:
             raise ContextOverflowError(needed, self.n_ctx)
-        return tokens[len(tokens) - keep :], len(tokens) - keep
+        return head + tokens[len(tokens) - keep :], len(tokens) - len(head) - keep
 
     def _finish(self, stream: Stream) -> Completion:
         with stream:
@@ -351,18 +363,18 @@ class Session(ABC):
         assert stream.completion is not None
         return stream.completion
 
-    def _drive(self, handle: Stream, tokens: list[int], params: SamplingParams, truncated: int) -> Iterator[str]:
+    def _drive(self, run: _Run, tokens: list[int], params: SamplingParams, truncated: int) -> Iterator[str]:
         """The generation loop every backend shares: lock, stop strings, limits, cancel, timing."""
         with self._lock:
-            self._running = handle
+            self._running = run
             limit = min(params.max_tokens or self.n_ctx, self.n_ctx - len(tokens))
             hold = max((len(s) for s in params.stop), default=0)  # text held back: may start a stop string
             text, emitted, n, reason = "", 0, 0, "length"
             t0 = time.perf_counter()
             t_first = t_last = t0
-            gen = self._generate(tokens, params, handle._cancel)
+            gen = self._generate(tokens, params, run.cancel)
             try:
-                if handle._cancel.is_set():
+                if run.cancel.is_set():
                     reason = "cancelled"
                 else:
                     reason = "stop"
@@ -383,14 +395,14 @@ class Session(ABC):
                         if safe > emitted:
                             yield text[emitted:safe]
                             emitted = safe
-                        if handle._cancel.is_set():
+                        if run.cancel.is_set():
                             reason = "cancelled"
                             break
                         if n >= limit:
                             reason = "length"
                             break
                     else:  # the backend returned: end of text, or it saw the cancel (e.g. during prefill)
-                        if handle._cancel.is_set():
+                        if run.cancel.is_set():
                             reason = "cancelled"
                 if len(text) > emitted:
                     yield text[emitted:]
@@ -401,7 +413,7 @@ class Session(ABC):
                 gen.close()
                 now = time.perf_counter()
                 ttft = (t_first - t0) if n else now - t0
-                self.last = handle.completion = Completion(
+                self.last = run.completion = Completion(
                     text=text,
                     prompt_tokens=len(tokens),
                     completion_tokens=n,

@@ -87,7 +87,7 @@ class LlamaCppSession(Session):
         self._vocab = ll.llama_model_get_vocab(self._model)
         self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         trained = ll.llama_model_n_ctx_train(self._model)
-        n_ctx = n_ctx or min(trained, 4096)
+        n_ctx = min(n_ctx or 4096, trained)  # past the trained context quality drops without warning
         cp = ll.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = cp.n_ubatch = min(n_ctx, 512)

@@ -44,7 +44,9 @@ class OnnxSession(Session):
             trained = int(genai["model"]["context_length"])
             self._vocab = int(genai["model"]["vocab_size"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InvalidModelError(f"{path}/genai_config.json is unreadable or lacks model.context_length or vocab_size ({e}): re-convert the model") from e
+            raise InvalidModelError(
+                f"{path}/genai_config.json is unreadable or lacks model.context_length or vocab_size ({e}): re-convert the model"
+            ) from e
         try:
             from tokenizers import Tokenizer
 
@@ -64,7 +66,7 @@ class OnnxSession(Session):
         self._path = path
         eos = genai["model"].get("eos_token_id", [])
         self._eos = set(eos if isinstance(eos, list) else [eos])
-        n_ctx = min(n_ctx or min(trained, 4096), trained)
+        n_ctx = min(n_ctx or 4096, trained)
         super().__init__(ModelInfo(path=path, backend="onnx", device=device, n_ctx=n_ctx, threads=threads))
 
     # -- tokens --------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ Each architecture has a default kind close to what its real models ship.
 
 from __future__ import annotations
 
+import atexit
 import io
 import shutil
 import tempfile
@@ -169,6 +170,7 @@ def build_tokenizer(kind: str) -> Path:
         return _built[kind]
     if _cache_dir is None:
         _cache_dir = Path(tempfile.mkdtemp(prefix="edgepack-test-tokenizers-"))
+        atexit.register(shutil.rmtree, _cache_dir, True)
     out = _cache_dir / kind
     if kind.startswith("bpe-"):
         _build_bpe(kind, out)

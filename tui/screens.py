@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -21,7 +22,7 @@ from textual.widgets import Footer, OptionList
 from textual.widgets.option_list import Option
 
 from ..bundle import Variant
-from ..errors import EdgepackError, UsageError
+from ..errors import ContextOverflowError, EdgepackError, UsageError
 from ..runtime.base import Completion, SamplingParams, Session, Stream, Truncate
 from . import commands, transcript
 from .widgets import ChatLog, MessageView, PromptInput, StatusBar
@@ -81,7 +82,8 @@ class VariantPicker(ModalScreen[str | None]):
         for v in self.variants:
             mark = "●" if v.id == self.current else " "
             bits = f", {v.bits_per_weight:.2f} bpw" if v.bits_per_weight else ""
-            options.append(Option(f"{mark} {v.id}  [dim]{v.format} on {v.backend}, {v.bytes / 1e6:.0f} MB{bits}[/]", id=v.id))
+            label = Text.assemble(f"{mark} {v.id}  ", (f"{v.format} on {v.backend}, {v.bytes / 1e6:.0f} MB{bits}", "dim"))
+            options.append(Option(label, id=v.id))
         picker = OptionList(*options, id="variants")
         picker.border_title = "Switch variant (Enter picks, Esc cancels)"
         yield picker
@@ -258,7 +260,9 @@ class ChatScreen(Screen):
             if answer is not None:
                 await answer.remove()
             self.prompt.value = self.conversation.retract()
-            hint = " (/clear starts over)" if "context" in str(message.error) else ""
+            hint = ""
+            if isinstance(message.error, ContextOverflowError):
+                hint = "\n\nHere: `/clear` starts over; `edgepack chat --truncate left` drops the oldest turns instead."
             await self.log_view.add("error", f"{message.error}{hint}")
         else:
             info = self.session.info if self.session else None
@@ -316,7 +320,12 @@ class ChatScreen(Screen):
         if session is not None and self._closing:
             session.close()
             return
-        context = len(session.chat_tokens(messages)) if session is not None and messages else 0
+        context = 0
+        if session is not None and messages:
+            try:
+                context = len(session.chat_tokens(messages))
+            except EdgepackError:
+                pass  # the next answer reports the same problem where it matters
         self.post_message(Loaded(session, error, context, initial))
 
     @on(Loaded)

@@ -5,10 +5,12 @@ Widgets only display; the screen decides what happens (textual's examples split 
 
 from __future__ import annotations
 
-from textual.binding import Binding
-from textual.app import ComposeResult
-from textual.containers import Horizontal, VerticalScroll
 from rich.markdown import Markdown as RichMarkdown
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.markup import escape
 from textual.widgets import Input, Static
 
 from ..runtime.base import ModelInfo
@@ -25,7 +27,7 @@ class MessageView(Static):
 
     def __init__(self, role: str, text: str = "", title: str = "") -> None:
         super().__init__(classes=role)
-        self.border_title = title
+        self.border_title = escape(title)  # a file or variant name, not markup
         self.source = ""
         self.set_text(text)
 
@@ -92,15 +94,10 @@ class StatusBar(Horizontal):
 
     def show(self, info: ModelInfo | None, *, context: int, tokens_per_s: float | None, state: str) -> None:
         if info is None:
-            parts = ["no model"]
+            line = Text("no model")
         else:
-            parts = [
-                f"[b]{info.name or info.path.name}[/b]",
-                info.variant or "-",
-                info.backend,
-                info.device,
-                f"ctx {context}/{info.n_ctx}",
-                f"{tokens_per_s:.1f} tok/s" if tokens_per_s else "- tok/s",
-            ]
-        self.query_one("#model", Static).update(" · ".join(parts))
+            rate = f"{tokens_per_s:.1f} tok/s" if tokens_per_s else "- tok/s"
+            details = [info.variant or "-", info.backend, info.device, f"ctx {context}/{info.n_ctx}", rate]
+            line = Text.assemble((info.name or info.path.name, "bold"), *(f" · {d}" for d in details))
+        self.query_one("#model", Static).update(line)
         self.query_one("#state", Static).update(state)

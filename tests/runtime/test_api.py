@@ -71,6 +71,10 @@ def test_load_rejects_what_it_cannot_run(tmp_path):
     fake.write_bytes(b"NOPE" + bytes(60))
     with pytest.raises(InvalidModelError, match="not a GGUF file"):
         edgepack.load(fake)
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "genai_config.json").write_text("{}")
+    with pytest.raises(InvalidModelError, match="genai_config.json"):
+        edgepack.load(tmp_path / "onnx")
     with pytest.raises(UsageError, match="unknown backend"):
         edgepack.load(fake, backend="vllm")
     with pytest.raises(UsageError, match="unknown device"):
@@ -197,6 +201,18 @@ def test_closing_a_stream_early_releases_the_session(session):
         next(stream)
     assert stream.completion.finish_reason == "cancelled"
     assert session.generate(COUNTING, max_tokens=2, **GREEDY).completion_tokens == 2
+
+
+@pytest.mark.slow
+def test_a_dropped_stream_releases_the_session(session):
+    stream = session.stream(COUNTING, max_tokens=100, **GREEDY)
+    next(stream)
+    del stream  # neither exhausted nor closed
+    done = []
+    worker = threading.Thread(target=lambda: done.append(session.generate(COUNTING, max_tokens=2, **GREEDY)))
+    worker.start()
+    worker.join(timeout=60)
+    assert done and done[0].completion_tokens == 2
 
 
 @pytest.mark.slow

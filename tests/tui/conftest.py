@@ -113,23 +113,17 @@ def variants() -> list[Variant]:
 
 
 @pytest.fixture
-def gguf_model(smollm2_gguf) -> Path:
-    """The real SmolLM2 Q4_1 GGUF (from the session fixture, or /tmp/smollm2-q4_1.gguf when prepared)."""
-    return smollm2_gguf
-
-
-@pytest.fixture
-def two_variant_bundle(gguf_model, tmp_path) -> Path:
+def two_variant_bundle(smollm2_gguf, tmp_path) -> Path:
     """A real bundle with two GGUF variants of SmolLM2 ("a" and "b": the same weights under two ids)."""
     root = tmp_path / "bundle"
-    bundle = Bundle.create(root, "smollm2-135m", {"ref": str(gguf_model), "origin": "file", "files": []})
+    bundle = Bundle.create(root, "smollm2-135m", {"ref": str(smollm2_gguf), "origin": "file", "files": []})
     for vid in ("a", "b"):
         dest = root / "variants" / vid / "model.gguf"
         dest.parent.mkdir(parents=True)
         try:
-            dest.hardlink_to(gguf_model)  # same weights; 100 MB copies would only cost time
+            dest.hardlink_to(smollm2_gguf)  # same weights; 100 MB copies would only cost time
         except OSError:
-            shutil.copyfile(gguf_model, dest)
+            shutil.copyfile(smollm2_gguf, dest)
         bundle.add_variant(Variant(vid, "gguf", "llama.cpp", f"variants/{vid}/model.gguf", [bundle.file_record(dest)], 5.0))
     bundle.save()
     return root

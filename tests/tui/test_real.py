@@ -42,9 +42,9 @@ def answers(app) -> list[MessageView]:
     return [v for v in app.screen.query(MessageView) if "assistant" in v.classes]
 
 
-async def test_chat_streams_stops_and_saves_on_llamacpp(gguf_model, tmp_path):
+async def test_chat_streams_stops_and_saves_on_llamacpp(smollm2_gguf, tmp_path):
     sampling = SamplingParams(temperature=0, max_tokens=400)
-    app = ChatApp(lambda v: load(gguf_model, n_ctx=1024, variant=v), sampling=sampling, system="You are a helpful assistant.")
+    app = ChatApp(lambda v: load(smollm2_gguf, n_ctx=1024, variant=v), sampling=sampling, system="You are a helpful assistant.")
     async with app.run_test(size=SIZE) as pilot:
         await idle(pilot)
         session = app.screen.session
@@ -86,7 +86,7 @@ async def test_switch_variant_mid_conversation_on_a_real_bundle(two_variant_bund
         return opened[-1]
 
     variants = Bundle.open(two_variant_bundle).variants
-    app = ChatApp(open_session, variants=variants, sampling=SamplingParams(temperature=0, max_tokens=16))
+    app = ChatApp(open_session, variants=variants, sampling=SamplingParams(temperature=0, max_tokens=8))
     async with app.run_test(size=SIZE) as pilot:
         await idle(pilot)
         assert app.screen.session.info.variant == "a"  # the first variant in the manifest

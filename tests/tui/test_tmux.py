@@ -56,10 +56,10 @@ class Tmux:
         subprocess.run([*self.base, "kill-server"], capture_output=True)
 
 
-def test_edgepack_chat_in_a_terminal(gguf_model, tmp_path):
+def test_edgepack_chat_in_a_terminal(smollm2_gguf, tmp_path):
     edgepack = Path(sys.executable).with_name("edgepack")
     rc = tmp_path / "rc"
-    cmd = f"{edgepack} chat {gguf_model} --n-ctx 512 --temp 0 --max-tokens 16 --system 'Answer in one sentence.'; echo $? > {rc}"
+    cmd = f"{edgepack} chat {smollm2_gguf} --n-ctx 512 --temp 0 --max-tokens 16 --system 'Answer in one sentence.'; echo $? > {rc}"
     tmux = Tmux(tmp_path / "tmux.sock")
     tmux.start(cmd)
     try:
@@ -86,7 +86,7 @@ def test_edgepack_chat_in_a_terminal(gguf_model, tmp_path):
         tmux.kill()
 
 
-def test_chat_refuses_to_run_without_a_terminal(gguf_model):
+def test_chat_refuses_to_run_without_a_terminal(smollm2_gguf):
     edgepack = Path(sys.executable).with_name("edgepack")
-    out = subprocess.run([str(edgepack), "chat", str(gguf_model)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    out = subprocess.run([str(edgepack), "chat", str(smollm2_gguf)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert out.returncode == 2 and "needs an interactive terminal" in out.stderr and "Traceback" not in out.stderr

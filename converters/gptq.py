@@ -1,0 +1,287 @@
+"""GPTQ stage: 2/3/4/8-bit weights calibrated on real text, through GPTQModel (the ``gptq`` extra).
+
+``gptq:BITS[gGROUP]`` (``gptq:4``, ``gptq:4g32``) writes a standard GPTQ checkpoint:
+``config.json`` with a ``quantization_config``, ``quantize_config.json`` and packed
+``qweight``/``qzeros``/``scales`` in safetensors, which transformers (with optimum and
+gptqmodel installed), vLLM and onnxruntime-genai's model builder load. Shared options
+(``convert(..., options=...)``): ``calibration`` (a preset of converters/calibration.py),
+``samples`` (rows, default 128), ``sym``, ``desc_act``, ``damp_percent``, ``device``.
+
+Group size: GPTQ groups run along each layer's input features. When a group size does
+not divide a width (SmolLM2's 576 by 128) GPTQModel stores ceil(576/128) = 5 groups,
+which transformers accepts but onnxruntime-genai's builder mis-reads: it expects
+576 // 128 = 4 rows of zeros, takes the mismatch for a transposed tensor and unpacks
+the wrong axis (``The size of tensor a (72) must match the size of tensor b (576)``).
+So edgepack only uses group sizes that divide every in-feature count: by default the
+largest of 128, 64 and 32 that does (64 on SmolLM2); an explicit one that does not is
+refused with the sizes that fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..bundle import Variant
+from ..errors import CalibrationError, InvalidModelError, MissingDependencyError, UsageError
+from ..stages import Artifact, Kind, Stage
+from . import calibration
+
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (128, 64, 32)  # preferred first: larger groups are smaller files, smaller ones more accurate
+MIN_ROW_TOKENS = 16  # calibration rows shorter than this carry too little context for the Hessian
+_ARG = re.compile(r"^(\d+)(?:g(\d+))?$", re.IGNORECASE)
+
+
+def validate(arg: str) -> None:
+    """Check ``BITS[gGROUP]``; raises UsageError."""
+    parse_arg(arg)
+
+
+def parse_arg(arg: str) -> tuple[int, int | None]:
+    m = _ARG.match(arg.strip())
+    if not m or int(m.group(1)) not in BITS:
+        raise UsageError(f"gptq:{arg}: write gptq:BITS or gptq:BITSgGROUP with BITS one of {', '.join(map(str, BITS))} (e.g. gptq:4, gptq:4g32)")
+    group = int(m.group(2)) if m.group(2) else None
+    if group is not None and (group < 16 or group & (group - 1)):
+        raise UsageError(f"gptq:{arg}: the group size must be a power of two of at least 16 (e.g. 32, 64, 128)")
+    return int(m.group(1)), group
+
+
+def in_features(config: dict[str, Any]) -> set[int]:
+    """Input widths of a decoder's linear layers: hidden (q/k/v/gate/up), heads*head_dim (o), intermediate (down)."""
+    text = config.get("text_config", config)
+    hidden = int(text["hidden_size"])
+    heads = int(text["num_attention_heads"])
+    head_dim = int(text.get("head_dim") or hidden // heads)
+    return {hidden, heads * head_dim, int(text["intermediate_size"])}
+
+
+def choose_group_size(model_dir: Path, requested: int | None) -> int:
+    """The requested group size if it divides every in-feature count, else the largest of GROUP_SIZES that does.
+
+    Raises UsageError (requested size does not fit) or InvalidModelError (no size fits, or no readable config).
+    """
+    try:
+        widths = in_features(json.loads((model_dir / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidModelError(f"{model_dir}/config.json lacks the layer sizes GPTQ needs ({e})") from e
+    fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+    if requested is not None:
+        if any(w % requested for w in widths):
+            hint = f"use {' or '.join(f'g{g}' for g in fits)}" if fits else "no group size fits: quantize to GGUF instead"
+            raise UsageError(f"group size {requested} does not divide the layer widths {sorted(widths)}: {hint}")
+        return requested
+    if not fits:
+        raise InvalidModelError(f"no group size of {GROUP_SIZES} divides the layer widths {sorted(widths)}: quantize to GGUF instead")
+    return fits[0]
+
+
+@dataclass
+class GPTQConfig:
+    bits: int = 4
+    group_size: int = 64  # divides every in-feature count (see choose_group_size)
+    sym: bool = False  # asymmetric (with zero points) measured better on SmolLM2
+    desc_act: bool = False  # activation order: slightly better accuracy, slower kernels, needs g_idx
+    damp_percent: float = 0.01  # Hessian dampening, a fraction of its mean diagonal
+    calibration: str = "builtin"
+    calibration_sha256: str = ""  # content hash, so a changed calibration file misses the cache
+    samples: int = 128  # calibration rows
+    max_tokens: int = 512  # rows are cut to this many tokens
+    chat: bool = True  # instruct models see their samples in their own chat template
+    device: str = "cpu"  # cpu | cuda
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Calibration rows chosen from a text, with what was left out and why."""
+
+    ids: list[list[int]]
+    dropped_short: int
+    tokens: int
+
+
+def calibration_rows(text: calibration.Text, tokenizer, cfg: GPTQConfig) -> Rows:
+    """``cfg.samples`` rows spread evenly over the text; rows under MIN_ROW_TOKENS tokens are dropped and counted.
+
+    Raises CalibrationError when fewer usable rows remain than were asked for.
+    """
+    rows, short = [], 0
+    for sample in calibration.format_samples(text, tokenizer, chat=cfg.chat):
+        ids = tokenizer(sample, add_special_tokens=False)["input_ids"][: cfg.max_tokens]
+        if len(ids) < MIN_ROW_TOKENS:
+            short += 1
+        else:
+            rows.append(ids)
+    if len(rows) < cfg.samples:
+        raise CalibrationError(
+            f"calibration text {text.name} has {len(rows)} usable samples ({short} under {MIN_ROW_TOKENS} tokens dropped) "
+            f"but {cfg.samples} were requested: give a longer text file (blank-line separated paragraphs) or fewer samples"
+        )
+    step = len(rows) / cfg.samples  # spread over the whole text, which is sorted by topic
+    chosen = [rows[int(i * step)] for i in range(cfg.samples)]
+    return Rows(chosen, short, sum(len(r) for r in chosen))
+
+
+def import_gptqmodel():
+    """Import GPTQModel with what edgepack needs set first; raises MissingDependencyError.
+
+    GPTQModel 7.7 aborts at load on a 2-core machine ("Virtual pool 'model_loader:cpu'
+    requests 2 workers but parent 'cpu' only has 1") unless GPTQMODEL_CPU_WORKERS is at
+    least 2; its default is half the cores.
+    """
+    try:
+        workers = int(os.environ.get("GPTQMODEL_CPU_WORKERS", "0"))
+    except ValueError:
+        workers = 0
+    if workers < 2:
+        os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
+    try:
+        import gptqmodel
+    except ImportError as e:
+        raise MissingDependencyError("gptqmodel", extra="gptq", purpose="GPTQ quantization") from e
+    return gptqmodel
+
+
+class GPTQStage(Stage):
+    """HF checkpoint -> GPTQ checkpoint."""
+
+    name: ClassVar[str] = "gptq"
+    version: ClassVar[int] = 1
+    input_kind: ClassVar[Kind] = Kind.HF
+    output_kind: ClassVar[Kind] = Kind.GPTQ
+    Config = GPTQConfig
+
+    def plan(self, inp: Artifact, config: GPTQConfig) -> list[str]:
+        return ["config.json", "quantize_config.json", "model.safetensors", "quant_log.csv", "tokenizer.json"]
+
+    def run(self, inp: Artifact, config: GPTQConfig, out_dir: Path) -> Artifact:
+        from transformers import AutoTokenizer
+
+        text = calibration.load(config.calibration)
+        if config.calibration_sha256 and text.sha256 != config.calibration_sha256:
+            raise CalibrationError(f"calibration text {config.calibration} changed during the conversion: re-run it")
+        tokenizer = AutoTokenizer.from_pretrained(inp.path)
+        rows = calibration_rows(text, tokenizer, config)
+        gptqmodel = import_gptqmodel()
+        qcfg = gptqmodel.QuantizeConfig(
+            bits=config.bits,
+            group_size=config.group_size,
+            sym=config.sym,
+            desc_act=config.desc_act,
+            damp_percent=config.damp_percent,
+        )
+        data = [{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows.ids]
+        try:
+            model = gptqmodel.GPTQModel.load(str(inp.path), qcfg, device=config.device)
+            model.quantize(data, batch_size=1, calibration_data_min_length=MIN_ROW_TOKENS - 1)
+            model.save(str(out_dir))
+        except (ValueError, RuntimeError, NotImplementedError, KeyError) as e:
+            raise InvalidModelError(f"GPTQModel could not quantize {inp.path.name} ({type(e).__name__}: {e}): try gguf instead") from e
+        meta = {
+            "bits": config.bits,
+            "group_size": config.group_size,
+            "calibration": text.provenance(rows.tokens),
+            "rows": len(rows.ids),
+            "dropped_short_rows": rows.dropped_short,
+        }
+        return Artifact(Kind.GPTQ, out_dir, meta)
+
+
+def stage_config(arg: str, source: Artifact, options: dict[str, Any], *, log=print) -> tuple[GPTQConfig, calibration.Text]:
+    """The GPTQConfig for ``arg`` and the shared options, with the calibration checked before any quantization.
+
+    Raises UsageError, CalibrationError, InvalidModelError.
+    """
+    from transformers import AutoTokenizer
+
+    bits, group = parse_arg(arg)
+    device = str(options.get("device", "cpu"))
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"device {device!r}: GPTQ runs on cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("device cuda was asked for but torch sees no CUDA device: drop device=cuda to quantize on the CPU")
+    preset = str(options.get("calibration", "builtin"))
+    text = calibration.load(preset)
+    cfg = GPTQConfig(
+        bits=bits,
+        group_size=choose_group_size(source.path, group),
+        sym=bool(options.get("sym", GPTQConfig.sym)),
+        desc_act=bool(options.get("desc_act", GPTQConfig.desc_act)),
+        damp_percent=float(options.get("damp_percent", GPTQConfig.damp_percent)),
+        calibration=preset,
+        calibration_sha256=text.sha256,
+        samples=int(options.get("samples", GPTQConfig.samples)),
+        device=device,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    cfg.chat = bool(getattr(tokenizer, "chat_template", None))
+    rows = calibration_rows(text, tokenizer, cfg)
+    log(
+        f"gptq: {cfg.bits}-bit, group size {cfg.group_size}, {len(rows.ids)} calibration rows ({rows.tokens} tokens) "
+        f"from {text.name}; {rows.dropped_short} rows under {MIN_ROW_TOKENS} tokens dropped"
+    )
+    return cfg, text
+
+
+def quantize(arg: str, source: Artifact, ctx) -> Artifact:
+    """Run (or reuse) the GPTQ stage for ``arg``; shared with the ONNX converter's calibrated INT4."""
+    import_gptqmodel()  # fail before tokenizing anything when the extra is missing
+    cfg, _ = stage_config(arg, source, ctx.options, log=ctx.log)
+    art = ctx.run(GPTQStage(), source, cfg)
+    ctx.bundle.add_calibration(art.meta["calibration"])
+    return art
+
+
+def build(arg: str, source: Artifact, ctx) -> Variant:
+    art = quantize(arg, source, ctx)
+    vid = f"gptq-{arg.lower()}"
+    dest = ctx.place(art, vid)
+    files = ctx.files(dest)
+    weights = sum(f["bytes"] for f in files if f["path"].endswith(".safetensors"))
+    params = _parameter_count(source.path)
+    return Variant(
+        id=vid,
+        format="gptq",
+        backend="transformers",
+        path=dest.relative_to(ctx.bundle.root).as_posix(),
+        files=files,
+        bits_per_weight=round(8 * weights / params, 3) if params else None,
+        meta={k: v for k, v in art.meta.items() if k != "calibration"} | {"config": asdict(_cfg_from_meta(art))},
+    )
+
+
+def _cfg_from_meta(art: Artifact) -> GPTQConfig:
+    raw = json.loads((art.path / "quantize_config.json").read_text())
+    return GPTQConfig(
+        bits=raw["bits"],
+        group_size=raw["group_size"],
+        sym=raw.get("sym", True),
+        desc_act=bool(raw.get("desc_act")),
+        damp_percent=raw.get("meta", {}).get("damp_percent", GPTQConfig.damp_percent),
+    )
+
+
+def _parameter_count(model_dir: Path) -> int:
+    """Parameters of a float checkpoint, read from the safetensors headers (no weights loaded)."""
+    import struct
+
+    total = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in info["shape"]:
+                    count *= d
+                total += count
+    return total

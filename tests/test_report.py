@@ -1,0 +1,137 @@
+"""report: rendering a manifest's data, and the real pipeline (eval, bench, report) checked in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from test_eval import make_bundle
+
+from edgepack.report import REPORT_DIR, pareto, render, report, rows
+
+BLUE, GREEN = (0x4C, 0x72, 0xB0), (0x55, 0xA8, 0x68)  # scatter/prefill bars, decode bars
+
+
+def _manifest(**extra):
+    data = {
+        "schema": 1, "name": "m<1>", "created": "2026-01-01T00:00:00Z", "edgepack_version": "0.1.0",
+        "source": {"ref": "smollm2-135m", "origin": "hub:x/y", "revision": "abc", "architecture": "llama"},
+        "steps": [{"stage": "gguf-write", "version": 1, "params": {"outtype": "q8_0"}, "wall_s": 1.5, "cached": False}],
+        "calibration": [{"name": "builtin:calibration", "sha256": "f" * 64, "tokens": 4096}],
+        "variants": [
+            {"id": "gguf-q8_0", "format": "gguf", "backend": "llama.cpp", "bytes": 145_000_000, "bits_per_weight": 8.5},
+            {"id": "gguf-q4_k_m", "format": "gguf", "backend": "llama.cpp", "bytes": 105_000_000, "bits_per_weight": 4.9},
+        ],
+        "eval": {}, "bench": {},
+    }
+    data.update(extra)
+    return data
+
+
+def test_pareto_front_keeps_points_nothing_beats_on_both_axes():
+    pts = [(100, 0.05, "a"), (150, 0.01, "b"), (160, 0.02, "c"), (90, 0.4, "d"), (300, 0.001, "e")]
+    assert [p[2] for p in pareto(pts)] == ["d", "a", "b", "e"]
+
+
+def test_render_without_eval_or_bench_says_what_to_run():
+    files = render(_manifest())
+    assert set(files) == {"report.md", "report.html"}
+    assert "run `edgepack eval`" in files["report.md"] and "run `edgepack bench`" in files["report.md"]
+    assert "m&lt;1&gt;" in files["report.html"] and "<1>" not in files["report.html"]
+    assert "| gguf-q4_k_m | gguf | 105.0 | 4.90 | — |" in files["report.md"]
+    assert "gguf-write v1" in files["report.md"]
+
+
+def test_rows_join_eval_and_the_cpu_bench_run():
+    run = {"median": 10.0, "min": 9.0, "max": 11.0, "values": [9.0, 10.0, 11.0]}
+    bench = {"runs": {
+        "gguf-q8_0@cuda": {"variant": "gguf-q8_0", "device": "cuda", "load_s": 1.0, "ttft_s": run, "prefill_tokens_per_s": run,
+                           "decode_tokens_per_s": run, "peak_rss_bytes": 300 * 2**20, "peak_device_bytes": 200 * 2**20},
+        "gguf-q8_0@cpu": {"variant": "gguf-q8_0", "device": "cpu", "load_s": 1.0, "ttft_s": run, "prefill_tokens_per_s": run,
+                          "decode_tokens_per_s": run, "peak_rss_bytes": 400 * 2**20, "peak_device_bytes": None},
+    }}
+    ev = {"variants": {"gguf-q8_0": {"kld": {"mean": 0.004, "p99": 0.03}, "ppl": 20.1, "top1_agreement": 0.97,
+                                     "generation": {"bleu": 80.0, "rouge_l": 0.9}}}}
+    r = {x["variant"]: x for x in rows(_manifest(eval=ev, bench=bench))}
+    assert r["gguf-q8_0"]["device"] == "cpu" and r["gguf-q8_0"]["peak_mib"] == 400
+    assert r["gguf-q8_0"]["kld"] == 0.004 and r["gguf-q4_k_m"]["kld"] is None
+    files = render(_manifest(eval=ev, bench=bench))
+    assert set(files) == {"report.md", "report.html", "size_vs_kld.svg", "speed.svg"}
+    assert files["report.html"].count("<svg") == 2
+
+
+def _chromium() -> str | None:
+    return next((p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))), None)
+
+
+@pytest.mark.slow
+def test_pipeline_report_renders_in_headless_chromium(tmp_path, smollm2, smollm2_gguf):
+    b = make_bundle(tmp_path / "b", smollm2, smollm2_gguf, ids=("gguf-q4_1", "gguf-q4_1-copy"))
+    ep = [sys.executable, "-m", "edgepack"]
+    steps = [
+        ["eval", str(b.root), "--text", "builtin", "--windows", "1", "--window-len", "64", "--top-k", "8", "--prompts", "1",
+         "--max-new-tokens", "4", "--threads", "1"],
+        ["bench", str(b.root), "--threads", "1", "--prompt-tokens", "32", "--decode-tokens", "4", "-n", "2", "--warmup", "0"],
+        ["report", str(b.root)],
+    ]
+    for args in steps:
+        proc = subprocess.run(ep + args, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+    page = b.root / REPORT_DIR / "report.html"
+    assert proc.stdout.strip() == str(page)
+    text = page.read_text()
+    manifest = json.loads((b.root / "edgepack.json").read_text())
+    kld = manifest["eval"]["variants"]["gguf-q4_1"]["kld"]["mean"]
+    assert f"{kld:.5f}" in text and text.count("<svg") == 2
+    HTMLParser().feed(text)
+    md = (b.root / REPORT_DIR / "report.md").read_text()
+    assert "![size vs KLD](size_vs_kld.svg)" in md and (b.root / REPORT_DIR / "size_vs_kld.svg").is_file()
+    assert report(b.root) == page  # re-rendering replaces the folder in place
+
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("headless Chromium is not installed (Debian: apt-get install -y chromium): cannot screenshot the report")
+    shot = tmp_path / "shot.png"
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1200,2400",
+           f"--screenshot={shot}", page.as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=120)
+    assert shot.is_file(), "Chromium wrote no screenshot"
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert img.shape[:2] == (2400, 1200)
+
+    def pixels(rgb):
+        return int((np.abs(img - np.array(rgb)).sum(axis=2) < 12).sum())
+
+    # the plots were drawn: scatter points and prefill bars in blue, decode bars in green
+    assert pixels(BLUE) > 2000 and pixels(GREEN) > 1000, (pixels(BLUE), pixels(GREEN))
+    assert (img.sum(axis=2) < 200).sum() > 5000  # and text
+
+
+@pytest.mark.slow
+def test_convert_ends_with_eval_bench_and_report(tmp_path):
+    """`edgepack convert` reports by default; the tiny model's 256-token context shortens eval windows and bench prompts."""
+    from models import tiny_model
+
+    src = tiny_model("llama", tmp_path / "tiny")
+    ep = [sys.executable, "-m", "edgepack", "convert", str(src), "--to", "gguf:f16"]
+    proc = subprocess.run(ep + ["-o", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "eval windows shortened from 512 to the model's 256-token context" in proc.stderr
+    manifest = json.loads((tmp_path / "b" / "edgepack.json").read_text())
+    assert manifest["eval"]["variants"]["gguf-f16"]["tokens"] == 8 * 255
+    assert manifest["eval"]["variants"]["gguf-f16"]["kld"]["mean"] < 0.01  # f16 of a float32 model
+    run = manifest["bench"]["runs"]["gguf-f16@cpu"]
+    assert run["prompt_tokens"] == 256 - 128 - 1 and run["decode_tokens_per_s"]["median"] > 0
+    assert run["peak_rss_bytes"] < 400 * 2**20  # the worker's own peak, not the converting parent's (torch is loaded there)
+    assert (tmp_path / "b" / REPORT_DIR / "report.html").is_file()
+    quiet = subprocess.run(ep + ["-o", str(tmp_path / "c"), "--no-report"], capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0, quiet.stderr
+    assert not (tmp_path / "c" / REPORT_DIR).exists() and json.loads((tmp_path / "c" / "edgepack.json").read_text())["eval"] == {}
