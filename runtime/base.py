@@ -369,7 +369,7 @@ class Session(ABC):
             self._running = run
             limit = min(params.max_tokens or self.n_ctx, self.n_ctx - len(tokens))
             hold = max((len(s) for s in params.stop), default=0)  # text held back: may start a stop string
-            text, emitted, n, reason = "", 0, 0, "length"
+            text, emitted, n, reason, flushing = "", 0, 0, "length", False
             t0 = time.perf_counter()
             t_first = t_last = t0
             gen = self._generate(tokens, params, run.cancel)
@@ -405,9 +405,11 @@ class Session(ABC):
                         if run.cancel.is_set():
                             reason = "cancelled"
                 if len(text) > emitted:
+                    flushing = True
                     yield text[emitted:]
             except GeneratorExit:  # the consumer closed the stream early
-                reason = "cancelled"
+                if not flushing:
+                    reason = "cancelled"
                 raise
             finally:
                 gen.close()

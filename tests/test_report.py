@@ -1,4 +1,4 @@
-"""report: rendering a manifest's data, and the real pipeline (eval, bench, report) checked in headless Chromium."""
+"""report: rendering a manifest's data, and `convert` ending with eval, bench and a report checked in headless Chromium."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-from test_eval import make_bundle
 
 from edgepack.report import REPORT_DIR, pareto, render, report, rows
 
@@ -70,29 +69,37 @@ def _chromium() -> str | None:
 
 
 @pytest.mark.slow
-def test_pipeline_report_renders_in_headless_chromium(tmp_path, smollm2, smollm2_gguf):
-    b = make_bundle(tmp_path / "b", smollm2, smollm2_gguf, ids=("gguf-q4_1", "gguf-q4_1-copy"))
-    ep = [sys.executable, "-m", "edgepack"]
-    steps = [
-        ["eval", str(b.root), "--text", "builtin", "--windows", "1", "--window-len", "64", "--top-k", "8", "--prompts", "1",
-         "--max-new-tokens", "4", "--threads", "1"],
-        ["bench", str(b.root), "--threads", "1", "--prompt-tokens", "32", "--decode-tokens", "4", "-n", "2", "--warmup", "0"],
-        ["report", str(b.root)],
-    ]
-    for args in steps:
-        proc = subprocess.run(ep + args, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr
-    page = b.root / REPORT_DIR / "report.html"
-    assert proc.stdout.strip() == str(page)
-    text = page.read_text()
-    manifest = json.loads((b.root / "edgepack.json").read_text())
-    kld = manifest["eval"]["variants"]["gguf-q4_1"]["kld"]["mean"]
-    assert f"{kld:.5f}" in text and text.count("<svg") == 2
-    HTMLParser().feed(text)
-    md = (b.root / REPORT_DIR / "report.md").read_text()
-    assert "![size vs KLD](size_vs_kld.svg)" in md and (b.root / REPORT_DIR / "size_vs_kld.svg").is_file()
-    assert report(b.root) == page  # re-rendering replaces the folder in place
+def test_convert_ends_with_eval_bench_and_report(tmp_path):
+    """`edgepack convert` reports by default; the tiny model's 256-token context shortens eval windows and bench prompts."""
+    from models import tiny_model
 
+    src = tiny_model("llama", tmp_path / "tiny")
+    ep = [sys.executable, "-m", "edgepack", "convert", str(src), "--to", "gguf:f16"]
+    proc = subprocess.run(ep + ["-o", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "eval windows shortened from 512 to the model's 256-token context" in proc.stderr
+    manifest = json.loads((tmp_path / "b" / "edgepack.json").read_text())
+    assert manifest["eval"]["variants"]["gguf-f16"]["tokens"] == 8 * 255
+    assert manifest["eval"]["variants"]["gguf-f16"]["kld"]["mean"] < 0.01  # f16 of a float32 model
+    run = manifest["bench"]["runs"]["gguf-f16@cpu"]
+    assert run["prompt_tokens"] == 256 - 128 - 1 and run["decode_tokens_per_s"]["median"] > 0
+    assert run["peak_rss_bytes"] < 400 * 2**20  # the worker's own peak, not the converting parent's (torch is loaded there)
+    page = tmp_path / "b" / REPORT_DIR / "report.html"
+    text = page.read_text()
+    assert f"{manifest['eval']['variants']['gguf-f16']['kld']['mean']:.5f}" in text and text.count("<svg") == 2
+    HTMLParser().feed(text)
+    md = (tmp_path / "b" / REPORT_DIR / "report.md").read_text()
+    assert "![size vs KLD](size_vs_kld.svg)" in md and (tmp_path / "b" / REPORT_DIR / "size_vs_kld.svg").is_file()
+    assert report(tmp_path / "b") == page  # re-rendering replaces the folder in place
+    _screenshot_shows_plots(page, tmp_path)
+
+    quiet = subprocess.run(ep + ["-o", str(tmp_path / "c"), "--no-report"], capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0, quiet.stderr
+    assert not (tmp_path / "c" / REPORT_DIR).exists() and json.loads((tmp_path / "c" / "edgepack.json").read_text())["eval"] == {}
+
+
+def _screenshot_shows_plots(page, tmp_path):
+    """Render the page in headless Chromium and look for the plots' colours and the text in the screenshot."""
     chromium = _chromium()
     if chromium is None:
         pytest.skip("headless Chromium is not installed (Debian: apt-get install -y chromium): cannot screenshot the report")
@@ -110,28 +117,6 @@ def test_pipeline_report_renders_in_headless_chromium(tmp_path, smollm2, smollm2
     def pixels(rgb):
         return int((np.abs(img - np.array(rgb)).sum(axis=2) < 12).sum())
 
-    # the plots were drawn: scatter points and prefill bars in blue, decode bars in green
+    # the plots were drawn: the scatter point and prefill bar in blue, the decode bar in green
     assert pixels(BLUE) > 2000 and pixels(GREEN) > 1000, (pixels(BLUE), pixels(GREEN))
     assert (img.sum(axis=2) < 200).sum() > 5000  # and text
-
-
-@pytest.mark.slow
-def test_convert_ends_with_eval_bench_and_report(tmp_path):
-    """`edgepack convert` reports by default; the tiny model's 256-token context shortens eval windows and bench prompts."""
-    from models import tiny_model
-
-    src = tiny_model("llama", tmp_path / "tiny")
-    ep = [sys.executable, "-m", "edgepack", "convert", str(src), "--to", "gguf:f16"]
-    proc = subprocess.run(ep + ["-o", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert "eval windows shortened from 512 to the model's 256-token context" in proc.stderr
-    manifest = json.loads((tmp_path / "b" / "edgepack.json").read_text())
-    assert manifest["eval"]["variants"]["gguf-f16"]["tokens"] == 8 * 255
-    assert manifest["eval"]["variants"]["gguf-f16"]["kld"]["mean"] < 0.01  # f16 of a float32 model
-    run = manifest["bench"]["runs"]["gguf-f16@cpu"]
-    assert run["prompt_tokens"] == 256 - 128 - 1 and run["decode_tokens_per_s"]["median"] > 0
-    assert run["peak_rss_bytes"] < 400 * 2**20  # the worker's own peak, not the converting parent's (torch is loaded there)
-    assert (tmp_path / "b" / REPORT_DIR / "report.html").is_file()
-    quiet = subprocess.run(ep + ["-o", str(tmp_path / "c"), "--no-report"], capture_output=True, text=True, timeout=600)
-    assert quiet.returncode == 0, quiet.stderr
-    assert not (tmp_path / "c" / REPORT_DIR).exists() and json.loads((tmp_path / "c" / "edgepack.json").read_text())["eval"] == {}

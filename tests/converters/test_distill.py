@@ -18,13 +18,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from edgepack import constants
 from edgepack.convert import prepare
 from edgepack.converters import calibration, prune
-from edgepack.converters.distill import Config, Distill, distillation_loss, evaluate, validate
+from edgepack.converters.distill import (
+    Config,
+    Distill,
+    distillation_loss,
+    evaluate,
+    merge_lora,
+    trainable_parameters,
+    validate,
+)
 from edgepack.converters.pull import from_folder
 from edgepack.errors import CalibrationError, UsageError
 from edgepack.stages import run_stage
 
-# A random teacher knows nothing about the text, so the tests distill from its logits alone (alpha 0).
-TINY = dict(batch=2, seq_len=64, lr=3e-3, alpha=0.0)
+# A random teacher knows nothing about the text, so the tests distill from its logits alone (alpha 0);
+# its blocks are far from the small residual updates of a trained model, so healing is slower than on a real one.
+TINY = dict(batch=2, seq_len=64, lr=3e-3, alpha=0.0, temperature=1.0)
 
 
 @pytest.fixture(autouse=True)
@@ -56,23 +65,44 @@ def _kld(student: Path, teacher: Path) -> float:
 
 def test_full_fine_tuning_heals_on_held_out_text(student, teacher):
     before = _kld(student, teacher)
-    art, step = run_stage(Distill(), from_folder(student), Config(teacher=str(teacher), steps=30, **TINY))
+    art, step = run_stage(Distill(), from_folder(student), Config(teacher=str(teacher), steps=40, **TINY))
     after = _kld(art.path, teacher)
-    assert after < 0.6 * before, (before, after)
-    assert art.meta["steps"] == 30 and art.meta["stopped_by"] == "steps"
+    assert after < 0.85 * before, (before, after)
+    assert art.meta["steps"] == 40 and art.meta["stopped_by"] == "steps"
     assert art.meta["text"]["name"] == "builtin:calibration"  # the eval split is never trained on
-    assert step.params["alpha"] == 0.0 and step.params["temperature"] == 4.0
+    assert step.params["alpha"] == 0.0 and step.params["temperature"] == 1.0
     assert not list(constants.stages_dir().glob("*.resume"))
+    # Block 0 is untouched by pruning, so it stays frozen; the blocks above the cut and the final norm train.
+    assert art.meta["frozen_blocks"] == 1
+    healed, original = load_file(art.path / "model.safetensors"), load_file(student / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"):
+        assert torch.equal(healed[name], original[name]), name
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.2.self_attn.q_proj.weight", "model.norm.weight"):
+        assert not torch.equal(healed[name], original[name]), name
 
 
-def test_lora_adapters_merge_into_a_plain_checkpoint(student, teacher):
+def test_lora_adapters_merge_exactly(student):
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+    params = trainable_parameters(model, 0, 4)
+    assert all(p.requires_grad for p in params) and sum(p.requires_grad for p in model.parameters()) == len(params)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)  # B starts at zero; give it something to merge
+        ids = torch.tensor([[5, 17, 200, 33, 48, 901]])
+        adapted = model(input_ids=ids).logits
+        merge_lora(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted, atol=1e-4, rtol=1e-4)
+    assert not any("lora" in type(m).__name__.lower() for m in model.modules())
+
+
+def test_lora_distillation_writes_a_plain_checkpoint(student, teacher):
     before = _kld(student, teacher)
     art, _ = run_stage(Distill(), from_folder(student), Config(teacher=str(teacher), steps=30, lora=4, **TINY))
     healed, original = load_file(art.path / "model.safetensors"), load_file(student / "model.safetensors")
     assert healed.keys() == original.keys()
-    assert not torch.equal(healed["model.layers.0.mlp.down_proj.weight"], original["model.layers.0.mlp.down_proj.weight"])
-    torch.testing.assert_close(healed["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
-    assert _kld(art.path, teacher) < 0.8 * before
+    assert not torch.equal(healed["model.layers.2.mlp.down_proj.weight"], original["model.layers.2.mlp.down_proj.weight"])
+    assert torch.equal(healed["model.layers.0.mlp.down_proj.weight"], original["model.layers.0.mlp.down_proj.weight"])
+    assert _kld(art.path, teacher) < before
 
 
 def test_time_budget_bounds_the_run(student, teacher):
@@ -101,8 +131,8 @@ def test_interrupted_run_resumes_to_the_same_weights(student, teacher, tmp_path,
     script = (
         "import torch, sys; torch.set_num_threads(1)\n"
         "from edgepack.stages import run_stage\nfrom edgepack.converters.pull import from_folder\n"
-        "from edgepack.converters.distill import Config, Distill\n"
-        f"run_stage(Distill(), from_folder(sys.argv[1]), Config(**{cfg.__dict__!r}))\n"
+        "from edgepack.converters.distill import Config, Distill\nfrom pathlib import Path\n"
+        f"run_stage(Distill(), from_folder(Path(sys.argv[1])), Config(**{cfg.__dict__!r}))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script, str(student)], env={**os.environ, "EDGEPACK_HOME": str(home)})
     deadline = time.monotonic() + 300
