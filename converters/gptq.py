@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -180,11 +180,14 @@ class GPTQStage(Stage):
             model = gptqmodel.GPTQModel.load(str(inp.path), qcfg, device=config.device)
             model.quantize(data, batch_size=1, calibration_data_min_length=MIN_ROW_TOKENS - 1)
             model.save(str(out_dir))
-        except (ValueError, RuntimeError, NotImplementedError, KeyError) as e:
+        except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError) as e:
             raise InvalidModelError(f"GPTQModel could not quantize {inp.path.name} ({type(e).__name__}: {e}): try gguf instead") from e
         meta = {
             "bits": config.bits,
             "group_size": config.group_size,
+            "sym": config.sym,
+            "desc_act": config.desc_act,
+            "damp_percent": config.damp_percent,
             "calibration": text.provenance(rows.tokens),
             "rows": len(rows.ids),
             "dropped_short_rows": rows.dropped_short,
@@ -192,7 +195,7 @@ class GPTQStage(Stage):
         return Artifact(Kind.GPTQ, out_dir, meta)
 
 
-def stage_config(arg: str, source: Artifact, options: dict[str, Any], *, log=print) -> tuple[GPTQConfig, calibration.Text]:
+def stage_config(arg: str, source: Artifact, options: dict[str, Any], *, log=print) -> GPTQConfig:
     """The GPTQConfig for ``arg`` and the shared options, with the calibration checked before any quantization.
 
     Raises UsageError, CalibrationError, InvalidModelError.
@@ -213,8 +216,8 @@ def stage_config(arg: str, source: Artifact, options: dict[str, Any], *, log=pri
     cfg = GPTQConfig(
         bits=bits,
         group_size=choose_group_size(source.path, group),
-        sym=bool(options.get("sym", GPTQConfig.sym)),
-        desc_act=bool(options.get("desc_act", GPTQConfig.desc_act)),
+        sym=_flag(options.get("sym", GPTQConfig.sym)),
+        desc_act=_flag(options.get("desc_act", GPTQConfig.desc_act)),
         damp_percent=float(options.get("damp_percent", GPTQConfig.damp_percent)),
         calibration=preset,
         calibration_sha256=text.sha256,
@@ -228,13 +231,18 @@ def stage_config(arg: str, source: Artifact, options: dict[str, Any], *, log=pri
         f"gptq: {cfg.bits}-bit, group size {cfg.group_size}, {len(rows.ids)} calibration rows ({rows.tokens} tokens) "
         f"from {text.name}; {rows.dropped_short} rows under {MIN_ROW_TOKENS} tokens dropped"
     )
-    return cfg, text
+    return cfg
+
+
+def _flag(value: Any) -> bool:
+    """Options may arrive as text from a command line: "false" must not read as True."""
+    return value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else bool(value)
 
 
 def quantize(arg: str, source: Artifact, ctx) -> Artifact:
     """Run (or reuse) the GPTQ stage for ``arg``; shared with the ONNX converter's calibrated INT4."""
     import_gptqmodel()  # fail before tokenizing anything when the extra is missing
-    cfg, _ = stage_config(arg, source, ctx.options, log=ctx.log)
+    cfg = stage_config(arg, source, ctx.options, log=ctx.log)
     art = ctx.run(GPTQStage(), source, cfg)
     ctx.bundle.add_calibration(art.meta["calibration"])
     return art
@@ -254,18 +262,7 @@ def build(arg: str, source: Artifact, ctx) -> Variant:
         path=dest.relative_to(ctx.bundle.root).as_posix(),
         files=files,
         bits_per_weight=round(8 * weights / params, 3) if params else None,
-        meta={k: v for k, v in art.meta.items() if k != "calibration"} | {"config": asdict(_cfg_from_meta(art))},
-    )
-
-
-def _cfg_from_meta(art: Artifact) -> GPTQConfig:
-    raw = json.loads((art.path / "quantize_config.json").read_text())
-    return GPTQConfig(
-        bits=raw["bits"],
-        group_size=raw["group_size"],
-        sym=raw.get("sym", True),
-        desc_act=bool(raw.get("desc_act")),
-        damp_percent=raw.get("meta", {}).get("damp_percent", GPTQConfig.damp_percent),
+        meta={k: v for k, v in art.meta.items() if k != "calibration"},
     )
 
 

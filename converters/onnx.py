@@ -21,6 +21,7 @@ import contextlib
 import inspect
 import io
 import json
+import logging
 import re
 import tempfile
 from dataclasses import dataclass
@@ -51,8 +52,8 @@ def validate(arg: str) -> None:
 
 
 def parse_arg(arg: str) -> tuple[str, str]:
-    precision, _, provider = arg.strip().lower().partition("-")
-    provider = provider or "cpu"
+    precision, sep, provider = arg.strip().lower().partition("-")
+    provider = provider if sep else "cpu"
     if precision not in PRECISIONS or provider not in PROVIDERS:
         raise UsageError(
             f"onnx:{arg}: write onnx:PRECISION or onnx:PRECISION-EP with PRECISION one of {', '.join(PRECISIONS)} "
@@ -138,7 +139,7 @@ class OnnxStage(Stage):
         with tempfile.TemporaryDirectory(prefix="edgepack-onnx-") as cache:
             args = (str(inp.path), str(out_dir), config.precision, config.execution_provider, cache)
             try:
-                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), _quiet_logging():
                     opts = parse_extra_options(None, *args, extra)
                     create_model(None, *args, **opts)
             except NotImplementedError as e:
@@ -150,6 +151,16 @@ class OnnxStage(Stage):
         check_folder(out_dir)
         meta = {"precision": config.precision, "execution_provider": config.execution_provider}
         return Artifact(Kind.ONNX, out_dir, meta)
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """The builder and ORT's quantizer log every tensor at INFO/WARNING through the root logger; keep errors only."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def stage_config(arg: str, options: dict[str, Any]) -> tuple[OnnxConfig, str]:

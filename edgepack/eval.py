@@ -40,7 +40,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .converters import calibration
-from .errors import BundleError, CalibrationError, EdgepackError, SourceNotFoundError, UsageError
+from .errors import BundleError, CalibrationError, EdgepackError, MissingDependencyError, SourceNotFoundError, UsageError
 from .fsutil import atomic_path, write_json
 
 EVAL_DIR = "eval"
@@ -113,8 +113,8 @@ def reference(
     key = _reference_key(bundle, cfg, text)
     if (folder / REF_JSON).is_file() and (folder / REF_NPZ).is_file():
         meta = json.loads((folder / REF_JSON).read_text())
-        if meta.get("key") == key:
-            with np.load(folder / REF_NPZ) as z:
+        with np.load(folder / REF_NPZ) as z:
+            if meta.get("key") == key == str(z["key"]):  # both files of the same run (each is written atomically)
                 return Reference(z["tokens"], z["top_ids"], z["top_logp"], z["rest_logp"], z["target_logp"], meta)
     log(f"computing reference distributions on {text.name} with transformers (once per bundle)")
     model = HFModel(_reference_path(bundle), device=device, threads=threads)
@@ -139,6 +139,7 @@ def reference(
             "window_len": cfg.window_len,
             "top_k": cfg.top_k,
             "skipped_overlapping_windows": skipped,
+            "device": model.device,
             "ppl": float(np.exp(-np.mean([r.logprobs for r in rows]))),
             "prompts": prompts,
             "prompt_ids": prompt_ids,
@@ -148,7 +149,7 @@ def reference(
     )
     with atomic_path(folder / REF_NPZ) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(
-            f, tokens=ref.tokens, top_ids=ref.top_ids, top_logp=ref.top_logp, rest_logp=ref.rest_logp, target_logp=ref.target_logp
+            f, key=np.array(key), tokens=ref.tokens, top_ids=ref.top_ids, top_logp=ref.top_logp, rest_logp=ref.rest_logp, target_logp=ref.target_logp
         )
     write_json(folder / REF_JSON, ref.meta)
     model.close()
@@ -485,7 +486,9 @@ class HFModel:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             # the reference in float32 whatever it was saved in; quantized kernels want their own dtype
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if quantized else torch.float32)
-        except (OSError, ValueError, ImportError) as e:
+        except ImportError as e:  # a quantized checkpoint whose kernels are not installed
+            raise MissingDependencyError("gptqmodel", extra="gptq", purpose=f"scoring {path.name} with transformers") from e
+        except (OSError, ValueError) as e:
             raise BundleError(f"transformers cannot load {path} ({e}): re-pull or re-convert it") from e
         self.device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
         self.model.to(self.device).eval()

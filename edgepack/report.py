@@ -119,11 +119,14 @@ def size_vs_kld_svg(table: list[dict[str, Any]]) -> str | None:
 
     front = pareto(pts)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.scatter([p[0] for p in pts], [max(p[1], 1e-6) for p in pts], color="#4c72b0", zorder=3)
-    ax.step([p[0] for p in front], [max(p[1], 1e-6) for p in front], where="post", color="#dd8452", label="Pareto front", zorder=2)
+    ax.scatter([p[0] for p in pts], [max(p[1], 1e-6) for p in pts], color="#4c72b0", zorder=3, label="variant")
+    ax.step([p[0] for p in front], [max(p[1], 1e-6) for p in front], where="post", color="#dd8452", zorder=2)
+    ax.scatter([p[0] for p in front], [max(p[1], 1e-6) for p in front], s=140, facecolors="none", edgecolors="#dd8452",
+               linewidths=1.5, zorder=4, label="Pareto front (nothing smaller is closer)")
     for x, y, name in pts:
         ax.annotate(name, (x, max(y, 1e-6)), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_yscale("log")
+    ax.margins(x=0.1, y=0.2)  # room for the labels
     ax.set_xlabel("size (MB)")
     ax.set_ylabel("mean KL divergence from reference (nats)")
     ax.grid(True, which="both", alpha=0.3)

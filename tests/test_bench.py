@@ -66,3 +66,16 @@ def test_bench_reports_a_variant_the_backend_refuses(tmp_path, smollm2, smollm2_
     b.add_variant(Variant("gptq-4", "gptq", "transformers", "variants/hf", [b.file_record(hf / "config.json")]))
     with pytest.raises(UsageError, match="does not load"):
         bench(b, variants=["gptq-4"], log=lambda m: None)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_bench_on_cuda_reports_peak_device_memory(tmp_path, smollm2, smollm2_gguf):
+    from edgepack.runtime import llamacpp
+
+    if "cuda" not in llamacpp.devices():
+        pytest.skip("this llama-cpp-python build has no CUDA (or no GPU is visible): nothing to measure on cuda")
+    b = make_bundle(tmp_path / "b", smollm2, smollm2_gguf)
+    res = bench(b, BenchConfig(prompt_tokens=64, decode_tokens=8, repetitions=1, device="cuda"), log=lambda m: None)
+    run = res["runs"]["gguf-q4_1@cuda"]
+    assert run["device"] == "cuda" and run["peak_device_bytes"] > 0.5 * run["bytes"]

@@ -118,5 +118,5 @@ def _screenshot_shows_plots(page, tmp_path):
         return int((np.abs(img - np.array(rgb)).sum(axis=2) < 12).sum())
 
     # the plots were drawn: the scatter point and prefill bar in blue, the decode bar in green
-    assert pixels(BLUE) > 2000 and pixels(GREEN) > 1000, (pixels(BLUE), pixels(GREEN))
+    assert pixels(BLUE) > 200 and pixels(GREEN) > 200, (pixels(BLUE), pixels(GREEN))
     assert (img.sum(axis=2) < 200).sum() > 5000  # and text

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgepack import constants
+from edgepack.bundle import Bundle
+from edgepack.cli import main
 from edgepack.convert import prepare
 from edgepack.converters import calibration, prune
 from edgepack.converters.distill import (
@@ -208,3 +210,24 @@ def test_cuda_bf16_run_saves_a_cpu_float32_checkpoint(student, teacher):
     assert art.meta["device"].startswith("cuda")
     weights = load_file(art.path / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in weights.values())
+
+
+def test_cli_prunes_heals_and_converts_into_one_bundle(teacher, tmp_path):
+    out = tmp_path / "bundle"
+    main(["convert", str(teacher), "--to", "gguf:f16", "--prune-layers", "1", "--distill", "--steps", "2",
+          "--temperature", "3", "-o", str(out), "--no-report"])  # fmt: skip
+    bundle = Bundle.open(out)
+    steps = {s["stage"]: s for s in bundle.data["steps"]}
+    assert steps["prune"]["params"]["layers"] == 1
+    assert steps["distill"]["params"]["steps"] == 2 and steps["distill"]["params"]["temperature"] == 3.0
+    assert bundle.data["source"]["reference_path"] == str(teacher)
+    student = Path(bundle.data["source"]["student_path"])
+    assert AutoModelForCausalLM.from_pretrained(student).config.num_hidden_layers == 3
+    assert [v.id for v in bundle.variants] == ["gguf-f16"]
+
+
+def test_cli_wants_distill_before_its_knobs(teacher, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", str(teacher), "--to", "gguf:f16", "--steps", "5", "--no-report"])
+    assert exit_.value.code == 2
+    assert "add --distill" in capsys.readouterr().err

@@ -1,15 +1,13 @@
 """The ONNX backend on real onnxruntime-genai: an int4 CPU build of SmolLM2, and a tiny Phi-3 for its tokenizer.
 
-The folders are made with onnxruntime-genai's own model builder (as ``converters/onnx.py``
-does for bundles); the SmolLM2 build is kept in pytest's cache between runs.
+The folders are made by edgepack's ONNX stage (onnxruntime-genai's model builder, int4
+round-to-nearest, no calibration); the SmolLM2 build is kept in pytest's cache between runs.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +30,13 @@ pytestmark = pytest.mark.slow
 
 
 def build_onnx(src: Path, out: Path) -> Path:
-    """int4 CPU ONNX folder of the checkpoint at ``src``, written under a temp name then renamed."""
+    """int4 CPU ONNX folder of the checkpoint at ``src`` through edgepack's ONNX stage (round-to-nearest)."""
+    from edgepack.converters.onnx import OnnxConfig, OnnxStage
+    from edgepack.stages import Artifact, Kind
+
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(tmp), "-p", "int4", "-e", "cpu", "-c", f"{tmp}-cache"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    shutil.rmtree(f"{tmp}-cache", ignore_errors=True)
+    OnnxStage().run(Artifact(Kind.HF, src), OnnxConfig(precision="int4"), tmp)
     tmp.rename(out)
     return out
 
@@ -47,7 +45,9 @@ def build_onnx(src: Path, out: Path) -> Path:
 def smollm2_onnx(smollm2, request) -> Path:
     import onnxruntime_genai as og
 
-    out = Path(request.config.cache.mkdir("edgepack-onnx")) / f"smollm2-int4-og{og.__version__}"
+    from edgepack.converters.onnx import OnnxStage
+
+    out = Path(request.config.cache.mkdir("edgepack-onnx")) / f"smollm2-int4-stage{OnnxStage.version}-og{og.__version__}"
     return out if (out / "genai_config.json").is_file() else build_onnx(smollm2, out)
 
 

@@ -1,0 +1,128 @@
+"""GPTQ stage: argument and group-size rules, calibration rows, and a real GPTQModel run on a tiny llama that transformers loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+from models import tiny_model
+
+from edgepack.bundle import Bundle
+from edgepack.convert import convert, parse_variants
+from edgepack.converters import calibration, gptq
+from edgepack.errors import CalibrationError, InvalidModelError, MissingDependencyError, UsageError
+
+# Widths 96 and 192: neither 128 nor 64 divides both, as 128 does not divide SmolLM2's 576.
+NARROW = dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, head_dim=32, intermediate_size=192)
+
+
+@pytest.fixture(scope="module")
+def narrow(tmp_path_factory):
+    return tiny_model("llama", tmp_path_factory.mktemp("narrow") / "llama", **NARROW)
+
+
+def test_arguments():
+    for ok in ("2", "3", "4", "8", "4g32", "4G128"):
+        gptq.validate(ok)
+    assert gptq.parse_arg("4g64") == (4, 64)
+    for bad in ("5", "16", "4g48", "4g8", "int4", ""):
+        with pytest.raises(UsageError, match="gptq:"):
+            gptq.validate(bad)
+    specs = parse_variants("gptq:4,gptq:8g64")
+    assert [str(s) for s in specs] == ["gptq:4", "gptq:8g64"]
+
+
+def _config(tmp_path, **fields):
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    return tmp_path
+
+
+def test_group_size_divides_every_width(tmp_path):
+    smollm2 = _config(tmp_path, hidden_size=576, num_attention_heads=9, head_dim=64, intermediate_size=1536)
+    assert gptq.choose_group_size(smollm2, None) == 64
+    assert gptq.choose_group_size(smollm2, 32) == 32
+    with pytest.raises(UsageError, match=r"group size 128 does not divide .*\[576, 1536\].*g64 or g32"):
+        gptq.choose_group_size(smollm2, 128)
+    odd = _config(tmp_path, hidden_size=100, num_attention_heads=4, intermediate_size=300)
+    with pytest.raises(InvalidModelError, match="GGUF"):
+        gptq.choose_group_size(odd, None)
+
+
+def test_calibration_rows_drop_short_ones_and_count_them(narrow, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(narrow)
+    long = [f"Paragraph {i} explains how a stage caches its output under a key of input, config and version." for i in range(5)]
+    text_file = tmp_path / "calib.txt"
+    text_file.write_text("\n\n".join(long + ["Hi.", "Ok.", "No."]))
+    text = calibration.load(str(text_file))
+    rows = gptq.calibration_rows(text, tok, gptq.GPTQConfig(samples=5, chat=False))
+    assert len(rows.ids) == 5 and rows.dropped_short == 3
+    assert all(len(r) >= gptq.MIN_ROW_TOKENS for r in rows.ids)
+    with pytest.raises(CalibrationError, match="5 usable samples .3 under 16 tokens dropped. but 6 were requested"):
+        gptq.calibration_rows(text, tok, gptq.GPTQConfig(samples=6, chat=False))
+
+
+def test_missing_gptqmodel_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gptqmodel", None)  # what `import gptqmodel` meets when it is not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'edgepack\[gptq\]'"):
+        gptq.import_gptqmodel()
+
+
+def test_cpu_workers_raised_to_two(monkeypatch):
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "1")
+    gptq.import_gptqmodel()
+    assert os.environ["GPTQMODEL_CPU_WORKERS"] == "2"
+
+
+def round_to_nearest(w, group: int):
+    """Asymmetric 4-bit min/max rounding per group of inputs, with an integer zero point as GPTQ stores it."""
+    rows, cols = w.shape
+    x = w.reshape(rows, cols // group, group)
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = (hi - lo) / 15
+    zero = (-lo / scale).round()
+    return (((x / scale + zero).round().clamp(0, 15) - zero) * scale).reshape(rows, cols)
+
+
+@pytest.mark.slow
+def test_gptq_checkpoint_loads_in_transformers(narrow, tmp_path):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logs: list[str] = []
+    bundle = convert(str(narrow), "gptq:4", tmp_path / "b", options={"samples": 32}, log=logs.append)
+    v = bundle.variant("gptq-4")
+    assert (v.format, v.backend) == ("gptq", "transformers")
+    assert v.meta["group_size"] == 32 and v.meta["rows"] == 32 and v.meta["sym"] is False
+    assert any("32 calibration rows" in m and "rows under 16 tokens dropped" in m for m in logs)
+    folder = bundle.resolve(v.path)
+    qcfg = json.loads((folder / "quantize_config.json").read_text())
+    assert (qcfg["bits"], qcfg["group_size"], qcfg["quant_method"]) == (4, 32, "gptq")
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    for part in ("qweight", "qzeros", "scales"):
+        assert f"model.layers.0.self_attn.q_proj.{part}" in names
+    assert bundle.data["calibration"][0]["name"] == "builtin:calibration"
+    assert Bundle.open(tmp_path / "b", verify=True).variant("gptq-4").bits_per_weight > 0
+
+    # Held-out text: the calibrated checkpoint, run by transformers, beats round-to-nearest at the same bits and groups.
+    tok = AutoTokenizer.from_pretrained(narrow)
+    ids = torch.tensor([calibration.token_stream(calibration.load("builtin", "eval"), tok, chat=True, max_tokens=256)])
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(narrow, dtype=torch.float32)
+        ref = torch.log_softmax(model(ids).logits[0], -1)
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "layers" in name:
+                mod.weight.copy_(round_to_nearest(mod.weight, 32))
+        rtn = torch.log_softmax(model(ids).logits[0], -1)
+        calibrated = torch.log_softmax(AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")(ids).logits[0].float(), -1)
+    kld = lambda q: (ref.exp() * (ref - q)).sum(-1).mean().item()  # noqa: E731
+    assert kld(calibrated) < 0.9 * kld(rtn), (kld(calibrated), kld(rtn))
+
+    again: list[str] = []
+    convert(str(narrow), "gptq:4", tmp_path / "b", options={"samples": 32}, log=again.append)
+    assert "gptq: cached" in again

@@ -1,0 +1,183 @@
+"""ONNX stage: arguments and bad input, and real onnxruntime-genai builds of a tiny llama run by onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime_genai as og
+import pytest
+from models import tiny_model
+
+from edgepack import constants
+from edgepack.bundle import Bundle
+from edgepack.convert import convert
+from edgepack.converters import calibration
+from edgepack.converters import onnx as onnx_conv
+from edgepack.errors import (
+    CalibrationError,
+    InvalidModelError,
+    MissingDependencyError,
+    UnsupportedArchitectureError,
+    UsageError,
+)
+
+# Widths 96 and 192 (128 does not divide 96, as it does not divide SmolLM2's 576).
+NARROW = dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, head_dim=32, intermediate_size=192)
+
+
+@pytest.fixture(scope="module")
+def narrow(tmp_path_factory):
+    return tiny_model("llama", tmp_path_factory.mktemp("narrow") / "llama", **NARROW)
+
+
+def test_arguments():
+    for ok in ("fp32", "int8", "int4", "INT4", "int4-cpu"):
+        onnx_conv.validate(ok)
+    assert onnx_conv.parse_arg("int4") == ("int4", "cpu")
+    for bad in ("int3", "fp64", "int4-tpu", "", "int4-"):
+        with pytest.raises(UsageError, match="onnx:PRECISION"):
+            onnx_conv.validate(bad)
+    with pytest.raises(UsageError, match="onnx:fp16-cuda"):
+        onnx_conv.validate("fp16")
+    with pytest.raises(UsageError, match="int4_method"):
+        onnx_conv.stage_config("int4", {"int4_method": "awq"})
+    with pytest.raises(UsageError, match="block_size 48"):
+        onnx_conv.stage_config("int4", {"block_size": 48})
+
+
+@pytest.mark.skipif(og.is_cuda_available(), reason="the CUDA build of onnxruntime-genai is installed")
+def test_cuda_without_the_cuda_extra():
+    with pytest.raises(MissingDependencyError, match=r"onnxruntime-genai-cuda .*pip install 'edgepack\[cuda\]'"):
+        onnx_conv.validate("int4-cuda")
+
+
+def test_folder_without_genai_config(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(InvalidModelError, match="no genai_config.json"):
+        onnx_conv.check_folder(tmp_path)
+    (tmp_path / "model.onnx").unlink()
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx"}}}))
+    with pytest.raises(InvalidModelError, match="model.onnx, which is missing"):
+        onnx_conv.check_folder(tmp_path)
+
+
+def test_unsupported_architecture_names_the_gguf_route(narrow, tmp_path):
+    assert "LlamaForCausalLM" in onnx_conv.supported_architectures()
+    odd = tmp_path / "odd"
+    shutil.copytree(narrow, odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**cfg, "architectures": ["FalconMambaForCausalLM"]}))
+    with pytest.raises(UnsupportedArchitectureError, match=r"'FalconMambaForCausalLM' is not supported.*gguf:Q4_K_M"):
+        convert(str(odd), "onnx:int4", tmp_path / "b", log=lambda m: None)
+    assert not constants.stages_dir().exists()  # refused before any stage ran
+
+
+def onnx_logprobs(folder, ids: list[int]) -> np.ndarray:
+    import onnxruntime as ort
+
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    sess = ort.InferenceSession(str(folder / decoder["filename"]), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feed[i.name] = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
+    logits = sess.run(["logits"], feed)[0][0].astype(np.float64)
+    return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+
+
+def hf_logprobs(folder, ids: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, -1).double().numpy()
+
+
+def kld(p: np.ndarray, q: np.ndarray) -> float:
+    return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+
+def eval_ids(folder) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    return calibration.token_stream(calibration.load("builtin", "eval"), tok, chat=True, max_tokens=128)
+
+
+@pytest.mark.slow
+def test_fp32_matches_transformers(narrow, tmp_path):
+    bundle = convert(str(narrow), "onnx:fp32", tmp_path / "b", log=lambda m: None)
+    v = bundle.variant("onnx-fp32")
+    assert (v.format, v.backend, v.meta["precision"]) == ("onnx", "onnx", "fp32")
+    folder = onnx_conv.check_folder(bundle.resolve(v.path))
+    ids = eval_ids(narrow)
+    got, ref = onnx_logprobs(folder, ids), hf_logprobs(narrow, ids)
+    assert np.abs(got - ref).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_int4_repacks_the_gptq_weights(narrow, tmp_path):
+    logs: list[str] = []
+    opts = {"samples": 32}
+    bundle = convert(str(narrow), "gptq:4g32,onnx:int4", tmp_path / "b", options=opts, log=logs.append)
+    assert sum("gptq: cached" in m for m in logs) == 1  # onnx:int4 reused the gptq:4g32 stage
+    v = bundle.variant("onnx-int4")
+    assert v.meta["int4_method"] == "gptq" and v.meta["gptq"]["group_size"] == 32 and v.meta["lm_head_bits"] == 8
+    folder = bundle.resolve(v.path)
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if "Bits" in n.op_type or "BlockQuantized" in n.op_type}
+    assert bits.pop("/lm_head/MatMul_Q8") == 8 and bits.pop("/model/embed_tokens/GatherBlockQuantized") == 8
+    assert bits and set(bits.values()) == {4}
+
+    # The builder keeps GPTQ's calibrated weights: ONNX is much nearer the GPTQ checkpoint than either is to the float model.
+    ids = eval_ids(narrow)
+    ref, ort_q = hf_logprobs(narrow, ids), onnx_logprobs(folder, ids)
+    hf_q = hf_logprobs(bundle.resolve(bundle.variant("gptq-4g32").path), ids)
+    assert kld(hf_q, ort_q) < 0.25 * kld(ref, hf_q), (kld(hf_q, ort_q), kld(ref, hf_q))
+
+    # onnxruntime-genai runs the folder.
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids[:16]) + 8, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray(ids[:16], dtype=np.int32))
+    for _ in range(4):
+        gen.generate_next_token()
+    assert len(gen.get_sequence(0)) == 20
+    Bundle.open(tmp_path / "b", verify=True)
+
+
+@pytest.mark.slow
+def test_int4_rtn_and_int8_need_no_calibration(narrow, tmp_path):
+    bundle = convert(str(narrow), "onnx:int4,onnx:int8", tmp_path / "b", options={"int4_method": "rtn"}, log=lambda m: None)
+    ids = eval_ids(narrow)
+    ref = hf_logprobs(narrow, ids)
+    int8 = onnx_logprobs(bundle.resolve(bundle.variant("onnx-int8").path), ids)
+    int4 = onnx_logprobs(bundle.resolve(bundle.variant("onnx-int4").path), ids)
+    assert kld(ref, int8) < 0.1 * kld(ref, int4)
+    assert bundle.variant("onnx-int4").meta["int4_method"] == "rtn"
+    assert not bundle.data["calibration"]
+
+
+@pytest.mark.slow
+def test_calibration_too_short_fails_before_any_stage(narrow, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("One paragraph about caching.\n\nAnother one about bundles.")
+    with pytest.raises(CalibrationError, match="but 128 were requested"):
+        convert(str(narrow), "onnx:int4", tmp_path / "b", options={"calibration": str(short)}, log=lambda m: None)
+    assert not constants.stages_dir().exists()
+
+
+@pytest.mark.slow
+def test_real_smollm2_int4(smollm2, tmp_path):
+    """The real 576-wide SmolLM2 through the builder (round-to-nearest: GPTQ on it takes minutes, see benchmarks/onnx_int4.py)."""
+    bundle = convert(str(smollm2), "onnx:int4", tmp_path / "b", options={"int4_method": "rtn"}, log=lambda m: None)
+    v = bundle.variant("onnx-int4")
+    assert v.bytes < 100e6 and v.meta["lm_head_bits"] == 8
+    ids = eval_ids(smollm2)
+    ref, got = hf_logprobs(smollm2, ids), onnx_logprobs(bundle.resolve(v.path), ids)
+    assert (ref.argmax(-1) == got.argmax(-1)).mean() > 0.5 and kld(ref, got) < 0.8
