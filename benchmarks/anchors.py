@@ -1,7 +1,7 @@
 """Anchors: edgepack side by side with the tools it stands on, in one run, written as JSON.
 
     nice .venv/bin/python benchmarks/anchors.py [--reference smollm2-135m] [--threads 1] [--reps 3]
-                                                [--work anchors-work] [--out anchors.json] [--gguf F] [--skip-convert]
+                                                [--work DIR] [--out anchors.json] [--gguf F] [--skip-convert]
 
 1. ``runtime``: edgepack's Session against a raw llama-cpp-python loop (``Llama.generate``)
    and a raw onnxruntime-genai ``Generator`` loop, on the same token ids, with the protocol
@@ -231,7 +231,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--windows", type=int, default=4, help="eval windows of 512 tokens per variant")
-    ap.add_argument("--work", type=Path, default=Path("anchors-work"))
+    ap.add_argument("--work", type=Path, help="where the anchor bundle is built (default: $EDGEPACK_HOME/anchors)")
     ap.add_argument("--gguf", type=Path, help="GGUF for the runtime section (default: the reference's own, else the converted q8_0)")
     ap.add_argument("--skip-convert", action="store_true", help="only the runtime section")
     ap.add_argument("--out", type=Path)
@@ -246,6 +246,7 @@ def main() -> int:
 
     ref = pull(args.reference, log=_log)
     result: dict = {"machine": machine(), "reference": {"ref": args.reference, "path": str(ref.path)}, "skipped": {}}
+    args.work = args.work or constants.home() / "anchors"
     args.work.mkdir(parents=True, exist_ok=True)
     gguf = Path(ref.meta["gguf"]) if ref.meta.get("gguf") else None
     if gguf is not None and not gguf.is_absolute():

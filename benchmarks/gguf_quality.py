@@ -109,11 +109,10 @@ def main() -> None:
     q4km_size = variants["Q4_K_M+imatrix"].meta["bytes"]
     variants["target@Q4_K_M"] = make(type="Q4_K_M", imatrix=im, target_size=q4km_size, sensitivity=str(sens.path))
     no_grid = [t for t in Sensitivity.Config().types if t not in ("Q4_1", "Q5_1")]
-    sens_ng, _ = run_stage(Sensitivity(), source, Sensitivity.Config(imatrix=im, types=no_grid))
-    variants["target-no-q4_1@Q4_K_M"] = make(type="Q4_K_M", imatrix=im, target_size=q4km_size, sensitivity=str(sens_ng.path))
-    variants["target@Q3_K_S"] = make(
-        type="Q3_K_S", imatrix=im, target_size=variants["Q3_K_S+imatrix"].meta["bytes"], sensitivity=str(sens_ng.path)
-    )
+    target = dict(imatrix=im, sensitivity=str(sens.path))
+    variants["target-no-q4_1@Q4_K_M"] = make(type="Q4_K_M", target_size=q4km_size, target_types=no_grid, **target)
+    q3_size = variants["Q3_K_S+imatrix"].meta["bytes"]
+    variants["target-no-q4_1@Q3_K_S"] = make(type="Q3_K_S", target_size=q3_size, target_types=no_grid, **target)
 
     tok = AutoTokenizer.from_pretrained(source.path)
     text = calibration.load("builtin", "eval")

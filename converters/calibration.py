@@ -20,6 +20,7 @@ model's own chat template.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -78,6 +79,7 @@ def _stdlib_modules() -> list[str]:
     return names
 
 
+@functools.lru_cache(maxsize=2)  # importing the whole standard library takes seconds: once per process
 def _builtin(split: Split) -> Text:
     seen: set[str] = set()
     out: list[tuple[str, str]] = []

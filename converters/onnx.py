@@ -9,7 +9,7 @@ the builder repacks those calibrated weights into MatMulNBits instead of roundin
 float weights to nearest. GPTQ leaves the tied embedding / LM head in float; the builder
 quantizes it to 8 bits (block-wise, symmetric) and shares it between the LM-head
 MatMulNBits and the embedding's GatherBlockQuantized. ``int4_method=rtn`` is the
-builder's own round-to-nearest INT4 (no calibration, no gptqmodel needed).
+builder's own round-to-nearest INT4, embedding included (no calibration, no gptqmodel).
 
 Measured on SmolLM2-135M-Instruct (benchmarks/onnx_int4.py): see the module docstring
 there for the figures that chose block size 32 and accuracy level 4.
@@ -111,14 +111,14 @@ class OnnxConfig:
     execution_provider: str = "cpu"  # cpu | cuda
     block_size: int = 32  # MatMulNBits block (int4/int8); with GPTQ input it is the GPTQ group size
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32
-    lm_head_bits: int = 8  # int4 only: the tied embedding / LM head, the most output-sensitive matrix
+    lm_head_bits: int = 8  # int4 only: the embedding / LM head, the most output-sensitive matrix (4 with int4_method=rtn)
 
 
 class OnnxStage(Stage):
     """HF or GPTQ checkpoint -> onnxruntime-genai folder."""
 
     name: ClassVar[str] = "onnx"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     input_kind: ClassVar[Kind] = Kind.HF
     output_kind: ClassVar[Kind] = Kind.ONNX
     Config = OnnxConfig
@@ -131,10 +131,11 @@ class OnnxStage(Stage):
 
         extra = []
         if config.precision in ("int4", "int8"):
-            extra += [f"block_size={config.block_size}", f"accuracy_level={config.accuracy_level}", "algo_config=rtn"]
-        if config.precision == "int4" and config.lm_head_bits != 4:
-            # rtn naming keeps the tied GatherBlockQuantized pointing at the 8-bit LM head's initializers
-            extra.append(f"matmul_mixed_precision=last_matmul:int{config.lm_head_bits}")
+            extra += [f"block_size={config.block_size}", f"accuracy_level={config.accuracy_level}"]
+        if config.precision == "int4" and config.lm_head_bits == 8:
+            # The builder's default quantizer names an 8-bit LM head's initializers otherwise than the tied
+            # GatherBlockQuantized reads them (an invalid graph); its rtn quantizer names them consistently.
+            extra += ["algo_config=rtn", "matmul_mixed_precision=last_matmul:int8"]
         log = io.StringIO()
         with tempfile.TemporaryDirectory(prefix="edgepack-onnx-") as cache:
             args = (str(inp.path), str(out_dir), config.precision, config.execution_provider, cache)
@@ -174,7 +175,7 @@ def stage_config(arg: str, options: dict[str, Any]) -> tuple[OnnxConfig, str]:
         execution_provider=provider,
         block_size=int(options.get("block_size", OnnxConfig.block_size)),
         accuracy_level=int(options.get("accuracy_level", OnnxConfig.accuracy_level)),
-        lm_head_bits=int(options.get("lm_head_bits", OnnxConfig.lm_head_bits)),
+        lm_head_bits=int(options.get("lm_head_bits", 8 if method == "gptq" else 4)),
     )
     if cfg.block_size not in (16, 32, 64, 128, 256):
         raise UsageError(f"block_size {cfg.block_size}: MatMulNBits takes 16, 32, 64, 128 or 256")

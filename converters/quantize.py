@@ -339,6 +339,7 @@ class Quantize(Stage):
         target_size: int | None = None  # bytes of the whole file: choose each weight's type to fit (needs sensitivity)
         target_bpw: float | None = None  # or bits per weight of the tensor data
         sensitivity: str | None = None  # sensitivity.json from the Sensitivity stage, for target_size/target_bpw
+        target_types: list[str] = field(default_factory=list)  # tensor types a target mix may use (default: all measured)
         threads: int = 0  # 0: all cores
 
     def plan(self, inp: Artifact, config: Config) -> list[str]:
@@ -537,6 +538,7 @@ def _target(config: Quantize.Config, tensors: dict[str, TensorInfo], data_offset
     if not config.sensitivity:
         raise UsageError("a size target needs measured sensitivity: run the sensitivity stage on the reference checkpoint first")
     table = _load_sensitivity(Path(config.sensitivity), config.imatrix)
+    usable = {tensor_type(k) for k in config.target_types} if config.target_types else set(TENSOR_TYPES)
     g = ggml()
     options: dict[str, list[tuple[str, int, float]]] = {}
     rest = 0  # bytes of the tensors whose type is not ours to choose
@@ -553,7 +555,9 @@ def _target(config: Quantize.Config, tensors: dict[str, TensorInfo], data_offset
                 f"the sensitivity table {config.sensitivity} has no entry of shape {list(t.shape)} for {name}: "
                 "it was measured on another model; run the sensitivity stage on this model's reference"
             )
-        allowed = [(k, loss) for k, loss in entry["loss"].items() if config.imatrix or k not in TENSOR_NEEDS_IMATRIX]
+        allowed = [(k, loss) for k, loss in entry["loss"].items() if k in usable and (config.imatrix or k not in TENSOR_NEEDS_IMATRIX)]
+        if not allowed:
+            raise UsageError(f"no measured type allowed for the size target fits {name} ({t.shape[0]} columns): allow more --target-types")
         options[name] = [(k, g.nbytes(TENSOR_TYPES[k], t.shape), loss) for k, loss in allowed]
     if config.target_size:
         budget = config.target_size - data_offset - _HEADER_SLACK - _SIZE_MARGIN - rest

@@ -114,13 +114,15 @@ def reference(
     if (folder / REF_JSON).is_file() and (folder / REF_NPZ).is_file():
         meta = json.loads((folder / REF_JSON).read_text())
         with np.load(folder / REF_NPZ) as z:
-            if meta.get("key") == key == str(z["key"]):  # both files of the same run (each is written atomically)
+            if meta.get("key") == key and "key" in z.files and str(z["key"]) == key:  # both files of the same run (each is written atomically)
                 return Reference(z["tokens"], z["top_ids"], z["top_logp"], z["rest_logp"], z["target_logp"], meta)
     log(f"computing reference distributions on {text.name} with transformers (once per bundle)")
     model = HFModel(_reference_path(bundle), device=device, threads=threads)
     start = time.perf_counter()
     ids = calibration.token_stream(text, model.tokenizer, chat=False)
-    wins, skipped = _clean_windows(bundle, ids, cfg, model.tokenizer)
+    prefix = model.tokenizer("", add_special_tokens=True)["input_ids"]  # BOS, for models that need one (Gemma, Llama 2)
+    wins, skipped = _clean_windows(bundle, ids, cfg, cfg.window_len - len(prefix), model.tokenizer)
+    wins = [prefix + w for w in wins]
     rows = [model.score(w, top_k=cfg.top_k) for w in wins]
     prompts = _prompts(cfg)
     prompt_ids = [model.chat_ids(p) for p in prompts]
@@ -216,7 +218,7 @@ def _prompts(cfg: EvalConfig) -> list[str]:
 # -- disjointness from calibration ---------------------------------------------------------------
 
 
-def _clean_windows(bundle: Bundle, ids: list[int], cfg: EvalConfig, tokenizer) -> tuple[list[list[int]], int]:
+def _clean_windows(bundle: Bundle, ids: list[int], cfg: EvalConfig, length: int, tokenizer) -> tuple[list[list[int]], int]:
     """The first ``cfg.windows`` windows sharing no 64-token span with any calibration text.
 
     Windows that overlap are skipped (the stdlib repeats some docstring passages);
@@ -226,7 +228,7 @@ def _clean_windows(bundle: Bundle, ids: list[int], cfg: EvalConfig, tokenizer) -
     texts = _calibration_texts(bundle, cfg.calibration_files)
     cal_hashes = [_span_hashes(np.asarray(calibration.token_stream(t, tokenizer, chat=False))) for t in texts]
     out, skipped = [], 0
-    for w in calibration.windows(ids, len(ids) // cfg.window_len, cfg.window_len, what="eval"):
+    for w in calibration.windows(ids, len(ids) // length, length, what="eval"):
         h = _span_hashes(np.asarray(w))
         if any(np.isin(h, c).any() for c in cal_hashes):
             skipped += 1
@@ -289,7 +291,6 @@ def kl_topk(p_ids, p_logp, p_rest, q_ids, q_logp, q_rest) -> tuple[np.ndarray, n
     shared = match.any(axis=2)
     q_at = np.where(shared, np.where(match, q_logp[:, None, :], -np.inf).max(axis=2), -np.inf)
     p = np.exp(p_logp.astype(np.float64))
-    q_shared = np.exp(q_at)
     q_top = np.exp(q_logp.astype(np.float64))
     in_q = match.any(axis=1)  # [N, kq]: q's entries that are buckets
     p_rest = np.exp(p_rest.astype(np.float64)) + np.where(shared, 0.0, p).sum(axis=1)

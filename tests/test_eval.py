@@ -177,3 +177,22 @@ def test_cli_evaluates_a_lone_gguf_against_a_reference(tmp_path, smollm2, smollm
     assert Bundle.open(out).variant(vid).format == "gguf"
     bad = subprocess.run([sys.executable, "-m", "edgepack", "eval", str(tmp_path / "nope.gguf")], capture_output=True, text=True)
     assert bad.returncode != 0 and "no bundle or model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_gptq_variant_is_scored_with_transformers(tmp_path):
+    pytest.importorskip("gptqmodel", reason="GPTQ variants need the gptq extra: pip install 'edgepack[gptq]'")
+    from models import tiny_model
+
+    from edgepack.convert import convert
+
+    narrow = dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, head_dim=32, intermediate_size=192)  # see test_gptq
+    src = tiny_model("llama", tmp_path / "tiny", **narrow)
+    b = convert(str(src), "gptq:4,gguf:q8_0", tmp_path / "b", options={"samples": 32}, log=lambda m: None)
+    res = evaluate(b, EvalConfig(**TINY), device="cpu", threads=1, log=lambda m: None)["variants"]
+    gptq, q8 = res["gptq-4"], res["gguf-q8_0"]
+    assert (gptq["backend"], gptq["device"]) == ("transformers", "cpu")
+    # 4-bit weights on a random tiny model diverge clearly more than 8-bit ones, and both stay finite
+    assert 0 < q8["kld"]["mean"] < gptq["kld"]["mean"] < 5
+    assert 0 < gptq["top1_agreement"] < q8["top1_agreement"] <= 1
+    assert np.isfinite(gptq["ppl"]) and gptq["generation"]["prompts"] == 2

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -21,9 +22,10 @@ def register(app: typer.Typer) -> None:
         distill: bool = typer.Option(False, "--distill", help="Heal the pruned model by distilling from the original.", rich_help_panel="Prune and distill"),
         steps: int | None = typer.Option(None, "--steps", help="Distillation steps.", rich_help_panel="Prune and distill"),
         time: str = typer.Option("", "--time", help="Distillation time budget, e.g. 900, 15m, 1h.", rich_help_panel="Prune and distill"),
-        alpha: float | None = typer.Option(None, "--alpha", help="Weight of the hard-label loss (default 0.5).", rich_help_panel="Prune and distill"),
-        temperature: float | None = typer.Option(None, "--temperature", help="Distillation temperature T (default 4).", rich_help_panel="Prune and distill"),
+        alpha: float | None = typer.Option(None, "--alpha", help="Weight of the hard-label loss, 0-1 (default 0.3; 0 = pure distillation).", rich_help_panel="Prune and distill"),
+        temperature: float | None = typer.Option(None, "--temperature", help="Distillation temperature T (default 3).", rich_help_panel="Prune and distill"),
         lora: bool = typer.Option(False, "--lora", help="Distill with LoRA adapters (rank 16) instead of full fine-tuning.", rich_help_panel="Prune and distill"),
+        chat: bool = typer.Option(False, "--chat", help="Open the chat on the new bundle when stdin is a terminal."),
     ) -> None:
         """Convert a model into a bundle of variants.
 
@@ -36,6 +38,10 @@ def register(app: typer.Typer) -> None:
         pre = _pre_stages(prune_layers, drop, target_params, distill, steps, time, alpha, temperature, lora)
         bundle = do_convert(model, to or None, out, allow_pickle=allow_pickle, log=info, report=report, **pre)
         print(bundle.root)
+        if chat and sys.stdin.isatty() and sys.stdout.isatty():
+            from ..tui.app import run_chat
+
+            run_chat(str(bundle.root))
 
 
 def _pre_stages(prune_layers, drop, target_params, distill, steps, time, alpha, temperature, lora) -> dict:

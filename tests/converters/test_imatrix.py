@@ -96,3 +96,12 @@ def test_check_refuses_another_models_imatrix():
         im.check({"blk.1.attn_q.weight": 64}, model="m", required=set())
     with pytest.raises(CalibrationError, match="no entry for blk.0.attn_k.weight"):
         im.check({"blk.0.attn_q.weight": 64, "blk.0.attn_k.weight": 64}, model="m", required={"blk.0.attn_k.weight"})
+
+
+def test_untied_head_gets_an_entry(tmp_path):
+    hf = tiny_model("llama", tmp_path / "m", tie_word_embeddings=False)
+    art = Imatrix().run(Artifact(Kind.HF, hf), Imatrix.Config(tokens=128, window=64, chat=False), tmp_path / "out")
+    im = ImatrixFile.load(art.path)
+    assert im.entries["output.weight"].shape == (64,)
+    assert art.meta["calibration"]["chat"] is False
+    assert (im.entries["output.weight"] > 0).all()
