@@ -6,8 +6,9 @@ cuda (``onnx:int4-cuda``; fp16 needs cuda, the CPU provider has no fp16 attentio
 INT4 is calibrated by default (shared option ``int4_method=gptq``): the checkpoint first
 goes through the GPTQ stage (4-bit, asymmetric, group = the MatMulNBits block size) and
 the builder repacks those calibrated weights into MatMulNBits instead of rounding the
-float weights to nearest. GPTQ leaves the tied embedding / LM head in float; the builder
-quantizes it to 8 bits (block-wise, symmetric) and shares it between the LM-head
+float weights to nearest (GPTQ keeps v_proj and the outer layers' down_proj at 8 bits,
+see converters/gptq.py). GPTQ leaves the tied embedding / LM head in float; the builder
+quantizes it to 8 bits (symmetric, blocks of 64) and shares it between the LM-head
 MatMulNBits and the embedding's GatherBlockQuantized. ``int4_method=rtn`` is the
 builder's own round-to-nearest INT4, embedding included (no calibration, no gptqmodel).
 
@@ -112,6 +113,7 @@ class OnnxConfig:
     block_size: int = 32  # MatMulNBits block (int4/int8); with GPTQ input it is the GPTQ group size
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32
     lm_head_bits: int = 8  # int4 only: the embedding / LM head, the most output-sensitive matrix (4 with int4_method=rtn)
+    lm_head_block: int = 64  # block of the 8-bit LM head over GPTQ input: 64 divides SmolLM2's 576, 128 would pad rows to 640
 
 
 class OnnxStage(Stage):
@@ -131,7 +133,9 @@ class OnnxStage(Stage):
 
         extra = []
         if config.precision in ("int4", "int8"):
-            extra += [f"block_size={config.block_size}", f"accuracy_level={config.accuracy_level}"]
+            # Over a GPTQ checkpoint the builder quantizes only what GPTQ left in float: the LM head.
+            block = config.lm_head_block if inp.kind == Kind.GPTQ else config.block_size
+            extra += [f"block_size={block}", f"accuracy_level={config.accuracy_level}"]
         if config.precision == "int4" and config.lm_head_bits == 8:
             # The builder's default quantizer names an 8-bit LM head's initializers otherwise than the tied
             # GatherBlockQuantized reads them (an invalid graph); its rtn quantizer names them consistently.
@@ -176,9 +180,11 @@ def stage_config(arg: str, options: dict[str, Any]) -> tuple[OnnxConfig, str]:
         block_size=int(options.get("block_size", OnnxConfig.block_size)),
         accuracy_level=int(options.get("accuracy_level", OnnxConfig.accuracy_level)),
         lm_head_bits=int(options.get("lm_head_bits", 8 if method == "gptq" else 4)),
+        lm_head_block=int(options.get("lm_head_block", OnnxConfig.lm_head_block)),
     )
-    if cfg.block_size not in (16, 32, 64, 128, 256):
-        raise UsageError(f"block_size {cfg.block_size}: MatMulNBits takes 16, 32, 64, 128 or 256")
+    for key in ("block_size", "lm_head_block"):
+        if getattr(cfg, key) not in (16, 32, 64, 128, 256):
+            raise UsageError(f"{key} {getattr(cfg, key)}: MatMulNBits takes 16, 32, 64, 128 or 256")
     if cfg.accuracy_level not in (0, 1, 2, 3, 4):
         raise UsageError(f"accuracy_level {cfg.accuracy_level}: choose 0-4 (4 = int8 activations, 1 = fp32)")
     if cfg.lm_head_bits not in (4, 8):
@@ -196,9 +202,10 @@ def build(arg: str, source: Artifact, ctx) -> Variant:
     if cfg.precision == "int4":
         meta.update(int4_method=method, lm_head_bits=cfg.lm_head_bits)
         if method == "gptq":
+            meta["lm_head_block"] = cfg.lm_head_block
             gptq.choose_group_size(source.path, cfg.block_size)  # the GPTQ group is the MatMulNBits block
-            inp = gptq.quantize(f"4g{cfg.block_size}", source, ctx)
-            meta["gptq"] = {k: inp.meta[k] for k in ("bits", "group_size", "rows", "dropped_short_rows")}
+            inp = gptq.quantize(f"4g{cfg.block_size}", source, ctx, mixed=True)
+            meta["gptq"] = {k: inp.meta[k] for k in ("bits", "group_size", "mixed", "rows", "dropped_short_rows")}
     art = ctx.run(OnnxStage(), inp, cfg)
     vid = f"onnx-{arg.lower()}"
     dest = check_folder(ctx.place(art, vid))

@@ -41,9 +41,9 @@ def _config(tmp_path, **fields):
 
 def test_group_size_divides_every_width(tmp_path):
     smollm2 = _config(tmp_path, hidden_size=576, num_attention_heads=9, head_dim=64, intermediate_size=1536)
-    assert gptq.choose_group_size(smollm2, None) == 64
-    assert gptq.choose_group_size(smollm2, 32) == 32
-    with pytest.raises(UsageError, match=r"group size 128 does not divide .*\[576, 1536\].*g64 or g32"):
+    assert gptq.choose_group_size(smollm2, None) == 32
+    assert gptq.choose_group_size(smollm2, 64) == 64
+    with pytest.raises(UsageError, match=r"group size 128 does not divide .*\[576, 1536\].*g32 or g64"):
         gptq.choose_group_size(smollm2, 128)
     odd = _config(tmp_path, hidden_size=100, num_attention_heads=4, intermediate_size=300)
     with pytest.raises(InvalidModelError, match="GGUF"):
@@ -71,6 +71,16 @@ def test_missing_gptqmodel_names_the_extra(monkeypatch):
         gptq.import_gptqmodel()
 
 
+def test_mixed_precision_rules_match_module_and_tensor_names(tmp_path):
+    import re
+
+    rules = gptq.mixed_overrides(_config(tmp_path, num_hidden_layers=30))
+    hits = [n for n in (f"model.layers.{i}.mlp.down_proj" for i in range(30)) if any(re.match(p[2:], n) for p in rules)]
+    assert hits == [f"model.layers.{i}.mlp.down_proj" for i in (0, 1, 2, 3, 26, 27, 28, 29)]
+    assert any(re.match(p[2:], "model.layers.12.self_attn.v_proj.qweight") for p in rules)
+    assert not any(re.match(p[2:], "model.layers.12.self_attn.q_proj") for p in rules)
+
+
 def test_cpu_workers_raised_to_two(monkeypatch):
     monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "1")
     gptq.import_gptqmodel()
@@ -94,10 +104,11 @@ def test_gptq_checkpoint_loads_in_transformers(narrow, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logs: list[str] = []
-    bundle = convert(str(narrow), "gptq:4", tmp_path / "b", options={"samples": 32}, log=logs.append)
+    opts = {"samples": 32, "mixed": False}  # uniform 4 bits, to compare with round-to-nearest below
+    bundle = convert(str(narrow), "gptq:4", tmp_path / "b", options=opts, log=logs.append)
     v = bundle.variant("gptq-4")
     assert (v.format, v.backend) == ("gptq", "transformers")
-    assert v.meta["group_size"] == 32 and v.meta["rows"] == 32 and v.meta["sym"] is False
+    assert v.meta["group_size"] == 32 and v.meta["rows"] == 32 and v.meta["sym"] is False and v.meta["mixed"] is False
     assert any("32 calibration rows" in m and "rows under 16 tokens dropped" in m for m in logs)
     folder = bundle.resolve(v.path)
     qcfg = json.loads((folder / "quantize_config.json").read_text())
@@ -124,5 +135,5 @@ def test_gptq_checkpoint_loads_in_transformers(narrow, tmp_path):
     assert kld(calibrated) < 0.9 * kld(rtn), (kld(calibrated), kld(rtn))
 
     again: list[str] = []
-    convert(str(narrow), "gptq:4", tmp_path / "b", options={"samples": 32}, log=again.append)
+    convert(str(narrow), "gptq:4", tmp_path / "b", options=opts, log=again.append)
     assert "gptq: cached" in again

@@ -122,14 +122,13 @@ def test_fp32_matches_transformers(narrow, tmp_path):
 @pytest.mark.slow
 def test_int4_repacks_the_gptq_weights(narrow, tmp_path):
     logs: list[str] = []
-    opts = {"samples": 32}
+    opts = {"samples": 32, "mixed": False}  # uniform 4 bits, which transformers can load too
     bundle = convert(str(narrow), "gptq:4g32,onnx:int4", tmp_path / "b", options=opts, log=logs.append)
     assert sum("gptq: cached" in m for m in logs) == 1  # onnx:int4 reused the gptq:4g32 stage
     v = bundle.variant("onnx-int4")
     assert v.meta["int4_method"] == "gptq" and v.meta["gptq"]["group_size"] == 32 and v.meta["lm_head_bits"] == 8
     folder = bundle.resolve(v.path)
-    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if "Bits" in n.op_type or "BlockQuantized" in n.op_type}
+    bits = quantized_bits(folder)
     assert bits.pop("/lm_head/MatMul_Q8") == 8 and bits.pop("/model/embed_tokens/GatherBlockQuantized") == 8
     assert bits and set(bits.values()) == {4}
 
@@ -149,6 +148,23 @@ def test_int4_repacks_the_gptq_weights(narrow, tmp_path):
         gen.generate_next_token()
     assert len(gen.get_sequence(0)) == 20
     Bundle.open(tmp_path / "b", verify=True)
+
+
+def quantized_bits(folder) -> dict[str, int]:
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    quantized = [n for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    return {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in quantized}
+
+
+@pytest.mark.slow
+def test_int4_keeps_sensitive_layers_at_8_bits(narrow, tmp_path):
+    bundle = convert(str(narrow), "onnx:int4", tmp_path / "b", options={"samples": 16}, log=lambda m: None)
+    v = bundle.variant("onnx-int4")
+    assert v.meta["gptq"]["mixed"] is True and v.meta["lm_head_block"] == 64
+    bits = quantized_bits(bundle.resolve(v.path))
+    # v_proj everywhere and down_proj in the outer eighth (here both of the 2 layers) at 8 bits, the rest at 4
+    assert {b for n, b in bits.items() if "v_proj" in n or "down_proj" in n} == {8}
+    assert {b for n, b in bits.items() if "q_proj" in n or "o_proj" in n or "gate_proj" in n} == {4}
 
 
 @pytest.mark.slow
