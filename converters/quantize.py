@@ -40,8 +40,10 @@ QUANT_TYPES: dict[str, int] = {
     "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ2_XXS": 19, "IQ2_XS": 20, "Q2_K_S": 21,
     "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26, "IQ3_M": 27,
     "IQ2_S": 28, "IQ2_M": 29, "IQ4_XS": 30, "IQ1_M": 31, "BF16": 32, "TQ1_0": 36,
-    "TQ2_0": 37, "MXFP4_MOE": 38, "Q1_0": 40, "Q2_0": 41,
+    "TQ2_0": 37, "MXFP4_MOE": 38, "Q1_0": 40,
 }  # fmt: skip
+# Left out: NVFP4 (39), which llama_model_quantize rejects, and Q2_0 (41), whose tensors gguf-py 0.19
+# cannot read back, so edgepack could neither check nor inspect the result.
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as llama-quantize accepts them
 # File types whose mix puts tensors in types llama.cpp refuses to make without an importance
 # matrix (tensor_requires_imatrix in llama-quant.cpp: IQ1/IQ2/IQ3_XXS, and Q2_K inside Q2_K_S).
@@ -52,7 +54,7 @@ TENSOR_TYPES: dict[str, int] = {
     "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
     "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ2_XXS": 16, "IQ2_XS": 17,
     "IQ3_XXS": 18, "IQ1_S": 19, "IQ4_NL": 20, "IQ3_S": 21, "IQ2_S": 22, "IQ4_XS": 23,
-    "IQ1_M": 29, "BF16": 30, "TQ1_0": 34, "TQ2_0": 35, "MXFP4": 39, "Q1_0": 41, "Q2_0": 42,
+    "IQ1_M": 29, "BF16": 30, "TQ1_0": 34, "TQ2_0": 35, "MXFP4": 39, "Q1_0": 41,
 }  # fmt: skip
 TENSOR_NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
 _FLOAT_TYPES = {0, 1, 30}  # f32, f16, bf16: what llama.cpp quantizes from
@@ -420,6 +422,7 @@ def _write(src: Path, dest: Path, params: _Params, data_offset: int) -> str:
     Raises DiskFullError (before writing when the planned size does not fit), UsageError, BackendError.
     """
     planned = _planned_bytes(src, dest, params, data_offset)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(dest.parent).free
     if planned > free:
         raise DiskFullError(f"{dest.name} needs about {planned / 1e6:.1f} MB but {dest.parent} has {free / 1e6:.1f} MB free: free space and re-run")

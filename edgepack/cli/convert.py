@@ -22,8 +22,8 @@ def register(app: typer.Typer) -> None:
         distill: bool = typer.Option(False, "--distill", help="Heal the pruned model by distilling from the original.", rich_help_panel="Prune and distill"),
         steps: int | None = typer.Option(None, "--steps", help="Distillation steps.", rich_help_panel="Prune and distill"),
         time: str = typer.Option("", "--time", help="Distillation time budget, e.g. 900, 15m, 1h.", rich_help_panel="Prune and distill"),
-        alpha: float | None = typer.Option(None, "--alpha", help="Weight of the hard-label loss, 0-1 (default 0.3; 0 = pure distillation).", rich_help_panel="Prune and distill"),
-        temperature: float | None = typer.Option(None, "--temperature", help="Distillation temperature T (default 3).", rich_help_panel="Prune and distill"),
+        alpha: float | None = typer.Option(None, "--alpha", help="Weight of the hard-label loss, 0-1 (default 0: pure distillation; classic KD 0.3-0.5).", rich_help_panel="Prune and distill"),
+        temperature: float | None = typer.Option(None, "--temperature", help="Distillation temperature T, the KL term scaled by T^2 (default 1; classic KD 3-5).", rich_help_panel="Prune and distill"),
         lora: bool = typer.Option(False, "--lora", help="Distill with LoRA adapters (rank 16) instead of full fine-tuning.", rich_help_panel="Prune and distill"),
         chat: bool = typer.Option(False, "--chat", help="Open the chat on the new bundle when stdin is a terminal."),
     ) -> None:

@@ -245,3 +245,14 @@ def test_target_size_hits_the_size_with_a_measured_mix(wide, wide_imatrix, wide_
         quantize(src, tmp_path / "n", type="Q4_K_M", target_size=target, sensitivity=str(wide_sensitivity))
     with pytest.raises(UsageError, match="needs measured sensitivity"):
         quantize(src, tmp_path / "m", type="Q4_K_M", target_size=target)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2", "phi3"])  # biases; tied head with no output tensor; fused qkv/gate_up
+def test_own_imatrix_matches_the_writers_tensors(arch, tmp_path):
+    hf = tiny_model(arch, tmp_path / "hf", tokenizer=None if arch == "qwen2" else "bpe-llama3")
+    imat = Imatrix().run(Artifact(Kind.HF, hf), Imatrix.Config(tokens=128, window=64), tmp_path / "im").path
+    src = convert(hf, tmp_path / "model-f16.gguf", "f16", log=lambda m: None).path
+    art = quantize(src, tmp_path / "q", type="Q4_K_M", imatrix=str(imat))
+    assert kv(art.path, "quantize.imatrix.entries_count") == len(ImatrixFile.load(imat).entries)
+    assert np.isfinite(llama_logits(art.path, [1, 2, 3])).all()
