@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def main() -> None:
     ap.add_argument("--reference", help="float checkpoint folder (default: pull smollm2-135m with edgepack)")
     ap.add_argument("--tokens", type=int, default=3072, help="held-out tokens to score")
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--imatrix-tokens", type=int, default=20480)
+    ap.add_argument("--imatrix-tokens", type=int, default=20480, help="calibration tokens for the importance matrix")
+    ap.add_argument("--sensitivity-tokens", type=int, default=8192, help="calibration tokens for the gradient pass")
+    ap.add_argument("--calibration-window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
@@ -78,18 +81,22 @@ def main() -> None:
 
     from edgepack.converters import calibration
     from edgepack.converters.gguf import GGUFWrite
-    from edgepack.converters.imatrix import Imatrix, Sensitivity
+    from edgepack.converters.imatrix import Imatrix
     from edgepack.converters.pull import from_folder, pull
     from edgepack.converters.quantize import Quantize
+    from edgepack.converters.sensitivity import Sensitivity
     from edgepack.stages import run_stage
 
-    log = lambda m: print(m, flush=True, file=__import__("sys").stderr)  # noqa: E731
+    def log(message: str) -> None:
+        print(message, flush=True, file=sys.stderr)
+
     source = from_folder(Path(args.reference)) if args.reference else pull("smollm2-135m", log=log)
     started = time.perf_counter()
     f32, _ = run_stage(GGUFWrite(), source, GGUFWrite.Config(outtype="f32"))
-    imat, step = run_stage(Imatrix(), source, Imatrix.Config(tokens=args.imatrix_tokens))
+    calib = {"window": args.calibration_window}
+    imat, step = run_stage(Imatrix(), source, Imatrix.Config(tokens=args.imatrix_tokens, **calib))
     log(f"imatrix: {imat.meta['calibration']} ({step.wall_s:.0f} s{' cached' if step.cached else ''})")
-    sens, step = run_stage(Sensitivity(), source, Sensitivity.Config(imatrix=str(imat.path)))
+    sens, step = run_stage(Sensitivity(), source, Sensitivity.Config(imatrix=str(imat.path), tokens=args.sensitivity_tokens, **calib))
     log(f"sensitivity: {step.wall_s:.0f} s{' cached' if step.cached else ''}")
 
     def make(**cfg):

@@ -298,14 +298,16 @@ def _device(config: Config):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {config.device!r} asked for but torch sees no CUDA device: use --device cpu")
+        raise UsageError(f"device {config.device!r} asked for but torch sees no CUDA device: use device 'cpu'")
     device = torch.device(name)
     if config.dtype == "float32":
         return device, None
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported()
     else:
-        supported = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        # oneDNN's own check (AVX512-BF16 or AMX); without them CPU bf16 is emulated and slower than float32.
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        supported = bool(torch.backends.mkldnn.is_available() and check is not None and check())
     if config.dtype == "bf16" and not supported:
         raise UsageError(f"{device} has no bf16 support: use dtype float32")
     return device, (torch.bfloat16 if supported else None)

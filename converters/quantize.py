@@ -10,17 +10,15 @@ smaller blocks when a tensor's rows do not divide into the type's blocks
 tensors and this stage reports them.
 
 With ``target_size``/``target_bpw`` the stage chooses every weight's type
-itself from measured sensitivity (``imatrix.Sensitivity``): the predicted
-loss of each (tensor, type) pair, minimised under the size budget (see
-``plan_mix``), and hands the choice to llama.cpp as per-tensor overrides.
+itself from measured sensitivity (``sensitivity.py``): the predicted loss of
+each (tensor, type) pair, minimised under the size budget, and hands the
+choice to llama.cpp as per-tensor overrides.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import heapq
-import json
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError, CalibrationError, DiskFullError, InvalidModelError, UsageError
+from ..errors import BackendError, DiskFullError, InvalidModelError, UsageError
 from ..fsutil import atomic_path
 from ..stages import Artifact, Kind, Stage
 
@@ -57,10 +55,10 @@ TENSOR_TYPES: dict[str, int] = {
     "IQ1_M": 29, "BF16": 30, "TQ1_0": 34, "TQ2_0": 35, "MXFP4": 39, "Q1_0": 41,
 }  # fmt: skip
 TENSOR_NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
+_GGML_NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ2_XXS", "IQ2_XS"})  # ggml_quantize_requires_imatrix: asserts without one
 _FLOAT_TYPES = {0, 1, 30}  # f32, f16, bf16: what llama.cpp quantizes from
-_ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT: every tensor's data is padded to it
-_HEADER_SLACK = 4096  # bytes the quantizer's metadata may add to the input's header
-_SIZE_MARGIN = 16384  # what the dry run's 0.01 MiB rounding may hide
+GGUF_ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT: every tensor's data is padded to it
+HEADER_SLACK = 4096  # bytes the quantizer's metadata may add to the input's header
 _KV_INT, _KV_STR = 0, 3  # llama_model_kv_override_type
 
 
@@ -176,7 +174,7 @@ class _Ggml:
         """Bytes of a tensor of ``shape`` (ggml order) in ``ggml_type``, padded as GGUF pads it."""
         rows = int(np.prod(shape[1:])) if len(shape) > 1 else 1
         size = int(self.lib.ggml_row_size(ggml_type, shape[0])) * rows
-        return -(-size // _ALIGN) * _ALIGN
+        return -(-size // GGUF_ALIGN) * GGUF_ALIGN
 
     def roundtrip(self, w: np.ndarray, ggml_type: int, imatrix: np.ndarray | None) -> np.ndarray:
         """``w`` (rows x columns, float32) quantized to ``ggml_type`` exactly as llama.cpp's quantizer does, then dequantized."""
@@ -383,12 +381,19 @@ class Quantize(Stage):
         meta: dict[str, Any] = {"type": ftype}
         if config.imatrix:
             meta["imatrix"] = _use_imatrix(params, Path(config.imatrix), tensors, inp.path.name)
+        for name, kind in (("token_embd.weight", embd_type), ("output.weight", out_type)):
+            kind = kind or next((k for p, k in overrides if re.search(p, name)), None)
+            if name in tensors and kind in _GGML_NEEDS_IMATRIX and not (params.imatrix and name in params.imatrix):
+                # llama.cpp exempts these two from its imatrix check, then ggml aborts the process
+                raise UsageError(f"{name} cannot be {kind}: that type needs importance-matrix data for it; choose Q2_K or larger")
         if config.target_size or config.target_bpw:
             # types the user set are not ours to choose; --output-type/--token-embedding-type beat patterns in llama.cpp
             fixed = {n: k for n, k in (("token_embd.weight", embd_type), ("output.weight", out_type)) if k and n in tensors}
             for name in (n for n, t in tensors.items() if t.quantizable):
                 fixed.setdefault(name, next((k for p, k in overrides if re.search(p, name)), None))
-            meta["target"] = _target(config, tensors, data_offset, {n: k for n, k in fixed.items() if k})
+            from .sensitivity import plan_target
+
+            meta["target"] = plan_target(config, tensors, data_offset, {n: k for n, k in fixed.items() if k})
             params.overrides += [(f"^{re.escape(n)}$", TENSOR_TYPES[k]) for n, k in sorted(meta["target"]["types"].items())]
         dest = out_dir / self._out_name(inp.path, config)
         log = _write(inp.path, dest, params, data_offset)
@@ -444,7 +449,7 @@ def _planned_bytes(src: Path, dest: Path, params: _Params, data_offset: int) -> 
     m = _QUANT_SIZE.search(log)
     if not m:
         raise BackendError(f"llama.cpp's dry run of {src.name} reported no size: is llama-cpp-python older than 0.3.36?")
-    return int(float(m.group(1)) * 2**20) + data_offset + _HEADER_SLACK
+    return int(float(m.group(1)) * 2**20) + data_offset + HEADER_SLACK
 
 
 def _summary(tensors: dict[str, TensorInfo], path: Path) -> dict[str, Any]:
@@ -461,142 +466,3 @@ def _summary(tensors: dict[str, TensorInfo], path: Path) -> dict[str, Any]:
         "bits_per_weight": round(data * 8 / n_params, 3),
         "tensor_types": dict(sorted(counts.items())),
     }
-
-
-# -- size-targeted mixes -----------------------------------------------------------------------------
-
-
-def plan_mix(options: dict[str, list[tuple[str, int, float]]], budget: int) -> dict[str, str]:
-    """Choose one (type, bytes, loss) option per tensor: least total loss with total bytes <= ``budget``.
-
-    A multiple-choice knapsack, solved the Lagrangian way: each tensor's
-    options are reduced to the lower convex hull of (bytes, loss); every
-    tensor starts at its smallest option and the upgrade with the most loss
-    saved per byte is taken next while it fits; the bytes left over then go,
-    best saving first, to any upgrade that still fits. Raises UsageError when
-    even the smallest options exceed the budget.
-    """
-    hulls = {name: _hull(opts) for name, opts in options.items()}
-    choice = {name: 0 for name in hulls}
-    used = sum(h[0][1] for h in hulls.values())
-    if used > budget:
-        raise UsageError(
-            f"the smallest types measured still need {used / 1e6:.2f} MB of weights, over the {budget / 1e6:.2f} MB left for them: "
-            "raise the target size, or add smaller candidate types to the sensitivity stage"
-        )
-    heap = [(-_gain(h, 0), name) for name, h in hulls.items() if len(h) > 1]
-    heapq.heapify(heap)
-    while heap:
-        _, name = heapq.heappop(heap)
-        h, i = hulls[name], choice[name]
-        extra = h[i + 1][1] - h[i][1]
-        if used + extra > budget:
-            continue
-        choice[name], used = i + 1, used + extra
-        if i + 2 < len(h):
-            heapq.heappush(heap, (-_gain(h, i + 1), name))
-    picked = {name: hulls[name][i] for name, i in choice.items()}
-    while True:  # spend what is left on the best upgrade that still fits, hull or not
-        best = None
-        for name, opts in options.items():
-            _, size, loss = picked[name]
-            for opt in opts:
-                saved, extra = loss - opt[2], opt[1] - size
-                if saved > 0 and used + extra <= budget and (best is None or saved > best[0]):
-                    best = (saved, name, opt, extra)
-        if best is None:
-            break
-        _, name, opt, extra = best
-        picked[name], used = opt, used + extra
-    return {name: opt[0] for name, opt in picked.items()}
-
-
-def _hull(opts: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
-    """Options on the lower convex hull of (bytes, loss), smallest first; dominated ones dropped."""
-    pts: list[tuple[str, int, float]] = []
-    for opt in sorted(opts, key=lambda o: (o[1], o[2])):
-        if pts and opt[2] >= pts[-1][2]:
-            continue  # more bytes for no less loss
-        while len(pts) >= 2 and _slope(pts[-2], pts[-1]) >= _slope(pts[-1], opt):
-            pts.pop()
-        pts.append(opt)
-    return pts
-
-
-def _slope(a, b) -> float:
-    return (b[2] - a[2]) / max(b[1] - a[1], 1)
-
-
-def _gain(h: list, i: int) -> float:
-    return (h[i][2] - h[i + 1][2]) / max(h[i + 1][1] - h[i][1], 1)
-
-
-def _target(config: Quantize.Config, tensors: dict[str, TensorInfo], data_offset: int, fixed: dict[str, str]) -> dict[str, Any]:
-    """Per-tensor types meeting ``config``'s target with the least predicted loss; ``fixed`` are types set by the user.
-
-    Raises UsageError, CalibrationError.
-    """
-    if config.target_size and config.target_bpw:
-        raise UsageError("give a target size or a target bits per weight, not both")
-    if not config.sensitivity:
-        raise UsageError("a size target needs measured sensitivity: run the sensitivity stage on the reference checkpoint first")
-    table = _load_sensitivity(Path(config.sensitivity), config.imatrix)
-    usable = {tensor_type(k) for k in config.target_types} if config.target_types else set(TENSOR_TYPES)
-    g = ggml()
-    options: dict[str, list[tuple[str, int, float]]] = {}
-    rest = 0  # bytes of the tensors whose type is not ours to choose
-    for name, t in tensors.items():
-        if name in fixed:
-            rest += g.nbytes(TENSOR_TYPES[fixed[name]], t.shape)
-            continue
-        if not t.quantizable:
-            rest += g.nbytes(t.type, t.shape)
-            continue
-        entry = table.get(name)
-        if entry is None or (entry["columns"], entry["rows"]) != (t.shape[0], int(np.prod(t.shape[1:]))):
-            raise CalibrationError(
-                f"the sensitivity table {config.sensitivity} has no entry of shape {list(t.shape)} for {name}: "
-                "it was measured on another model; run the sensitivity stage on this model's reference"
-            )
-        allowed = [(k, loss) for k, loss in entry["loss"].items() if k in usable and (config.imatrix or k not in TENSOR_NEEDS_IMATRIX)]
-        if not allowed:
-            raise UsageError(f"no measured type allowed for the size target fits {name} ({t.shape[0]} columns): allow more --target-types")
-        options[name] = [(k, g.nbytes(TENSOR_TYPES[k], t.shape), loss) for k, loss in allowed]
-    if config.target_size:
-        budget = config.target_size - data_offset - _HEADER_SLACK - _SIZE_MARGIN - rest
-        goal = {"target_size": config.target_size}
-    else:
-        n_params = sum(int(np.prod(t.shape)) for t in tensors.values())
-        budget = int(config.target_bpw * n_params / 8) - rest
-        goal = {"target_bpw": config.target_bpw}
-    types = plan_mix(options, budget)
-    losses = {name: dict((k, loss) for k, _, loss in opts) for name, opts in options.items()}
-    counts: dict[str, int] = {}
-    for kind in types.values():
-        counts[kind] = counts.get(kind, 0) + 1
-    return {
-        **goal,
-        "predicted_loss": round(sum(losses[n][k] for n, k in types.items()), 6),
-        "chosen": dict(sorted(counts.items())),
-        "types": types,
-    }
-
-
-def _load_sensitivity(path: Path, imatrix: str | None) -> dict[str, Any]:
-    from ..fsutil import sha256_file
-
-    try:
-        data = json.loads(path.read_text())
-        table = data["tensors"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CalibrationError(f"{path} is not a sensitivity table ({e}): run the sensitivity stage again") from e
-    want, had = (sha256_file(imatrix) if imatrix else None), data.get("imatrix_sha256")
-    if had != want:
-        if want is None:
-            why = "with an importance matrix but this quantization has none: pass the same imatrix"
-        elif had is None:
-            why = "without an importance matrix but this quantization uses one: run the sensitivity stage with it"
-        else:
-            why = "with another importance matrix than this quantization uses: run the sensitivity stage with the same one"
-        raise CalibrationError(f"{path} was measured {why}")
-    return table
