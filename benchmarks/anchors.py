@@ -16,9 +16,12 @@
    (``-p int4 -e cpu``) against edgepack's ``onnx:int4`` when that format is registered:
    wall time, size, quality through ``edgepack eval``, speed through ``edgepack bench``.
 
-Every converted model lands in one bundle (``--work``/bundle) that gets ``edgepack report``;
-a section that cannot run says why under ``skipped``. Conversions use a fresh stage cache
-so their times are real, never cache hits.
+Every converted model lands in one bundle (``--work``/bundle), evaluated on the same text
+with the same metrics, that gets ``edgepack report``; a section that cannot run says why
+under ``skipped``. Conversions use a fresh stage cache so their times are real, never cache
+hits. The machine's load average is sampled at each phase (``load_average``): the figures
+are only comparable within one run. The ratios are printed as a table at the end; the
+whole result goes to ``--out`` (default ``<work>/anchors.json``).
 """
 
 from __future__ import annotations
@@ -144,12 +147,10 @@ def runtime_section(gguf: Path, onnx: Path | None, threads: int, reps: int, p_le
     return out
 
 
-def _timed(cmd: list[str], env: dict | None = None) -> float:
-    t = time.perf_counter()
+def _run(cmd: list[str], env: dict | None = None) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])}... failed: {proc.stderr.strip()[-2000:]}")
-    return time.perf_counter() - t
 
 
 def _quality(bundle, vid: str) -> dict:
@@ -189,36 +190,45 @@ def _convert_all(ref_path: Path, work: Path, root: Path, times: dict, result: di
     from edgepack.convert import FORMATS, convert
     from edgepack.eval import as_bundle
 
-    if "gguf" in FORMATS:
+    def attempt(name: str, build) -> None:
+        """Time one conversion; a failure is recorded under ``failed`` and the other anchors still run."""
         t = time.perf_counter()
-        convert(str(ref_path), ["gguf:q8_0"], out=root, log=_log)
-        times["gguf-q8_0"] = time.perf_counter() - t
+        try:
+            build()
+        except Exception as e:  # noqa: BLE001 - reported in the result and the summary, not swallowed
+            result.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"[-2000:]
+            _log(f"{name} failed: {e}")
+            return
+        times[name] = time.perf_counter() - t
+
+    if "gguf" in FORMATS:
+        attempt("gguf-q8_0", lambda: convert(str(ref_path), ["gguf:q8_0"], out=root, log=_log))
         sys.path.insert(0, str(HERE))
         from gguf_convert import fetch_llama_cpp_script  # the GGUF benchmark's own fetcher
 
         script, gguf_py = fetch_llama_cpp_script(work / "sdist")
         dest = work / "llamacpp-q8_0.gguf"
         env = {**os.environ, "PYTHONPATH": str(gguf_py)}
-        times["gguf-llamacpp-q8_0"] = _timed([sys.executable, str(script), str(ref_path), "--outtype", "q8_0", "--outfile", str(dest)], env)
-        as_bundle(dest, out=root, log=_log)
+        attempt("gguf-llamacpp-q8_0", lambda: _run([sys.executable, str(script), str(ref_path), "--outtype", "q8_0", "--outfile", str(dest)], env))
+        if "gguf-llamacpp-q8_0" in times:
+            as_bundle(dest, out=root, log=_log)
     else:
         result["skipped"]["gguf_converter"] = "edgepack's GGUF converter is not registered in edgepack.convert.FORMATS"
     if "onnx" in FORMATS:
-        t = time.perf_counter()
-        convert(str(ref_path), ["onnx:int4"], out=root, log=_log)
-        times["onnx-int4"] = time.perf_counter() - t
+        attempt("onnx-int4", lambda: convert(str(ref_path), ["onnx:int4"], out=root, log=_log))
     else:
         result["skipped"]["onnx_int4_edgepack"] = "edgepack's ONNX converter is not registered in edgepack.convert.FORMATS"
     if importlib.util.find_spec("onnxruntime_genai.models.builder"):
         dest = work / "builder-int4"
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ref_path), "-o", str(dest), "-p", "int4",
                "-e", "cpu", "-c", str(work / "builder-cache")]
-        times["onnx-builder-int4"] = _timed(cmd)
-        if not (root / "edgepack.json").is_file():  # no edgepack variant yet: start the bundle from the builder's
-            from edgepack.bundle import Bundle
+        attempt("onnx-builder-int4", lambda: _run(cmd))
+        if "onnx-builder-int4" in times:
+            if not (root / "edgepack.json").is_file():  # no edgepack variant yet: start the bundle from the builder's
+                from edgepack.bundle import Bundle
 
-            Bundle.create(root, ref_path.name, {"ref": str(ref_path), "reference_path": str(ref_path), "files": []}).save()
-        as_bundle(dest, out=root, log=_log)
+                Bundle.create(root, ref_path.name, {"ref": str(ref_path), "reference_path": str(ref_path), "files": []}).save()
+            as_bundle(dest, out=root, log=_log)
     else:
         result["skipped"]["onnx_int4_builder"] = "onnxruntime_genai.models.builder is not installed"
 
@@ -227,14 +237,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reference", default="smollm2-135m", help="float reference: anything `edgepack pull` takes")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for every runtime (default 1: fair on a shared machine)")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--windows", type=int, default=4, help="eval windows of 512 tokens per variant")
     ap.add_argument("--work", type=Path, help="where the anchor bundle is built (default: $EDGEPACK_HOME/anchors)")
     ap.add_argument("--gguf", type=Path, help="GGUF for the runtime section (default: the reference's own, else the converted q8_0)")
     ap.add_argument("--skip-convert", action="store_true", help="only the runtime section")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="JSON result (default: <work>/anchors.json)")
     args = ap.parse_args()
 
     from edgepack import constants
@@ -253,12 +263,16 @@ def main() -> int:
         gguf = constants.sources_dir() / "pypi" / ref.meta.get("recipe", "") / gguf
     gguf = args.gguf or gguf
     onnx = None
+    _load_mark(result, "start")
     if not args.skip_convert:
         root = convert_sections(ref.path, args.work, result)
+        _load_mark(result, "after_convert")
         b = Bundle.open(root)
         _log("eval and bench of every anchor variant")
         evaluate(b, EvalConfig(text="builtin", windows=args.windows, prompts=4), threads=args.threads, log=_log)
+        _load_mark(result, "after_eval")
         bench(b, BenchConfig(threads=args.threads, repetitions=args.reps), log=_log)
+        _load_mark(result, "after_bench")
         result["report"] = str(report(b))
         q = {v.id: {**_quality(b, v.id), **_speed(b, v.id)} for v in b.variants}
         conv = result["convert_wall_s"]
@@ -273,19 +287,66 @@ def main() -> int:
             if "onnx-int4" in q:
                 e = q["onnx-int4"]
                 section.update(edgepack=e, ratio_bytes=e["bytes"] / bl["bytes"], kld_difference=e["kld_mean"] - bl["kld_mean"],
-                               ratio_convert_wall=conv["onnx-int4"] / conv["onnx-builder-int4"],
-                               ratio_decode=e.get("decode_tokens_per_s", 0) / bl.get("decode_tokens_per_s", 1))
+                               ratio_kld=e["kld_mean"] / bl["kld_mean"], top1_difference=e["top1_agreement"] - bl["top1_agreement"],
+                               ratio_convert_wall=conv["onnx-int4"] / conv["onnx-builder-int4"])
+                for k in ("prefill", "decode"):  # bench figures exist only when both were benched
+                    if f"{k}_tokens_per_s" in e and f"{k}_tokens_per_s" in bl:
+                        section[f"ratio_{k}"] = e[f"{k}_tokens_per_s"] / bl[f"{k}_tokens_per_s"]
             result["onnx_int4"] = section
             onnx = b.resolve(b.variant("onnx-int4" if "onnx-int4" in q else "onnx-builder-int4").path)
     if gguf is None:
         result["skipped"]["runtime"] = "no GGUF to run: the reference did not come from one and no GGUF was converted"
     else:
         result["runtime"] = runtime_section(gguf, onnx, args.threads, args.reps, args.prompt_tokens, args.decode_tokens)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    _load_mark(result, "end")
+    out = args.out or args.work / "anchors.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(summary(result))
+    print(f"\nresults: {out}")
     return 0
+
+
+def _load_mark(result: dict, phase: str) -> None:
+    """Record the 1-minute load average at ``phase``: on a shared machine it says how far the timings can be trusted."""
+    result.setdefault("load_average", {})[phase] = round(os.getloadavg()[0], 2)
+
+
+# (section, row label, key in the section, how to show it); ratios are edgepack / anchor
+_ROWS = (
+    ("gguf_converter", "GGUF q8_0 convert wall, edgepack / llama.cpp script", "ratio_convert_wall", "{:.3f}x"),
+    ("gguf_converter", "GGUF q8_0 size, edgepack / llama.cpp script", "ratio_bytes", "{:.6f}x"),
+    ("gguf_converter", "GGUF q8_0 KLD, edgepack - llama.cpp script", "kld_difference", "{:+.5f}"),
+    ("onnx_int4", "ONNX INT4 size, edgepack / builder default", "ratio_bytes", "{:.3f}x"),
+    ("onnx_int4", "ONNX INT4 KLD, edgepack / builder default", "ratio_kld", "{:.3f}x"),
+    ("onnx_int4", "ONNX INT4 top-1, edgepack - builder default", "top1_difference", "{:+.3f}"),
+    ("onnx_int4", "ONNX INT4 convert wall, edgepack / builder", "ratio_convert_wall", "{:.2f}x"),
+    ("onnx_int4", "ONNX INT4 prefill tok/s, edgepack / builder", "ratio_prefill", "{:.3f}x"),
+    ("onnx_int4", "ONNX INT4 decode tok/s, edgepack / builder", "ratio_decode", "{:.3f}x"),
+)
+
+
+def summary(result: dict) -> str:
+    """The figures and ratios of a result as a plain-text table (what the JSON holds, not more)."""
+    lines = ["variant                      MB      KLD mean  KLD p99   PPL     top-1   prefill t/s  decode t/s"]
+    for name in ("gguf_converter", "onnx_int4"):
+        for who, row in result.get(name, {}).items():
+            if isinstance(row, dict) and "variant" in row:
+                lines.append(f"{row['variant']:<26} {row['bytes'] / 1e6:7.1f}  {row['kld_mean']:8.5f}  {row['kld_p99']:7.4f}  "
+                             f"{row['ppl']:6.2f}  {row['top1_agreement']:6.3f}  {row.get('prefill_tokens_per_s', float('nan')):11.1f}  "
+                             f"{row.get('decode_tokens_per_s', float('nan')):10.1f}")
+    lines.append("")
+    for section, label, key, fmt in _ROWS:
+        if key in result.get(section, {}):
+            lines.append(f"{label:<56} {fmt.format(result[section][key])}")
+    for backend, row in result.get("runtime", {}).items():
+        if isinstance(row, dict) and "ratio_decode" in row:
+            lines.append(f"runtime {backend}, edgepack / raw loop: decode {row['ratio_decode']:.3f}x, prefill {row['ratio_prefill']:.3f}x, "
+                         f"TTFT {row['ratio_ttft']:.3f}x")
+    for what, why in {**result.get("skipped", {}), **result.get("failed", {})}.items():
+        lines.append(f"not run: {what}: {why}")
+    loads = ", ".join(f"{k} {v}" for k, v in result.get("load_average", {}).items())
+    lines.append(f"load average (1 min) at each phase: {loads}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

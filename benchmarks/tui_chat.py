@@ -50,13 +50,13 @@ def bare(session, tokens: int) -> dict:
 
 
 def chat(gguf: Path, threads: int | None, tokens: int) -> dict:
-    from edgepack.runtime import load
+    from edgepack.runtime import Loader
     from edgepack.runtime.base import SamplingParams
     from edgepack.tui.app import ChatApp
     from edgepack.tui.widgets import PromptInput
 
     async def drive() -> dict:
-        app = ChatApp(lambda variant: load(gguf, n_ctx=1024, threads=threads), sampling=SamplingParams(temperature=0, max_tokens=tokens))
+        app = ChatApp(Loader(gguf, n_ctx=1024, threads=threads), sampling=SamplingParams(temperature=0, max_tokens=tokens))
         async with app.run_test(size=(100, 40)) as pilot:
             while app.screen.session is None or app.screen.busy:
                 await asyncio.sleep(0.1)  # plain sleeps: Pilot's pause would add its own CPU to the figure

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..bundle import MANIFEST, Bundle
 from ..errors import BundleError, SourceNotFoundError, UsageError
 from .base import Completion, Message, ModelInfo, SamplingParams, Scores, Session, Stream
+from .loader import Loader
 
 # backend name -> module implementing devices/open_session
 BACKENDS: dict[str, str] = {
@@ -26,7 +27,7 @@ BACKENDS: dict[str, str] = {
 }
 DEVICES = ("auto", "cpu", "cuda", "metal")
 
-__all__ = ["BACKENDS", "Completion", "Message", "ModelInfo", "SamplingParams", "Scores", "Session", "Stream", "load"]
+__all__ = ["BACKENDS", "Completion", "Loader", "Message", "ModelInfo", "SamplingParams", "Scores", "Session", "Stream", "load"]
 
 
 def load(

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
 from textual.app import App
 from textual.binding import Binding
 
-from ..bundle import MANIFEST, Bundle, Variant
 from ..errors import EdgepackError, UsageError
 from ..runtime.base import SamplingParams, Truncate
-from .screens import ChatScreen, Opener
+from ..runtime.loader import Loader
+from .screens import ChatScreen
 
 
 class ChatApp(App[EdgepackError | None]):
@@ -24,20 +22,9 @@ class ChatApp(App[EdgepackError | None]):
     ENABLE_COMMAND_PALETTE = False  # the slash commands are the palette
     BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True)]
 
-    def __init__(
-        self,
-        open_session: Opener,
-        *,
-        variants: Sequence[Variant] = (),
-        variant: str | None = None,
-        system: str = "",
-        sampling: SamplingParams | None = None,
-        truncate: Truncate = "error",
-    ) -> None:
+    def __init__(self, loader: Loader, *, system: str = "", sampling: SamplingParams | None = None, truncate: Truncate = "error") -> None:
         super().__init__()
-        self._chat = ChatScreen(
-            open_session, variants=variants, variant=variant, system=system, sampling=sampling, truncate=truncate
-        )
+        self._chat = ChatScreen(loader, system=system, sampling=sampling, truncate=truncate)
 
     def get_default_screen(self) -> ChatScreen:
         return self._chat
@@ -60,18 +47,10 @@ def run_chat(
     Raises UsageError without a terminal, and whatever ``edgepack.load`` raises when the
     model does not load (SourceNotFoundError, BundleError, BackendError, ...).
     """
-    from ..runtime import load
-
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("edgepack chat needs an interactive terminal: use `edgepack run MODEL PROMPT` in scripts and pipes")
-    path = Path(model).expanduser()
-    variants = Bundle.open(path).variants if (path / MANIFEST).is_file() else []
-
-    def open_session(vid: str | None):
-        # --backend steers the first pick only; a variant picked later brings its own backend.
-        return load(path, backend=backend if vid == variant else "auto", device=device, n_ctx=n_ctx, threads=threads, variant=vid)
-
-    app = ChatApp(open_session, variants=variants, variant=variant, system=system, sampling=sampling, truncate=truncate)
+    loader = Loader(model, variant=variant, backend=backend, device=device, n_ctx=n_ctx, threads=threads)
+    app = ChatApp(loader, system=system, sampling=sampling, truncate=truncate)
     error = app.run()
     if error is not None:
         raise error

@@ -2,14 +2,14 @@
 
 All model work happens in thread workers that post messages back to the
 screen (``post_message`` is thread-safe); handlers on the UI thread only
-update widgets and the conversation. The whole model interface is
-``open_session(variant)``, ``session.chat_stream(...)`` and ``stream.cancel()``.
+update widgets and the conversation. The whole model interface is the runtime's
+``Loader.switch(old, variant)``, ``session.chat_stream(...)`` and ``stream.cancel()``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 
 from rich.text import Text
@@ -24,10 +24,9 @@ from textual.widgets.option_list import Option
 from ..bundle import Variant
 from ..errors import ContextOverflowError, EdgepackError, UsageError
 from ..runtime.base import Completion, SamplingParams, Session, Stream, Truncate
+from ..runtime.loader import Loader
 from . import commands, transcript
 from .widgets import ChatLog, MessageView, PromptInput, StatusBar
-
-Opener = Callable[[str | None], Session]  # variant id (None: the default) -> a loaded session
 
 # Pieces are shown at most ten times a second, not per token: every update re-lays out and
 # repaints the log, about 15 ms of CPU here, CPU the model needs on a small machine
@@ -108,19 +107,9 @@ class ChatScreen(Screen):
         Binding("f2", "pick_variant", "Variant"),
     ]
 
-    def __init__(
-        self,
-        open_session: Opener,
-        *,
-        variants: Sequence[Variant] = (),
-        variant: str | None = None,
-        system: str = "",
-        sampling: SamplingParams | None = None,
-        truncate: Truncate = "error",
-    ) -> None:
+    def __init__(self, loader: Loader, *, system: str = "", sampling: SamplingParams | None = None, truncate: Truncate = "error") -> None:
         super().__init__()
-        self.open_session = open_session
-        self.variants = list(variants)
+        self.loader = loader
         self.conversation = transcript.Conversation(system=system)
         self.sampling = sampling or SamplingParams()
         self.truncate = truncate
@@ -128,7 +117,6 @@ class ChatScreen(Screen):
         self.busy = ""  # "loading" | "generating" | "" when idle
         self.context = 0
         self.tokens_per_s: float | None = None
-        self._first_variant = variant
         self._stream: Stream | None = None
         self._stop = threading.Event()
         self._answer: MessageView | None = None
@@ -146,7 +134,7 @@ class ChatScreen(Screen):
         if self.conversation.system:
             await self.log_view.add("info", self.conversation.system, "system prompt")
         self._set_busy("loading")
-        self._load(self._first_variant, None, self.conversation.messages(), initial=True)
+        self._load(self.loader.first, None, self.conversation.messages(), initial=True)
 
     @property
     def log_view(self) -> ChatLog:
@@ -280,11 +268,11 @@ class ChatScreen(Screen):
 
     # -- variants -------------------------------------------------------------------------------
     def action_pick_variant(self) -> None:
-        if not self.variants:
+        if not self.loader.variants:
             self.notify("This model is a single file, not a bundle: there is no other variant to switch to.")
             return
         current = self.session.info.variant if self.session else None
-        self.app.push_screen(VariantPicker(self.variants, current), self._switch)
+        self.app.push_screen(VariantPicker(self.loader.variants, current), self._switch)
 
     def _switch(self, variant: str | None) -> None:
         current = self.session.info.variant if self.session else None
@@ -293,8 +281,8 @@ class ChatScreen(Screen):
         if self.busy:
             self.notify("Wait for the answer, or press Esc to stop it, before switching variants.")
             return
-        if variant not in {v.id for v in self.variants}:
-            known = ", ".join(v.id for v in self.variants) or "none (not a bundle)"
+        if variant not in {v.id for v in self.loader.variants}:
+            known = ", ".join(v.id for v in self.loader.variants) or "none (not a bundle)"
             self.notify(f"No variant {variant!r}; this bundle has: {known}.", severity="error")
             return
         old, self.session = self.session, None
@@ -303,20 +291,8 @@ class ChatScreen(Screen):
 
     @work(thread=True, exclusive=True, group="model")
     def _load(self, variant: str | None, old: Session | None, messages: list[dict[str, str]], initial: bool = False) -> None:
-        """Free the old variant first (two models may not fit an edge box), then load; on failure reload the old one."""
-        fallback = old.info.variant if old is not None else None
-        if old is not None:
-            old.close()
-        session, error = None, None
-        try:
-            session = self.open_session(variant)
-        except EdgepackError as e:
-            error = e
-            if old is not None:
-                try:
-                    session = self.open_session(fallback)
-                except EdgepackError:
-                    session = None
+        """Switch models off the UI thread; the loader falls back to the old variant when the new one fails."""
+        session, error = self.loader.switch(old, variant)
         if session is not None and self._closing:
             session.close()
             return

@@ -57,6 +57,11 @@ def _root(
 ) -> None:
     if debug:
         os.environ["EDGEPACK_DEBUG"] = "1"
+    else:
+        # edgepack logs each stage with its time; the libraries' own progress bars and advisories
+        # (one "Loading weights" bar per model load) would bury those lines. --debug brings them back.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 for _name in COMMANDS:

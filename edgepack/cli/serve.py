@@ -14,6 +14,9 @@ def register(app: typer.Typer) -> None:
         api_key: str | None = typer.Option(
             None, "--api-key", envvar="EDGEPACK_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes (or set EDGEPACK_API_KEY)."
         ),
+        cors_origin: list[str] = typer.Option(
+            [], "--cors-origin", help="Let web pages from ORIGIN (scheme://host[:port], or * for any) call the API from a browser; repeatable. Off by default."
+        ),
         name: str | None = typer.Option(None, "--name", help="Model id reported by /v1/models (default: the model's name)."),
         backend: str = typer.Option("auto", "--backend", help="auto, llama.cpp or onnx."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
@@ -33,6 +36,7 @@ def register(app: typer.Typer) -> None:
         Example: edgepack serve model.gguf --port 8080, then
         curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
         or point any OpenAI client at base_url="http://127.0.0.1:8080/v1".
+        A web or desktop front end served from http://localhost:5173: add --cors-origin http://localhost:5173.
         """
         from ..errors import UsageError
         from . import info
@@ -48,9 +52,10 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
 
         from ..runtime import load
-        from ..runtime.server import Limits, bind
+        from ..runtime.server import Limits, bind, cors_origins
         from ..runtime.server import serve as run_server
 
+        cors = cors_origins(cors_origin)
         sock = bind(host, port)  # before loading, so a taken port fails fast
         try:
             session = load(model, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant)
@@ -64,8 +69,10 @@ def register(app: typer.Typer) -> None:
             info(f"serving {name or i.name} ({i.backend} on {i.device}, n_ctx {i.n_ctx}) at http://{shown}:{actual}/v1")
             if api_key is None and not _loopback(host):
                 info(f"warning: {host} is reachable from other machines and no --api-key is set")
+            if cors:
+                info(f"browser pages from {', '.join(cors)} may call this server (CORS)")
             limits = Limits(max_body_bytes=max_body_kb * 1024, max_messages=max_messages, max_tokens=max_tokens, max_queue=max_queue)
-            run_server(session, sock, model_id=name, api_key=api_key, limits=limits, log_level=log_level)
+            run_server(session, sock, model_id=name, api_key=api_key, limits=limits, cors=cors, log_level=log_level)
 
 
 def _loopback(host: str) -> bool:

@@ -8,14 +8,12 @@ within a couple of minutes on two busy cores.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -27,44 +25,16 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"temperature": 0, "max_tokens": 8}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _server(gguf, tmp_path, *extra: str):
-    """Run ``edgepack serve`` until /health answers; yields (base url, process); killed on exit."""
-    port = _free_port()
-    log = tmp_path / f"serve-{port}.log"
-    env = {**os.environ, "EDGEPACK_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "edgepack", "serve", str(gguf), "--port", str(port), "--threads", "1", *extra]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"server not healthy after 120 s:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{base}/health", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
+@pytest.fixture(scope="module")
+def served(smollm2_gguf, tmp_path_factory, edgepack_serve):
+    """(base url, process) of the module's server."""
+    with edgepack_serve(smollm2_gguf, tmp_path_factory.mktemp("serve"), "--api-key", KEY, *LIMITS) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_gguf, tmp_path_factory):
-    with _server(smollm2_gguf, tmp_path_factory.mktemp("serve"), "--api-key", KEY, *LIMITS) as (base, _):
-        yield base
+def server(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +117,14 @@ def test_seed_makes_sampling_repeatable(client):
     a = client.chat.completions.create(seed=1234, **ask).choices[0].message.content
     b = client.chat.completions.create(seed=1234, **ask).choices[0].message.content
     assert a == b
+
+
+@pytest.mark.slow
+def test_listens_on_loopback_only_by_default(served):
+    import psutil
+
+    listening = [c.laddr for c in psutil.Process(served[1].pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert [a.ip for a in listening] == ["127.0.0.1"], listening
 
 
 @pytest.mark.slow
@@ -239,6 +217,17 @@ def test_context_overflow_is_400(server):
     for stream in (False, True):  # a stream that cannot start is refused before its first byte
         err = _error(_post(server, "/v1/completions", {"prompt": "word " * 1200, "max_tokens": 4, "stream": stream}), 400)
         assert err["code"] == "context_length_exceeded" and "--n-ctx" in err["message"]
+
+
+@pytest.mark.slow
+def test_cors_is_off_by_default(server):
+    """Without --cors-origin no page elsewhere may read answers: no preflight, no Access-Control-Allow-Origin."""
+    origin = {"Origin": "http://localhost:5173"}
+    pre = httpx.options(f"{server}/v1/chat/completions", headers={**origin, "Access-Control-Request-Method": "POST"}, timeout=10, trust_env=False)
+    assert pre.status_code == 405 and "access-control-allow-origin" not in pre.headers
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, headers={**origin, "Authorization": f"Bearer {KEY}"},
+                   timeout=60, trust_env=False)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
 @pytest.mark.slow
@@ -340,8 +329,8 @@ def test_disconnect_while_queued_leaves_the_queue(server):
 
 # -- the process -------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sigterm_mid_stream_stops_promptly(smollm2_gguf, tmp_path):
-    with _server(smollm2_gguf, tmp_path, "--max-tokens", "400", "--n-ctx", "512") as (base, proc):
+def test_sigterm_mid_stream_stops_promptly(smollm2_gguf, tmp_path, edgepack_serve):
+    with edgepack_serve(smollm2_gguf, tmp_path, "--max-tokens", "400", "--n-ctx", "512") as (base, proc):
         body = {"prompt": COUNTING, "max_tokens": 400, "temperature": 0, "stream": True}
         with httpx.Client(trust_env=False, timeout=60) as c, c.stream("POST", f"{base}/v1/completions", json=body) as r:
             it = r.iter_lines()
@@ -377,6 +366,8 @@ def test_port_in_use_fails_before_loading():
         (["--port", "70000"], "--port must be between 0 and 65535"),
         (["--api-key", " "], "--api-key is empty"),
         (["--log-level", "loud"], "--log-level must be"),
+        (["--cors-origin", "http://localhost:5173/"], "is not an origin"),
+        (["--cors-origin", "localhost:5173"], "is not an origin"),
     ],
 )
 def test_bad_flags_are_one_line_errors(args, fragment):

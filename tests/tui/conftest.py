@@ -21,6 +21,7 @@ import pytest
 from edgepack.bundle import Bundle, Variant
 from edgepack.errors import BackendError
 from edgepack.runtime.base import ModelInfo, SamplingParams, Scores, Session
+from edgepack.runtime.loader import Loader
 
 REPLY = "## Paris\n\nThe capital of **France** is Paris.\n\n- population: about 2 million\n- river: `Seine`\n"
 CHATML = (
@@ -74,15 +75,20 @@ class ScriptedSession(Session):
         self.closed = True
 
 
-class Opener:
-    """Opens ScriptedSessions by variant id and remembers them; ids in ``broken`` fail to load."""
+class Opener(Loader):
+    """The runtime's Loader opening ScriptedSessions by variant id and remembering them; ids in ``broken`` fail to load.
 
-    def __init__(self, *, broken: tuple[str, ...] = (), **session_kwargs) -> None:
+    Only ``open`` is replaced: switching variants, with its fallback, is the real ``Loader.switch``.
+    """
+
+    def __init__(self, *, variants: tuple[Variant, ...] | list[Variant] = (), variant: str | None = None, broken: tuple[str, ...] = (), **session_kwargs) -> None:
+        super().__init__("scripted.gguf", variant=variant)
+        self.variants = list(variants)
         self.broken = broken
         self.kwargs = session_kwargs
         self.opened: list[ScriptedSession] = []
 
-    def __call__(self, variant: str | None) -> ScriptedSession:
+    def open(self, variant: str | None) -> ScriptedSession:
         if variant in self.broken:
             raise BackendError(f"llama.cpp could not load variant {variant}: the file is damaged; re-run the conversion")
         session = ScriptedSession(variant or "q4_k_m", **self.kwargs)
@@ -92,7 +98,7 @@ class Opener:
 
 @pytest.fixture
 def make_opener():
-    """``make_opener(broken=(...), gated=..., n_ctx=...)`` gives an Opener of ScriptedSessions."""
+    """``make_opener(variants=..., variant=..., broken=(...), gated=..., n_ctx=...)`` gives an Opener of ScriptedSessions."""
     return Opener
 
 

@@ -189,8 +189,8 @@ async def test_save_to_an_unwritable_place_says_so(tmp_path, make_opener):
 
 
 async def test_switch_variant_keeps_the_conversation(make_opener, variants, reply):
-    opener = make_opener()
-    app = ChatApp(opener, variants=variants)
+    opener = make_opener(variants=variants)
+    app = ChatApp(opener)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await type_and_send(pilot, "first question")
@@ -211,8 +211,8 @@ async def test_switch_variant_keeps_the_conversation(make_opener, variants, repl
 
 
 async def test_picker_escape_and_unknown_variant_change_nothing(make_opener, variants):
-    opener = make_opener()
-    app = ChatApp(opener, variants=variants)
+    opener = make_opener(variants=variants)
+    app = ChatApp(opener)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await pilot.press("f2")
@@ -224,8 +224,8 @@ async def test_picker_escape_and_unknown_variant_change_nothing(make_opener, var
 
 
 async def test_a_variant_that_fails_to_load_falls_back_to_the_previous_one(make_opener, variants):
-    opener = make_opener(broken=("int4",))
-    app = ChatApp(opener, variants=variants)
+    opener = make_opener(variants=variants, broken=("int4",))
+    app = ChatApp(opener)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await type_and_send(pilot, "/variant int4")
@@ -256,7 +256,7 @@ async def test_context_overflow_is_reported_and_the_question_given_back(make_ope
 
 
 async def test_a_model_that_does_not_load_ends_the_app_with_the_error(make_opener):
-    app = ChatApp(make_opener(broken=("bad",)), variant="bad")
+    app = ChatApp(make_opener(broken=("bad",), variant="bad"))
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: not app.is_running)
     assert isinstance(app.return_value, BackendError)

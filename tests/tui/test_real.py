@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from edgepack.bundle import Bundle
-from edgepack.runtime import load
+from edgepack.runtime import Loader
 from edgepack.runtime.base import SamplingParams
 from edgepack.tui.app import ChatApp
 from edgepack.tui.screens import VariantPicker
@@ -44,7 +43,7 @@ def answers(app) -> list[MessageView]:
 
 async def test_chat_streams_stops_and_saves_on_llamacpp(smollm2_gguf, tmp_path):
     sampling = SamplingParams(temperature=0, max_tokens=400)
-    app = ChatApp(lambda v: load(smollm2_gguf, n_ctx=1024, variant=v), sampling=sampling, system="You are a helpful assistant.")
+    app = ChatApp(Loader(smollm2_gguf, n_ctx=1024), sampling=sampling, system="You are a helpful assistant.")
     async with app.run_test(size=SIZE) as pilot:
         await idle(pilot)
         session = app.screen.session
@@ -81,12 +80,12 @@ async def test_chat_streams_stops_and_saves_on_llamacpp(smollm2_gguf, tmp_path):
 async def test_switch_variant_mid_conversation_on_a_real_bundle(two_variant_bundle):
     opened = []
 
-    def open_session(variant):
-        opened.append(load(two_variant_bundle, n_ctx=512, variant=variant))
-        return opened[-1]
+    class Counting(Loader):
+        def open(self, variant):
+            opened.append(super().open(variant))
+            return opened[-1]
 
-    variants = Bundle.open(two_variant_bundle).variants
-    app = ChatApp(open_session, variants=variants, sampling=SamplingParams(temperature=0, max_tokens=8))
+    app = ChatApp(Counting(two_variant_bundle, n_ctx=512), sampling=SamplingParams(temperature=0, max_tokens=8))
     async with app.run_test(size=SIZE) as pilot:
         await idle(pilot)
         assert app.screen.session.info.variant == "a"  # the first variant in the manifest

@@ -66,4 +66,4 @@ def test_variant_picker(snap_compare, make_opener, variants):
         await pilot.press("f2")
         await pilot.pause(0.2)
 
-    assert snap_compare(ChatApp(make_opener(), variants=variants), terminal_size=SIZE, run_before=run_before)
+    assert snap_compare(ChatApp(make_opener(variants=variants)), terminal_size=SIZE, run_before=run_before)

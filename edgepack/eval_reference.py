@@ -1,0 +1,258 @@
+"""The reference of ``eval``: the float checkpoint's next-token distributions on the eval text, kept in the bundle.
+
+The reference (the float checkpoint the bundle was converted from) is run once
+with transformers; what the metrics need is kept in the bundle, so later evals
+need neither the checkpoint nor full logits (a float32 row of a 49,152-token
+vocabulary is 192 KB per position)::
+
+    eval/reference.npz    tokens [W, L]; per position: the reference's top-k token ids and
+                          log-probs, the log of the mass outside the top-k, and the
+                          log-prob of the actual next token
+    eval/reference.json   settings, text provenance, greedy answers to the prompt set
+
+Both are rebuilt when the source, the eval text, the calibration or the settings
+change (``_reference_key``). Eval windows share no 64-token span with any
+calibration text the manifest records (checked by hash, ``_clean_windows``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .bundle import Bundle
+from .converters import calibration
+from .errors import BundleError, CalibrationError, EdgepackError, UsageError
+from .eval_hf import HFModel
+from .fsutil import atomic_path, write_json
+
+EVAL_DIR = "eval"
+REF_NPZ = "reference.npz"
+REF_JSON = "reference.json"
+SPAN = 64  # tokens per hashed span when checking eval windows against calibration text
+HF_DEFAULT = "hf:wikitext:wikitext-2-raw-v1:test:text"
+
+# Written for edgepack: short tasks whose greedy answers say whether a variant still behaves like its reference.
+PROMPTS = (
+    "What is the capital of France? Answer in one sentence.",
+    "Write a Python function that returns the square of a number.",
+    "List three colours of the rainbow.",
+    "Explain in two sentences why the sky looks blue.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 plus 30?",
+    "Give one tip for writing readable code.",
+    "Name a planet in the solar system and one fact about it.",
+    "Summarise what a hash table is in one sentence.",
+    "Suggest a name for a small grey cat.",
+)
+
+
+@dataclass
+class EvalConfig:
+    """What eval scores; the reference is rebuilt when any of these (or the calibration) change."""
+
+    text: str = "auto"  # auto (wikitext-2 when online, else builtin) | builtin | a file | hf:DATASET[:CONFIG]:SPLIT:COLUMN
+    windows: int = 8  # scored windows
+    window_len: int = 512  # tokens per window
+    top_k: int = 64  # reference log-probs kept per position
+    variant_top_k: int = 256  # variant log-probs requested per position (for the KL buckets)
+    prompts: int = 8  # prompts for generation agreement (0 skips it)
+    prompts_file: str | None = None  # one prompt per line instead of the built-in set
+    max_new_tokens: int = 64  # greedy answer length
+    calibration_files: tuple[str, ...] = ()  # the user files a bundle was calibrated on, to check disjointness
+
+    def check(self) -> None:
+        if self.windows < 1 or self.window_len < 16:
+            raise UsageError("eval needs at least 1 window of at least 16 tokens: raise --windows / --window-len")
+        if not 1 <= self.top_k <= self.variant_top_k <= 1000:
+            raise UsageError("eval needs 1 <= top_k <= variant_top_k <= 1000 (the runtime returns at most 1000 per position)")
+        if self.prompts < 0 or self.max_new_tokens < 1:
+            raise UsageError("prompts must be >= 0 and max_new_tokens >= 1")
+
+
+@dataclass
+class Reference:
+    tokens: np.ndarray  # [W, L] int32
+    top_ids: np.ndarray  # [W, L-1, k] int32
+    top_logp: np.ndarray  # [W, L-1, k] float32
+    rest_logp: np.ndarray  # [W, L-1] float32
+    target_logp: np.ndarray  # [W, L-1] float32
+    meta: dict[str, Any]
+
+
+# -- reference ---------------------------------------------------------------------------------
+
+
+def reference(
+    bundle: Bundle, cfg: EvalConfig, *, device: str = "auto", threads: int | None = None, log: Callable[[str], None] = print
+) -> Reference:
+    """The bundle's stored reference if its settings match, else compute and store it.
+
+    Raises BundleError (reference checkpoint gone), CalibrationError (text too short or
+    overlapping calibration), OfflineError, MissingDependencyError.
+    """
+    folder = bundle.root / EVAL_DIR
+    text = _eval_text(cfg.text, log)
+    key = _reference_key(bundle, cfg, text)
+    if (folder / REF_JSON).is_file() and (folder / REF_NPZ).is_file():
+        meta = json.loads((folder / REF_JSON).read_text())
+        with np.load(folder / REF_NPZ) as z:
+            if meta.get("key") == key and "key" in z.files and str(z["key"]) == key:  # both files of the same run (each is written atomically)
+                return Reference(z["tokens"], z["top_ids"], z["top_logp"], z["rest_logp"], z["target_logp"], meta)
+    log(f"computing reference distributions on {text.name} with transformers (once per bundle)")
+    model = HFModel(_reference_path(bundle), device=device, threads=threads)
+    start = time.perf_counter()
+    ids = calibration.token_stream(text, model.tokenizer, chat=False)
+    prefix = model.tokenizer("", add_special_tokens=True)["input_ids"]  # BOS, for models that need one (Gemma, Llama 2)
+    wins, skipped = _clean_windows(bundle, ids, cfg, cfg.window_len - len(prefix), model.tokenizer)
+    wins = [prefix + w for w in wins]
+    rows = [model.score(w, top_k=cfg.top_k) for w in wins]
+    prompts = _prompts(cfg)
+    prompt_ids = [model.chat_ids(p) for p in prompts]
+    answers = [model.greedy(p, cfg.max_new_tokens) for p in prompt_ids]
+    ref = Reference(
+        tokens=np.asarray(wins, dtype=np.int32),
+        top_ids=np.stack([r.top_ids for r in rows]).astype(np.int32),
+        top_logp=np.stack([r.top_logprobs for r in rows]).astype(np.float32),
+        rest_logp=np.stack([r.rest_logprob for r in rows]).astype(np.float32),
+        target_logp=np.stack([r.logprobs for r in rows]).astype(np.float32),
+        meta={
+            "key": key,
+            "config": asdict(cfg),
+            "text": text.provenance(len(ids)),
+            "windows": len(wins),
+            "window_len": cfg.window_len,
+            "top_k": cfg.top_k,
+            "skipped_overlapping_windows": skipped,
+            "device": model.device,
+            "ppl": float(np.exp(-np.mean([r.logprobs for r in rows]))),
+            "prompts": prompts,
+            "prompt_ids": prompt_ids,
+            "answers": answers,
+            "wall_s": round(time.perf_counter() - start, 2),
+        },
+    )
+    with atomic_path(folder / REF_NPZ) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(
+            f, key=np.array(key), tokens=ref.tokens, top_ids=ref.top_ids, top_logp=ref.top_logp, rest_logp=ref.rest_logp, target_logp=ref.target_logp
+        )
+    write_json(folder / REF_JSON, ref.meta)
+    model.close()
+    return ref
+
+
+def _reference_path(bundle: Bundle) -> Path:
+    raw = bundle.data.get("source", {}).get("reference_path")
+    path = Path(raw) if raw else None
+    if path is None or not (path / "config.json").is_file():
+        ref = bundle.data.get("source", {}).get("ref", "the source model")
+        raise BundleError(
+            f"the reference checkpoint of {bundle.root} ({raw}) is gone and the bundle holds no reference for these settings: "
+            f"run `edgepack pull {ref}` again, or eval with the settings the bundle was evaluated with"
+        )
+    return path
+
+
+def _eval_text(preset: str, log: Callable[[str], None]) -> calibration.Text:
+    from . import constants
+
+    if preset != "auto":
+        return calibration.load(preset, split="eval")
+    if not constants.hf_offline():
+        try:
+            return calibration.load(HF_DEFAULT, split="eval")
+        except EdgepackError as e:  # offline, no `datasets`, dataset gone
+            log(f"wikitext-2 unavailable ({e}); using the built-in eval text")
+    return calibration.load("builtin", split="eval")
+
+
+def _reference_key(bundle: Bundle, cfg: EvalConfig, text: calibration.Text) -> str:
+    src = bundle.data.get("source", {})
+    payload = {
+        "files": sorted(f.get("sha256", "") for f in src.get("files", [])),
+        "revision": src.get("revision"),
+        "text": text.sha256,
+        "calibration": sorted(c.get("sha256", "") for c in bundle.data.get("calibration", [])),
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("variant_top_k", "calibration_files")},
+        "prompts": _prompts(cfg),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _prompts(cfg: EvalConfig) -> list[str]:
+    if cfg.prompts_file:
+        path = Path(cfg.prompts_file).expanduser()
+        if not path.is_file():
+            raise UsageError(f"prompts file {path} does not exist: give a text file with one prompt per line")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return lines[: cfg.prompts]
+    return list(PROMPTS[: cfg.prompts])
+
+
+# -- disjointness from calibration ---------------------------------------------------------------
+
+
+def _clean_windows(bundle: Bundle, ids: list[int], cfg: EvalConfig, length: int, tokenizer) -> tuple[list[list[int]], int]:
+    """The first ``cfg.windows`` windows sharing no 64-token span with any calibration text.
+
+    Windows that overlap are skipped (the stdlib repeats some docstring passages);
+    raises CalibrationError when too few clean windows remain or a calibration text
+    cannot be found again to check against.
+    """
+    texts = _calibration_texts(bundle, cfg.calibration_files)
+    cal_hashes = [_span_hashes(np.asarray(calibration.token_stream(t, tokenizer, chat=False))) for t in texts]
+    out, skipped = [], 0
+    for w in calibration.windows(ids, len(ids) // length, length, what="eval"):
+        h = _span_hashes(np.asarray(w))
+        if any(np.isin(h, c).any() for c in cal_hashes):
+            skipped += 1
+            continue
+        out.append(w)
+        if len(out) == cfg.windows:
+            return out, skipped
+    raise CalibrationError(
+        f"eval text gives {len(out)} windows of {cfg.window_len} tokens free of calibration text ({skipped} overlapped), "
+        f"{cfg.windows} needed: give a longer eval text that is disjoint from the calibration text, or fewer/shorter windows"
+    )
+
+
+def _calibration_texts(bundle: Bundle, files: tuple[str, ...]) -> list[calibration.Text]:
+    """Every calibration text the manifest records, reloaded and checked against its sha256."""
+    given = [calibration.load(f) for f in files]
+    out = []
+    for rec in bundle.data.get("calibration", []):
+        name = rec.get("name", "")
+        preset, _, split = name.rpartition(":")
+        if name.startswith("file:"):
+            text = next((t for t in given if t.sha256 == rec.get("sha256")), None)
+            if text is None:
+                raise CalibrationError(
+                    f"the bundle was calibrated on the user file {name[5:]!r}; pass it with --calibration-file so eval can "
+                    "check that the eval text is disjoint from it"
+                )
+        elif split in ("calibration", "eval"):
+            text = calibration.load(preset, split=split)
+        else:
+            raise CalibrationError(f"the manifest names calibration text {name!r}, which eval does not know: re-run the conversion")
+        if rec.get("sha256") and text.sha256 != rec["sha256"]:
+            raise CalibrationError(f"calibration text {name} changed since the conversion: re-run the conversion to re-check it")
+        out.append(text)
+    return out
+
+
+_MULT = np.random.default_rng(20261127).integers(1, 2**63, size=SPAN, dtype=np.uint64) | np.uint64(1)
+
+
+def _span_hashes(ids: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of every 64-token span (random linear hash mod 2**64)."""
+    if len(ids) < SPAN:
+        return np.zeros(0, dtype=np.uint64)
+    spans = np.lib.stride_tricks.sliding_window_view(ids.astype(np.uint64), SPAN)
+    with np.errstate(over="ignore"):
+        return (spans * _MULT).sum(axis=1, dtype=np.uint64)

@@ -1,0 +1,68 @@
+"""``Loader``: one model's variants, loaded one at a time with fixed settings, for apps that switch mid-session.
+
+``edgepack chat`` holds one; a desktop app can do the same::
+
+    loader = Loader("bundle-dir", n_ctx=4096)
+    session, error = loader.switch(None, loader.first)      # the start-up load
+    session, error = loader.switch(session, "onnx-int4")    # F2 in the chat
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..bundle import MANIFEST, Bundle, Variant
+from ..errors import EdgepackError
+from .base import Session
+
+
+class Loader:
+    """Loads ``path`` (a bundle, a .gguf file or an ONNX folder) by variant id, always with the same device, context and threads.
+
+    ``variants`` lists a bundle's variants (empty for a single model); ``first`` is the
+    variant asked for at start (None: ``load``'s own pick). Raises BundleError when
+    ``path`` is a bundle whose manifest does not open.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        variant: str | None = None,
+        backend: str = "auto",
+        device: str = "auto",
+        n_ctx: int | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.path = Path(path).expanduser()
+        self.first = variant
+        self.backend, self.device, self.n_ctx, self.threads = backend, device, n_ctx, threads
+        self.variants: list[Variant] = Bundle.open(self.path).variants if (self.path / MANIFEST).is_file() else []
+
+    def open(self, variant: str | None) -> Session:
+        """Load ``variant``; raises what ``edgepack.load`` raises."""
+        from . import load  # the package imports this module first
+
+        # The backend asked for steers the first pick only; a variant picked later brings its own backend.
+        backend = self.backend if variant == self.first else "auto"
+        return load(self.path, backend=backend, device=self.device, n_ctx=self.n_ctx, threads=self.threads, variant=variant)
+
+    def switch(self, old: Session | None, variant: str | None) -> tuple[Session | None, EdgepackError | None]:
+        """Close ``old``, then load ``variant``; when that fails, load ``old``'s variant again.
+
+        The old model is freed first because two may not fit an edge box. Returns the
+        session now loaded (None when nothing could be) and the error of the failed load.
+        """
+        fallback = old.info.variant if old is not None else None
+        if old is not None:
+            old.close()
+        try:
+            return self.open(variant), None
+        except EdgepackError as e:
+            if old is None:
+                return None, e
+            try:
+                return self.open(fallback), e
+            except EdgepackError:
+                return None, e
