@@ -50,3 +50,16 @@ def test_wheel_installs_only_the_edgepack_package(tmp_path):
     assert Path(pkg).parent == target / "edgepack"
     assert Path(runtime).parent == target / "edgepack" / "runtime"
     assert "gemma3-270m" in recipes.split(",")
+
+
+def test_import_hides_only_torchaos_enum_notice():
+    """torchao's import-time deprecation notice is filtered; other torch pytree warnings still show."""
+    pytest.importorskip("torchao")
+    code = (
+        "import edgepack, logging, torchao\n"
+        "logging.getLogger('torch.utils._pytree').warning('another pytree warning')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Enum subclass" not in done.stderr
+    assert "another pytree warning" in done.stderr
