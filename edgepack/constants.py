@@ -41,3 +41,27 @@ def debug() -> bool:
 
 def hf_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint answers at all, asked once per process.
+
+    Used before optional downloads (eval's wikitext-2 default) so that a machine
+    without network falls back at once instead of waiting out the datasets
+    library's retries.
+    """
+    global _HUB_REACHABLE
+    if _HUB_REACHABLE is None:
+        import httpx
+
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        try:
+            httpx.head(endpoint, timeout=timeout)
+            _HUB_REACHABLE = True
+        except httpx.HTTPError:
+            _HUB_REACHABLE = False
+    return _HUB_REACHABLE
+
+
+_HUB_REACHABLE: bool | None = None
+

@@ -164,10 +164,12 @@ def _eval_text(preset: str, log: Callable[[str], None]) -> calibration.Text:
 
     if preset != "auto":
         return calibration.load(preset, split="eval")
-    if not constants.hf_offline():
+    if not constants.hf_offline() and not constants.hub_reachable():
+        log("the hub cannot be reached, so eval uses the built-in text instead of wikitext-2")
+    elif not constants.hf_offline():
         try:
             return calibration.load(HF_DEFAULT, split="eval")
-        except EdgepackError as e:  # offline, no `datasets`, dataset gone
+        except EdgepackError as e:  # no `datasets`, dataset gone
             log(f"wikitext-2 unavailable ({e}); using the built-in eval text")
     return calibration.load("builtin", split="eval")
 

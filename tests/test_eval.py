@@ -196,3 +196,17 @@ def test_gptq_variant_is_scored_with_transformers(tmp_path):
     assert 0 < q8["kld"]["mean"] < gptq["kld"]["mean"] < 5
     assert 0 < gptq["top1_agreement"] < q8["top1_agreement"] <= 1
     assert np.isfinite(gptq["ppl"]) and gptq["generation"]["prompts"] == 2
+
+
+def test_auto_eval_text_falls_back_at_once_when_the_hub_is_unreachable(monkeypatch):
+    """Online mode but no route to the hub: the built-in text, said in one line, without the datasets retries."""
+    from edgepack import constants
+    from edgepack.eval_reference import _eval_text
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
+    monkeypatch.setattr(constants, "_HUB_REACHABLE", None)
+    lines: list[str] = []
+    text = _eval_text("auto", lines.append)
+    assert text.name.startswith("builtin")
+    assert lines == ["the hub cannot be reached, so eval uses the built-in text instead of wikitext-2"]
