@@ -2,9 +2,13 @@
 
     nice .venv/bin/python benchmarks/gguf_quality.py [--reference DIR] [--out gguf_quality.json]
 
-Every variant is made by edgepack's stages (f32 GGUF writer, importance
-matrix and sensitivity from the builtin calibration split, llama.cpp's
-quantizer), cached in the edgepack home, so a rerun only re-evaluates.
+Every variant is made by ``edgepack.convert`` with the options the
+``convert`` flags set (``--no-imatrix``, ``--target-size``,
+``--target-types``): the f16 GGUF writer, the importance matrix and
+sensitivity from the builtin calibration split, llama.cpp's quantizer. The
+stages are cached in the edgepack home, so a rerun only re-evaluates.
+``--rows`` picks rows; a size-targeted row also builds the row whose size it
+targets.
 
 Evaluation: ``--tokens`` (3,072) tokens of the builtin *eval* split (held
 out from calibration by construction), plain text, cut into 512-token
@@ -29,6 +33,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,97 +70,109 @@ def score(path: Path, windows: list[list[int]], ref_lp, threads: int) -> dict:
     return {"kld": round(float(k.mean()), 5), "kld_p99": round(float(np.quantile(k, 0.99)), 4), "top1": round(float(a.mean()), 4)}
 
 
+# row -> (gguf type, convert options); "@" rows are size-targeted at the size of the row named after it
+ROWS = {
+    "Q4_K_M": ("Q4_K_M", {"imatrix": False}),
+    "Q4_K_M+imatrix": ("Q4_K_M", {}),
+    "Q3_K_S": ("Q3_K_S", {"imatrix": False}),
+    "Q3_K_S+imatrix": ("Q3_K_S", {}),
+    "IQ4_XS": ("IQ4_XS", {"imatrix": False}),
+    "IQ4_XS+imatrix": ("IQ4_XS", {}),
+    "target@Q4_K_M": ("Q4_K_M", {"target_size": "Q4_K_M+imatrix"}),
+    "target-no-q4_1@Q4_K_M": ("Q4_K_M", {"target_size": "Q4_K_M+imatrix", "target_types": "no-grid"}),
+    "target-no-q4_1@Q3_K_S": ("Q3_K_S", {"target_size": "Q3_K_S+imatrix", "target_types": "no-grid"}),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reference", help="float checkpoint folder (default: pull smollm2-135m with edgepack)")
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to score (default: all)")
     ap.add_argument("--tokens", type=int, default=3072, help="held-out tokens to score")
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--imatrix-tokens", type=int, default=20480, help="calibration tokens for the importance matrix")
-    ap.add_argument("--sensitivity-tokens", type=int, default=8192, help="calibration tokens for the gradient pass")
-    ap.add_argument("--calibration-window", type=int, default=512)
+    ap.add_argument("--calibration-tokens", help="calibration tokens for the imatrix and sensitivity (default: 20480 and 8192)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if unknown := [r for r in rows if r not in ROWS]:
+        ap.error(f"unknown rows {unknown}: choose from {', '.join(ROWS)}")
 
     from transformers import AutoTokenizer
 
+    from edgepack.convert import convert
     from edgepack.converters import calibration
-    from edgepack.converters.gguf import GGUFWrite
-    from edgepack.converters.imatrix import Imatrix
     from edgepack.converters.pull import from_folder, pull
-    from edgepack.converters.quantize import Quantize
-    from edgepack.converters.sensitivity import Sensitivity
-    from edgepack.stages import run_stage
+    from edgepack.converters.sensitivity import CANDIDATES
 
     def log(message: str) -> None:
         print(message, flush=True, file=sys.stderr)
 
     source = from_folder(Path(args.reference)) if args.reference else pull("smollm2-135m", log=log)
     started = time.perf_counter()
-    f32, _ = run_stage(GGUFWrite(), source, GGUFWrite.Config(outtype="f32"))
-    calib = {"window": args.calibration_window}
-    imat, step = run_stage(Imatrix(), source, Imatrix.Config(tokens=args.imatrix_tokens, **calib))
-    log(f"imatrix: {imat.meta['calibration']} ({step.wall_s:.0f} s{' cached' if step.cached else ''})")
-    sens, step = run_stage(Sensitivity(), source, Sensitivity.Config(imatrix=str(imat.path), tokens=args.sensitivity_tokens, **calib))
-    log(f"sensitivity: {step.wall_s:.0f} s{' cached' if step.cached else ''}")
+    common = {"calibration_tokens": args.calibration_tokens} if args.calibration_tokens else {}
+    no_grid = [t for t in CANDIDATES if t not in ("Q4_1", "Q5_1")]
+    made: dict = {}  # row -> the bundle's Variant
+    files: dict[str, Path] = {}
 
-    def make(**cfg):
-        art, step = run_stage(Quantize(), f32, Quantize.Config(**cfg))
-        log(f"{art.path.name}: {art.meta['bytes'] / 1e6:.1f} MB ({step.wall_s:.0f} s{' cached' if step.cached else ''})")
-        return art
+    def make(row: str, work: Path):
+        """The row's variant, made by ``edgepack convert`` exactly as a user gets it (stages cached in the edgepack home)."""
+        if row not in made:
+            kind, opts = ROWS[row]
+            opts = dict(opts)
+            if "target_size" in opts:
+                opts["target_size"] = make(opts["target_size"], work).meta["bytes"]
+            if opts.get("target_types") == "no-grid":
+                opts["target_types"] = no_grid
+            t0 = time.perf_counter()
+            bundle = convert(str(source.path), f"gguf:{kind}", work / row, options={**common, **opts}, log=log)
+            (variant,) = bundle.variants
+            made[row], files[row] = variant, bundle.root / variant.path
+            log(f"{row}: {variant.id}, {variant.meta['bytes'] / 1e6:.1f} MB ({time.perf_counter() - t0:.0f} s)")
+        return made[row]
 
-    im = str(imat.path)
-    variants = {
-        "Q4_K_M": make(type="Q4_K_M"),
-        "Q4_K_M+imatrix": make(type="Q4_K_M", imatrix=im),
-        "Q3_K_S": make(type="Q3_K_S"),
-        "Q3_K_S+imatrix": make(type="Q3_K_S", imatrix=im),
-        "IQ4_XS": make(type="IQ4_XS"),
-        "IQ4_XS+imatrix": make(type="IQ4_XS", imatrix=im),
-    }
-    q4km_size = variants["Q4_K_M+imatrix"].meta["bytes"]
-    variants["target@Q4_K_M"] = make(type="Q4_K_M", imatrix=im, target_size=q4km_size, sensitivity=str(sens.path))
-    no_grid = [t for t in Sensitivity.Config().types if t not in ("Q4_1", "Q5_1")]
-    target = dict(imatrix=im, sensitivity=str(sens.path))
-    variants["target-no-q4_1@Q4_K_M"] = make(type="Q4_K_M", target_size=q4km_size, target_types=no_grid, **target)
-    q3_size = variants["Q3_K_S+imatrix"].meta["bytes"]
-    variants["target-no-q4_1@Q3_K_S"] = make(type="Q3_K_S", target_size=q3_size, target_types=no_grid, **target)
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = {row: make(row, Path(tmp)) for row in rows}
 
-    tok = AutoTokenizer.from_pretrained(source.path)
-    text = calibration.load("builtin", "eval")
-    n = args.tokens // args.window
-    ids = calibration.token_stream(text, tok, chat=False, max_tokens=n * args.window)
-    windows = calibration.windows(ids, n, args.window, what="eval")
-    ref_lp = reference_logprobs(source.path, windows)
+        tok = AutoTokenizer.from_pretrained(source.path)
+        text = calibration.load("builtin", "eval")
+        n = args.tokens // args.window
+        ids = calibration.token_stream(text, tok, chat=False, max_tokens=n * args.window)
+        windows = calibration.windows(ids, n, args.window, what="eval")
+        ref_lp = reference_logprobs(source.path, windows)
 
-    results = {}
-    for name, art in variants.items():
-        results[name] = {
-            "file": art.path.name,
-            "bytes": art.meta["bytes"],
-            "bits_per_weight": art.meta["bits_per_weight"],
-            "tensor_types": art.meta["tensor_types"],
-            "fallbacks": len(art.meta["fallbacks"]),
-            **score(art.path, windows, ref_lp, args.threads),
-        }
-        if "target" in art.meta:
-            results[name]["predicted_kld"] = art.meta["target"]["predicted_loss"]
-        log(f"{name}: {results[name]}")
-    ours = results["Q4_K_M+imatrix"]["kld"]
+        results = {}
+        for row, variant in variants.items():
+            meta = variant.meta
+            results[row] = {
+                "variant": variant.id,
+                "file": files[row].name,
+                "bytes": meta["bytes"],
+                "bits_per_weight": meta["bits_per_weight"],
+                "tensor_types": meta["tensor_types"],
+                "fallbacks": len(meta["fallbacks"]),
+                **score(files[row], windows, ref_lp, args.threads),
+            }
+            if "target" in meta:
+                results[row]["target_size"] = meta["target"].get("target_size")
+                results[row]["predicted_kld"] = meta["target"]["predicted_loss"]
+            log(f"{row}: {results[row]}")
+    bars = {}
+    if "Q4_K_M+imatrix" in results:
+        ours = results["Q4_K_M+imatrix"]["kld"]
+        bars = {"q4_k_m_imatrix_kld": ours, "q4_k_m_imatrix_kld_le_0.045": ours <= 0.045}
+        for row in ("target@Q4_K_M", "target-no-q4_1@Q4_K_M"):
+            if row in results:
+                bars[f"{row}_vs_q4_k_m_imatrix"] = round(results[row]["kld"] / ours, 3)
+                bars[f"{row}_le_0.8x"] = results[row]["kld"] <= 0.8 * ours
     out = {
         "benchmark": "gguf_quality",
         "model": source.meta.get("recipe") or str(source.path),
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
         "eval": {"text": text.provenance(n * args.window), "windows": n, "window": args.window, "chat": False},
-        "imatrix": imat.meta["calibration"],
+        "calibration": next((v.meta["imatrix"] for v in variants.values() if "imatrix" in v.meta), None),
         "variants": results,
-        "bars": {
-            "q4_k_m_imatrix_kld": ours,
-            "q4_k_m_imatrix_kld_le_0.045": ours <= 0.045,
-            "target_vs_q4_k_m_imatrix": round(results["target@Q4_K_M"]["kld"] / ours, 3),
-            "target_le_0.8x": results["target@Q4_K_M"]["kld"] <= 0.8 * ours,
-            "target_no_q4_1_vs_q4_k_m_imatrix": round(results["target-no-q4_1@Q4_K_M"]["kld"] / ours, 3),
-        },
+        "bars": bars,
         "wall_s": round(time.perf_counter() - started, 1),
     }
     text_out = json.dumps(out, indent=2)

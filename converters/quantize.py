@@ -89,8 +89,16 @@ def parse_tensor_types(items: list[str]) -> list[tuple[str, str]]:
             re.compile(pattern)
         except re.error as e:
             raise UsageError(f"--tensor-type {item!r}: {pattern!r} is not a regular expression ({e})") from e
-        out.append((pattern, tensor_type(kind)))
+        try:
+            out.append((pattern, tensor_type(kind)))
+        except UsageError as e:
+            raise UsageError(f"--tensor-type {item!r}: {e}") from e
     return out
+
+
+def imatrix_needed(ftype: str, tensor_types: list[str]) -> list[str]:
+    """Which of file type ``ftype`` and per-tensor ``tensor_types`` llama.cpp refuses to make without an importance matrix."""
+    return sorted(set(tensor_types) & TENSOR_NEEDS_IMATRIX | {ftype} & NEEDS_IMATRIX)
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -361,7 +369,7 @@ class Quantize(Stage):
         out_type = tensor_type(config.output_type) if config.output_type else None
         embd_type = tensor_type(config.token_embedding_type) if config.token_embedding_type else None
         if config.imatrix is None:
-            needs = sorted(({t for _, t in overrides} | {out_type, embd_type}) & TENSOR_NEEDS_IMATRIX | {ftype} & NEEDS_IMATRIX)
+            needs = imatrix_needed(ftype, [k for _, k in overrides] + [k for k in (out_type, embd_type) if k])
             if needs:
                 raise UsageError(
                     f"{', '.join(needs)} needs an importance matrix (llama.cpp refuses to make it without one): "
@@ -387,13 +395,9 @@ class Quantize(Stage):
                 # llama.cpp exempts these two from its imatrix check, then ggml aborts the process
                 raise UsageError(f"{name} cannot be {kind}: that type needs importance-matrix data for it; choose Q2_K or larger")
         if config.target_size or config.target_bpw:
-            # types the user set are not ours to choose; --output-type/--token-embedding-type beat patterns in llama.cpp
-            fixed = {n: k for n, k in (("token_embd.weight", embd_type), ("output.weight", out_type)) if k and n in tensors}
-            for name in (n for n, t in tensors.items() if t.quantizable):
-                fixed.setdefault(name, next((k for p, k in overrides if re.search(p, name)), None))
             from .sensitivity import plan_target
 
-            meta["target"] = plan_target(config, tensors, data_offset, {n: k for n, k in fixed.items() if k})
+            meta["target"] = plan_target(config, tensors, data_offset, _fixed_types(tensors, overrides, out_type, embd_type))
             params.overrides += [(f"^{re.escape(n)}$", TENSOR_TYPES[k]) for n, k in sorted(meta["target"]["types"].items())]
         dest = out_dir / self._out_name(inp.path, config)
         log = _write(inp.path, dest, params, data_offset)
@@ -402,6 +406,28 @@ class Quantize(Stage):
             raise BackendError(f"{dest.name} came out at {meta['bytes']} bytes, over the {config.target_size} planned: please report this")
         meta["fallbacks"] = fallbacks_in(log)
         return Artifact(Kind.GGUF, dest, meta)
+
+
+def check_target(src: Path, config: Quantize.Config) -> None:
+    """Refuse a size target that the smallest candidate types miss, from ``src``'s tensor sizes alone; raises UsageError.
+
+    Run before the sensitivity stage, which takes minutes to hours.
+    """
+    from .sensitivity import check_target as check
+
+    tensors, data_offset = read_tensors(src)
+    overrides = parse_tensor_types(config.tensor_types)
+    out_type = tensor_type(config.output_type) if config.output_type else None
+    embd_type = tensor_type(config.token_embedding_type) if config.token_embedding_type else None
+    check(config, tensors, data_offset, _fixed_types(tensors, overrides, out_type, embd_type))
+
+
+def _fixed_types(tensors: dict[str, TensorInfo], overrides, out_type: str | None, embd_type: str | None) -> dict[str, str]:
+    """Types the user set, which a size target does not choose; --output-type/--token-embedding-type beat patterns in llama.cpp."""
+    fixed = {n: k for n, k in (("token_embd.weight", embd_type), ("output.weight", out_type)) if k and n in tensors}
+    for name in (n for n, t in tensors.items() if t.quantizable):
+        fixed.setdefault(name, next((k for p, k in overrides if re.search(p, name)), None))
+    return {n: k for n, k in fixed.items() if k}
 
 
 def _use_imatrix(params: _Params, path: Path, tensors: dict[str, TensorInfo], model: str) -> dict[str, Any]:

@@ -167,8 +167,8 @@ def plan_mix(options: dict[str, list[tuple[str, int, float]]], budget: int) -> d
     used = sum(h[0][1] for h in hulls.values())
     if used > budget:
         raise UsageError(
-            f"the smallest types measured still need {used / 1e6:.2f} MB of weights, over the {budget / 1e6:.2f} MB left for them: "
-            "raise the target size, or add smaller candidate types to the sensitivity stage"
+            f"the smallest types allowed still need {used / 1e6:.2f} MB of weights, over the {budget / 1e6:.2f} MB left for them: "
+            "raise the target size, or allow smaller --target-types"
         )
     heap = [(-_gain(h, 0), name) for name, h in hulls.items() if len(h) > 1]
     heapq.heapify(heap)
@@ -222,39 +222,10 @@ def plan_target(config, tensors: dict[str, TensorInfo], data_offset: int, fixed:
 
     Raises UsageError, CalibrationError.
     """
-    if config.target_size and config.target_bpw:
-        raise UsageError("give a target size or a target bits per weight, not both")
     if not config.sensitivity:
         raise UsageError("a size target needs measured sensitivity: run the sensitivity stage on the reference checkpoint first")
     table = load_table(Path(config.sensitivity), config.imatrix)
-    usable = {tensor_type(k) for k in config.target_types} if config.target_types else set(TENSOR_TYPES)
-    g = ggml()
-    options: dict[str, list[tuple[str, int, float]]] = {}
-    rest = 0  # bytes of the tensors whose type is not ours to choose
-    for name, t in tensors.items():
-        if name in fixed:
-            rest += g.nbytes(TENSOR_TYPES[fixed[name]], t.shape)
-            continue
-        if not t.quantizable:
-            rest += g.nbytes(t.type, t.shape)
-            continue
-        entry = table.get(name)
-        if entry is None or (entry["columns"], entry["rows"]) != (t.shape[0], int(np.prod(t.shape[1:]))):
-            raise CalibrationError(
-                f"the sensitivity table {config.sensitivity} has no entry of shape {list(t.shape)} for {name}: "
-                "it was measured on another model; run the sensitivity stage on this model's reference"
-            )
-        allowed = [(k, loss) for k, loss in entry["loss"].items() if k in usable and (config.imatrix or k not in TENSOR_NEEDS_IMATRIX)]
-        if not allowed:
-            raise UsageError(f"no measured type allowed for the size target fits {name} ({t.shape[0]} columns): allow more --target-types")
-        options[name] = [(k, g.nbytes(TENSOR_TYPES[k], t.shape), loss) for k, loss in allowed]
-    if config.target_size:
-        budget = config.target_size - data_offset - HEADER_SLACK - SIZE_MARGIN - rest
-        goal = {"target_size": config.target_size}
-    else:
-        n_params = sum(int(np.prod(t.shape)) for t in tensors.values())
-        budget = int(config.target_bpw * n_params / 8) - rest
-        goal = {"target_bpw": config.target_bpw}
+    options, budget, goal = _problem(config, tensors, data_offset, fixed, table)
     types = plan_mix(options, budget)
     losses = {name: dict((k, loss) for k, _, loss in opts) for name, opts in options.items()}
     counts: dict[str, int] = {}
@@ -266,6 +237,48 @@ def plan_target(config, tensors: dict[str, TensorInfo], data_offset: int, fixed:
         "chosen": dict(sorted(counts.items())),
         "types": types,
     }
+
+
+def check_target(config, tensors: dict[str, TensorInfo], data_offset: int, fixed: dict[str, str]) -> None:
+    """Raise UsageError if even the smallest candidate types miss the target: from sizes alone, before sensitivity is measured."""
+    options, budget, _ = _problem(config, tensors, data_offset, fixed, None)
+    plan_mix({name: [min(opts, key=lambda o: o[1])] for name, opts in options.items()}, budget)
+
+
+def _problem(config, tensors, data_offset, fixed, table: dict[str, Any] | None):
+    """(options per tensor, byte budget for them, goal record) of a target; without a table every candidate costs no loss."""
+    if config.target_size and config.target_bpw:
+        raise UsageError("give a target size or a target bits per weight, not both")
+    usable = {tensor_type(k) for k in config.target_types} if config.target_types else set(TENSOR_TYPES)
+    g = ggml()
+    options: dict[str, list[tuple[str, int, float]]] = {}
+    rest = 0  # bytes of the tensors whose type is not ours to choose
+    for name, t in tensors.items():
+        if name in fixed:
+            rest += g.nbytes(TENSOR_TYPES[fixed[name]], t.shape)
+            continue
+        if not t.quantizable:
+            rest += g.nbytes(t.type, t.shape)
+            continue
+        if table is None:
+            loss = {k: 0.0 for k in CANDIDATES if t.shape[0] % g.block(TENSOR_TYPES[k]) == 0}
+        else:
+            entry = table.get(name)
+            if entry is None or (entry["columns"], entry["rows"]) != (t.shape[0], int(np.prod(t.shape[1:]))):
+                raise CalibrationError(
+                    f"the sensitivity table {config.sensitivity} has no entry of shape {list(t.shape)} for {name}: "
+                    "it was measured on another model; run the sensitivity stage on this model's reference"
+                )
+            loss = entry["loss"]
+        allowed = [(k, v) for k, v in loss.items() if k in usable and (config.imatrix or k not in TENSOR_NEEDS_IMATRIX)]
+        if not allowed:
+            raise UsageError(f"no measured type allowed for the size target fits {name} ({t.shape[0]} columns): allow more --target-types")
+        options[name] = [(k, g.nbytes(TENSOR_TYPES[k], t.shape), v) for k, v in allowed]
+    if config.target_size:
+        budget = config.target_size - data_offset - HEADER_SLACK - SIZE_MARGIN - rest
+        return options, budget, {"target_size": config.target_size}
+    n_params = sum(int(np.prod(t.shape)) for t in tensors.values())
+    return options, int(config.target_bpw * n_params / 8) - rest, {"target_bpw": config.target_bpw}
 
 
 def load_table(path: Path, imatrix: str | None) -> dict[str, Any]:
