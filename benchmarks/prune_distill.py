@@ -1,6 +1,7 @@
 """Prune-and-heal bar: drop decoder blocks from SmolLM2-135M-Instruct, distill, measure against the original.
 
-    nice .venv/bin/python benchmarks/prune_distill.py [--model smollm2-135m] [--layers 6] [--time 840] [--out FILE.json]
+    nice .venv/bin/python benchmarks/prune_distill.py [--model smollm2-135m] [--layers 6] [--prune-method span]
+        [--time 840 | --no-heal] [--out FILE.json]
 
 Reports the KL divergence to the teacher (the unpruned model) and perplexity
 on held-out text (the builtin preset's eval split, chat-formatted, 3,072
@@ -9,7 +10,8 @@ healing. The bar: healing brings the KLD to at most half the unhealed
 pruned model's, with the whole distill stage (loading, training, saving)
 inside 15 minutes. Stages run in a fresh EDGEPACK_HOME so nothing is
 cached; the machine's load average is recorded because the figures depend
-on it.
+on it. ``--no-heal`` stops after pruning, to compare how the blocks are
+chosen (``--prune-method``) by the damage before healing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgepack.converters.prune import METHODS
+
 BAR_RATIO = 0.5
 BAR_SECONDS = 15 * 60
 
@@ -31,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m", help="teacher: recipe, folder or hub id (default: smollm2-135m)")
     ap.add_argument("--layers", type=int, default=6, help="decoder blocks to drop")
+    ap.add_argument("--prune-method", default="influence", choices=METHODS, help="how the blocks are chosen (default: influence)")
+    ap.add_argument("--no-heal", action="store_true", help="stop after pruning (no distillation, no bar)")
     ap.add_argument("--time", type=float, default=840.0, help="distillation training budget in seconds")
     ap.add_argument("--steps", type=int, default=0, help="distillation steps (0: as many as --time allows)")
     ap.add_argument("--alpha", type=float, default=None, help="hard-label weight (default: the stage's)")
@@ -84,16 +90,30 @@ def main(argv: list[str] | None = None) -> dict:
     result["teacher"] = measure(teacher.path)
     log(f"teacher: {result['teacher']}")
 
-    pcfg = prune.Config(layers=args.layers)
+    pcfg = prune.Config(layers=args.layers, method=args.prune_method)
     start = time.perf_counter()
     pruned, _ = run_stage(prune.Prune(), teacher, pcfg)
     result["prune"] = {
         "wall_s": round(time.perf_counter() - start, 1),
+        "method": args.prune_method,
         "dropped_layers": pruned.meta["dropped_layers"],
         "params": [pruned.meta["params_before"], pruned.meta["params_after"]],
         **measure(pruned.path),
     }
     log(f"pruned: {result['prune']}")
+    result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    if not args.no_heal:
+        _heal(args, teacher, pruned, measure, result, log)
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def _heal(args, teacher, pruned, measure, result: dict, log) -> None:
+    """Distill the pruned model, measure it and judge the bar; fills ``result``."""
+    from edgepack.converters import distill
+    from edgepack.stages import run_stage
 
     knobs = {k: v for k, v in (("alpha", args.alpha), ("temperature", args.temperature)) if v is not None}
     dcfg = distill.Config(teacher=str(teacher.path), steps=args.steps, time_s=args.time, lr=args.lr, lora=args.lora, **knobs)
@@ -112,10 +132,6 @@ def main(argv: list[str] | None = None) -> dict:
         "target_s": BAR_SECONDS,
         "pass": ratio <= BAR_RATIO and wall <= BAR_SECONDS,
     }
-    if args.out:
-        write_json(args.out, result)
-    print(json.dumps(result, indent=2))
-    return result
 
 
 if __name__ == "__main__":

@@ -21,8 +21,11 @@ cross-entropy term fits the training text instead: perplexity 12 on the
 held-out docstrings against the teacher's 17). See benchmarks/prune_distill.py.
 
 Training text comes from ``calibration.load(text, "calibration")`` and is
-read at most once (no epochs), so ``steps * batch`` windows must fit in it;
-the held-out ``eval`` split is never trained on. Training is full
+read at most once (no epochs), so ``steps * batch`` windows must fit in it.
+Presets give their calibration split, so the held-out ``eval`` split is
+never trained on; a user file is used whole. ``convert`` records the text
+(like the pruning calibration text) in the bundle's calibration list, and
+eval skips any window sharing a 64-token span with it. Training is full
 fine-tuning or LoRA (``lora`` = rank; the adapters are merged before
 saving, so the output is a plain checkpoint), on CPU or CUDA, in bf16
 autocast where the device supports it (CUDA, or CPUs with AVX512-BF16/AMX,
@@ -51,11 +54,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import constants
-from ..errors import CalibrationError, InvalidModelError, SourceNotFoundError, UsageError
+from ..errors import CalibrationError, SourceNotFoundError, UsageError
 from ..fsutil import atomic_path
-from ..stages import Artifact, Kind, Stage, cache_key
+from ..stages import Artifact, Kind, cache_key
 from . import calibration
-from .prune import saved_dtype
+from .prune import CheckpointStage, load_model, save_checkpoint
 
 
 @dataclass
@@ -94,17 +97,23 @@ def validate(config: Config) -> None:
         raise UsageError(f"dtype {config.dtype!r}: choose auto, bf16 or float32")
     if not (config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:")):
         raise UsageError(f"device {config.device!r}: choose auto, cpu, cuda or cuda:N")
+    if config.text.startswith("hf:") and len(config.text.split(":")) not in (4, 5):
+        raise UsageError(f"--distill-text {config.text!r}: write hf:DATASET[:CONFIG]:SPLIT:COLUMN")
+    if config.text != "builtin" and not config.text.startswith("hf:") and not Path(config.text).expanduser().is_file():
+        raise UsageError(f"--distill-text {config.text!r}: no such file; give builtin, a UTF-8 text file or hf:DATASET[:CONFIG]:SPLIT:COLUMN")
 
 
-class Distill(Stage):
+def check_text(config: Config, tokenizer_path: Path) -> None:
+    """Raise CalibrationError now if the training text cannot feed ``config.steps``, so a convert stops before pruning."""
+    from transformers import AutoTokenizer
+
+    _training_windows(config, AutoTokenizer.from_pretrained(tokenizer_path))
+
+
+class Distill(CheckpointStage):
     name = "distill"
     version = 1
-    input_kind = Kind.HF
-    output_kind = Kind.HF
     Config = Config
-
-    def plan(self, inp: Artifact, config: Config) -> list[str]:
-        return ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
     def run(self, inp: Artifact, config: Config, out_dir: Path) -> Artifact:
         """Train the student in ``inp`` and write it to ``out_dir``.
@@ -123,11 +132,11 @@ class Distill(Stage):
         text, windows, steps = _training_windows(config, tokenizer)
 
         torch.manual_seed(config.seed)
-        student = _load(inp.path, torch.float32).to(device)
+        student = load_model(inp.path).to(device)
         if config.topk:
             teacher = _TopK(teacher_path, text.sha256, config, bool(tokenizer.chat_template), device, amp)
         else:
-            teacher = _Live(_load(teacher_path, amp or torch.float32).to(device).eval(), device, amp)
+            teacher = _Live(load_model(teacher_path, amp).to(device).eval(), device, amp)
         frozen = shared_prefix(inp.path, teacher_path, student) if config.freeze_prefix else 0
         trainable = trainable_parameters(student, frozen, config.lora)
         lr = config.lr or (1e-3 if config.lora else 3e-4)
@@ -137,10 +146,7 @@ class Distill(Stage):
 
         if config.lora:
             merge_lora(student)
-        student.eval().to("cpu")
-        student.to(saved_dtype(inp.path))
-        student.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+        save_checkpoint(student.eval().to("cpu"), tokenizer, out_dir, like=inp.path)
         state.clear()
         meta: dict[str, Any] = {
             "teacher": str(teacher_path),
@@ -279,15 +285,6 @@ def same_tokenizer(student: Path, teacher: Path):
             "compared: distill from the model the student was pruned from"
         )
     return tok_s
-
-
-def _load(path: Path, dtype):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise InvalidModelError(f"transformers cannot load {path} ({e}): check the checkpoint") from e
 
 
 def _device(config: Config):
@@ -498,7 +495,7 @@ class _TopK:
             indices = torch.stack([d["indices"] for d in loaded]).to(self.device)
             return values, indices
         if self.live is None:
-            self.live = _Live(_load(self.path, self.amp or torch.float32).to(self.device).eval(), self.device, self.amp)
+            self.live = _Live(load_model(self.path, self.amp).to(self.device).eval(), self.device, self.amp)
         values, indices = torch.topk(self.live(batch, windows).float(), self.k, dim=-1)
         self.dir.mkdir(parents=True, exist_ok=True)
         for f, v, i in zip(files, values, indices):

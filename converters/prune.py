@@ -4,9 +4,17 @@ Depth follows ShortGPT (Men et al., 2024): a block whose output points the
 same way as its input does little, so its *block influence* is
 ``BI = 1 - cos(input, output)`` averaged over calibration tokens, and the
 ``layers`` blocks with the lowest BI are dropped (or the ones named in
-``drop``). The survivors are renumbered and every per-layer setting in the
-config (``num_hidden_layers``, ``layer_types``, ``no_rope_layers``,
-``max_window_layers``, ...) is rewritten to match.
+``drop``). With ``method="span"`` the blocks go as one contiguous span
+instead, after Gromov et al. (2024, "The Unreasonable Ineffectiveness of
+the Deeper Layers"): the span of ``layers`` consecutive blocks whose input
+and output are closest, by angular distance ``arccos(cos) / pi``. Ranking
+blocks one by one misses that neighbours can undo each other; the span
+distance measures what removing them together changes. (Gromov et al.
+score the final token of each sequence; here it is the mean over every
+calibration token, like BI, because a few windows then give thousands of
+samples instead of a few.) The survivors are renumbered and every
+per-layer setting in the config (``num_hidden_layers``, ``layer_types``,
+``no_rope_layers``, ``max_window_layers``, ...) is rewritten to match.
 
 Width follows Minitron (Muralidharan et al., 2024): each MLP channel is
 scored by its activation (the input of ``down_proj``) and each attention
@@ -24,6 +32,7 @@ converter takes it like any other.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,13 +45,18 @@ from . import calibration
 _PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers")
 # Config lists holding indices of decoder layers.
 _LAYER_INDEX_LISTS = ("mlp_only_layers",)
+# Ways of choosing the blocks --prune-layers drops (see the module docstring).
+METHODS = ("influence", "span")
+# Files a checkpoint-to-checkpoint stage writes.
+CHECKPOINT_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
 
 @dataclass
 class Config:
     """What to cut: set ``layers`` or ``drop`` (depth), and/or ``target_params``, ``heads`` or ``intermediate_size`` (width)."""
 
-    layers: int = 0  # drop this many decoder blocks, the least influential on calibration text
+    layers: int = 0  # drop this many decoder blocks, the least important on calibration text
+    method: str = "influence"  # how ``layers`` are chosen: influence (each block alone, ShortGPT) or span (consecutive, Gromov et al.)
     drop: tuple[int, ...] = ()  # or drop exactly these block indices (0-based); excludes ``layers``
     target_params: int = 0  # then narrow MLPs and attention until the model has at most this many parameters
     heads: int = 0  # attention heads to keep per layer, a multiple of the query heads per KV group (0: all, or solved for target_params)
@@ -59,43 +73,62 @@ def validate(config: Config) -> None:
         raise UsageError("--prune-layers and --target-params must be positive numbers")
     if config.layers and config.drop:
         raise UsageError("give either --prune-layers N (the N least important blocks) or --drop i,j,k, not both")
+    if config.method not in METHODS:
+        raise UsageError(f"--prune-method {config.method!r}: choose {' or '.join(METHODS)}")
+    if config.method != "influence" and not config.layers:
+        raise UsageError(f"--prune-method {config.method} ranks the blocks that --prune-layers N drops: add --prune-layers N")
     if not (config.layers or config.drop or config.target_params or config.heads or config.intermediate_size):
-        raise UsageError("pruning needs --prune-layers N, --drop i,j,k or --target-params N")
+        raise UsageError("pruning needs --prune-layers N, --drop i,j,k, --heads N, --intermediate-size N or --target-params N")
     if config.target_params and config.intermediate_size:
         raise UsageError("give either --target-params or an explicit intermediate_size, not both")
     if config.heads < 0 or config.intermediate_size < 0:
-        raise UsageError("heads and intermediate_size must be positive")
+        raise UsageError("--heads and --intermediate-size must be positive numbers")
     if len(set(config.drop)) != len(config.drop) or any(i < 0 for i in config.drop):
         raise UsageError(f"--drop {','.join(map(str, config.drop))}: give distinct block indices counted from 0")
     if config.multiple_of < 1 or config.samples < 1 or config.seq_len < 2:
         raise UsageError("multiple_of, samples and seq_len must be positive (seq_len at least 2)")
 
 
-class Prune(Stage):
-    name = "prune"
-    version = 1
+class CheckpointStage(Stage):
+    """A stage from one HF checkpoint to a changed one (prune, distill): same files, same storage dtype."""
+
     input_kind = Kind.HF
     output_kind = Kind.HF
-    Config = Config
 
-    def plan(self, inp: Artifact, config: Config) -> list[str]:
-        return ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    def plan(self, inp: Artifact, config: Any) -> list[str]:
+        return list(CHECKPOINT_FILES)
+
+
+def load_model(path: Path, dtype=None):
+    """The causal LM at ``path`` (float32 unless ``dtype``); raises InvalidModelError."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InvalidModelError(f"transformers cannot load {path} ({e}): check the checkpoint") from e
+
+
+def save_checkpoint(model, tokenizer, out_dir: Path, *, like: Path) -> None:
+    """Write ``model`` in the dtype checkpoint ``like`` is stored in (a float32 working copy must not double a bf16 model)."""
+    model.to(saved_dtype(like))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+class Prune(CheckpointStage):
+    name = "prune"
+    version = 1
+    Config = Config
 
     def run(self, inp: Artifact, config: Config, out_dir: Path) -> Artifact:
         """Prune ``inp`` into ``out_dir``. Raises UsageError, CalibrationError, UnsupportedArchitectureError."""
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        validate(config)
-        hf_config = AutoConfig.from_pretrained(inp.path)
-        n_layers = hf_config.num_hidden_layers
-        drop = _check_depth(config, n_layers)
+        n_layers, drop = check(config, inp.path)
         tokenizer = AutoTokenizer.from_pretrained(inp.path)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(inp.path, dtype=torch.float32)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise InvalidModelError(f"transformers cannot load {inp.path} ({e}): check the checkpoint") from e
-        model.eval()
+        model = load_model(inp.path).eval()
         layers = _decoder_layers(model)
         params_before = _count(model)
         width = None
@@ -109,9 +142,9 @@ class Prune(Stage):
         meta: dict[str, Any] = {"calibration": text.provenance(len(ids)), "params_before": params_before}
 
         if config.layers:
-            influence = block_influence(model, layers, batches)
-            drop = sorted(sorted(range(n_layers), key=lambda i: influence[i])[: config.layers])
-            meta["block_influence"] = [round(v, 6) for v in influence]
+            drop, scores = rank_blocks(model, layers, batches, config.layers, config.method)
+            meta["method"] = config.method
+            meta["block_influence" if config.method == "influence" else "span_distance"] = [round(v, 6) for v in scores]
         if drop:
             _drop_layers(model, drop)
             meta["dropped_layers"] = drop
@@ -121,10 +154,23 @@ class Prune(Stage):
 
         meta["params_after"] = _count(model)
         meta["num_hidden_layers"] = model.config.num_hidden_layers
-        model.to(saved_dtype(inp.path))
-        model.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+        save_checkpoint(model, tokenizer, out_dir, like=inp.path)
         return Artifact(Kind.HF, out_dir, meta)
+
+
+def check(config: Config, path: Path) -> tuple[int, list[int]]:
+    """Check ``config`` against the model's config.json, before its weights are read: (blocks, sorted ``drop``).
+
+    Raises UsageError.
+    """
+    from transformers import AutoConfig
+
+    validate(config)
+    hf_config = AutoConfig.from_pretrained(path)
+    drop = _check_depth(config, hf_config.num_hidden_layers)
+    heads, kv = hf_config.num_attention_heads, getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    _check_width(config, heads, kv, getattr(hf_config, "intermediate_size", None))
+    return hf_config.num_hidden_layers, drop
 
 
 def saved_dtype(path: Path):
@@ -145,6 +191,21 @@ def _check_depth(config: Config, n_layers: int) -> list[int]:
     if len(config.drop) >= n_layers:
         raise UsageError(f"--drop names all {n_layers} decoder blocks: keep at least one")
     return sorted(config.drop)
+
+
+def _check_width(config: Config, heads: int, kv: int, inter: int | None) -> None:
+    """Explicit widths must keep whole KV groups, and a multiple of ``multiple_of`` channels up to ``inter`` (None: unknown)."""
+    q_per_kv = heads // kv
+    if config.heads and (config.heads % q_per_kv or not q_per_kv <= config.heads <= heads):
+        raise UsageError(
+            f"cannot keep {config.heads} attention heads: this model groups {q_per_kv} query heads per KV head, "
+            f"so keep a multiple of {q_per_kv} between {q_per_kv} and {heads}"
+        )
+    if config.intermediate_size and (config.intermediate_size % config.multiple_of or config.intermediate_size > (inter or math.inf)):
+        raise UsageError(
+            f"--intermediate-size {config.intermediate_size}: keep a multiple of {config.multiple_of}"
+            + (f" no larger than the current {inter}" if inter else "")
+        )
 
 
 def _decoder_layers(model):
@@ -168,39 +229,72 @@ def _forward_all(model, batches: list[list[int]]) -> None:
             model(input_ids=torch.tensor([ids]), use_cache=False)
 
 
+def rank_blocks(model, layers, batches: list[list[int]], n: int, method: str) -> tuple[list[int], list[float]]:
+    """The ``n`` blocks ``method`` would drop, sorted, and the scores it chose them by.
+
+    influence: one score per block, the ``n`` lowest go. span: one score per
+    start ``l`` of a run of ``n`` blocks; the run with the lowest goes.
+    """
+    if method == "span":
+        distance = span_distance(model, layers, batches, n)
+        start = min(range(len(distance)), key=distance.__getitem__)
+        return list(range(start, start + n)), distance
+    influence = block_influence(model, layers, batches)
+    return sorted(sorted(range(len(layers)), key=influence.__getitem__)[:n]), influence
+
+
 def block_influence(model, layers, batches: list[list[int]]) -> list[float]:
     """ShortGPT block influence of each decoder block: mean over tokens of 1 - cos(input, output)."""
+    return _boundary_distances(model, layers, batches, 1, lambda cos: 1 - cos)
+
+
+def span_distance(model, layers, batches: list[list[int]], n: int) -> list[float]:
+    """Gromov et al.'s angular distance arccos(cos) / pi between the input of block ``l`` and the output of
+    block ``l + n - 1``, for every ``l``, as a mean over tokens."""
     import torch
 
-    totals = [0.0] * len(layers)
-    counts = [0] * len(layers)
-    inputs: dict[int, torch.Tensor] = {}
+    return _boundary_distances(model, layers, batches, n, lambda cos: torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi)
+
+
+def _boundary_distances(model, layers, batches: list[list[int]], n: int, distance) -> list[float]:
+    """Mean over tokens of ``distance(cos(h_l, h_l+n))`` for l = 0..L-n, where ``h_b`` is the residual stream
+    entering block ``b`` (``h_L`` leaves the last block; a block's output is the next one's input).
+
+    Only the last ``n + 1`` boundaries are kept, so memory does not grow with depth.
+    """
+    import torch
+
+    recent: deque = deque(maxlen=n + 1)
+    totals = [0.0] * (len(layers) - n + 1)
+    tokens = [0]
+
+    def seen(b: int, h) -> None:
+        if b == 0:
+            recent.clear()
+        recent.append(h)
+        if b >= n:
+            cos = torch.nn.functional.cosine_similarity(recent[0].float(), h.float(), dim=-1)
+            totals[b - n] += float(distance(cos).sum())
+            if b == n:
+                tokens[0] += cos.numel()
 
     def pre(i):
         def hook(_mod, args, kwargs):
-            inputs[i] = args[0] if args else kwargs["hidden_states"]
+            seen(i, args[0] if args else kwargs["hidden_states"])
 
         return hook
 
-    def post(i):
-        def hook(_mod, _args, _kwargs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            cos = torch.nn.functional.cosine_similarity(inputs.pop(i).float(), out.float(), dim=-1)
-            totals[i] += float((1 - cos).sum())
-            counts[i] += cos.numel()
+    def post(_mod, _args, _kwargs, output):
+        seen(len(layers), output[0] if isinstance(output, tuple) else output)
 
-        return hook
-
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
-        handles.append(layer.register_forward_hook(post(i), with_kwargs=True))
+    handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(layers[-1].register_forward_hook(post, with_kwargs=True))
     try:
         _forward_all(model, batches)
     finally:
         for h in handles:
             h.remove()
-    return [t / max(c, 1) for t, c in zip(totals, counts)]
+    return [t / max(tokens[0], 1) for t in totals]
 
 
 def _drop_layers(model, drop: list[int]) -> None:
@@ -255,16 +349,7 @@ def _plan_width(model, layers, n_after: int, config: Config) -> tuple[int, int]:
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     q_per_kv = heads // kv
     inter = mlp.gate_proj.out_features
-    if config.heads and (config.heads % q_per_kv or not q_per_kv <= config.heads <= heads):
-        raise UsageError(
-            f"cannot keep {config.heads} attention heads: this model groups {q_per_kv} query heads per KV head, "
-            f"so keep a multiple of {q_per_kv} between {q_per_kv} and {heads}"
-        )
-    if config.intermediate_size and (config.intermediate_size % config.multiple_of or config.intermediate_size > inter):
-        raise UsageError(
-            f"intermediate_size {config.intermediate_size} must be a multiple of {config.multiple_of} "
-            f"and at most the current {inter}"
-        )
+    _check_width(config, heads, kv, inter)
     groups = config.heads // q_per_kv if config.heads else kv
     if not config.target_params:
         return groups, config.intermediate_size or inter

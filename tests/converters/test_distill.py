@@ -193,11 +193,12 @@ def test_config_checks_need_no_model(config):
 def test_prepare_prunes_then_heals_through_the_cache(teacher):
     src = from_folder(teacher)
     pcfg, dcfg = prune.Config(layers=1, samples=2, seq_len=32), Config(steps=3, **TINY)
-    art, steps = prepare(src, prune=pcfg, distill=dcfg, log=lambda m: None)
+    art, steps, texts = prepare(src, prune=pcfg, distill=dcfg, log=lambda m: None)
     assert [s["stage"] for s in steps] == ["prune", "distill"]
+    assert [t["name"] for t in texts] == ["builtin:calibration"]  # pruned and trained on the same text: one record
     assert steps[1]["params"]["teacher"] == str(teacher)
     assert AutoModelForCausalLM.from_pretrained(art.path).config.num_hidden_layers == 3
-    again, steps2 = prepare(src, prune=pcfg, distill=dcfg, log=lambda m: None)
+    again, steps2, _ = prepare(src, prune=pcfg, distill=dcfg, log=lambda m: None)
     assert again.path == art.path and all(s["cached"] for s in steps2)
     with pytest.raises(UsageError, match="heals a pruned student"):
         prepare(src, distill=dcfg)
@@ -226,8 +227,59 @@ def test_cli_prunes_heals_and_converts_into_one_bundle(teacher, tmp_path):
     assert [v.id for v in bundle.variants] == ["gguf-f16"]
 
 
-def test_cli_wants_distill_before_its_knobs(teacher, capsys):
+@pytest.mark.parametrize("flags", [["--steps", "5"], ["--prune-layers", "1", "--distill-text", "builtin"]])
+def test_cli_wants_distill_before_its_knobs(teacher, capsys, flags):
     with pytest.raises(SystemExit) as exit_:
-        main(["convert", str(teacher), "--to", "gguf:f16", "--steps", "5", "--no-report"])
+        main(["convert", str(teacher), "--to", "gguf:f16", *flags, "--no-report"])
     assert exit_.value.code == 2
     assert "add --distill" in capsys.readouterr().err
+
+
+def _paragraphs(path: Path, n: int) -> Path:
+    """A user text file of ``n`` distinct paragraphs."""
+    words = "model layer token weight student teacher window block".split()
+    path.write_text("\n\n".join(" ".join(words[(i * 7 + j) % 8] + str(i) for j in range(40)) for i in range(n)))
+    return path
+
+
+def test_cli_trains_on_a_user_file_and_eval_refuses_it_as_held_out_text(teacher, tmp_path):
+    from edgepack.eval import EvalConfig, evaluate
+
+    text, out = _paragraphs(tmp_path / "train.txt", 60), tmp_path / "bundle"
+    main(["convert", str(teacher), "--to", "gguf:f16", "--drop", "1", "--distill", "--steps", "2",
+          "--distill-text", str(text), "-o", str(out), "--no-report"])  # fmt: skip
+    bundle = Bundle.open(out)
+    assert {s["stage"]: s for s in bundle.data["steps"]}["distill"]["params"]["text"] == str(text)
+    names = [c["name"] for c in bundle.data["calibration"]]
+    assert names == ["builtin:calibration", "file:train.txt"]  # pruning calibration, then the training text
+    # Evaluating on the very text the student was trained on must not pass as held-out.
+    with pytest.raises(CalibrationError, match="free of calibration text"):
+        evaluate(bundle, EvalConfig(text=str(text), windows=1, window_len=96, prompts=0, calibration_files=(str(text),)), log=lambda m: None)
+
+
+def test_cli_refuses_a_training_text_too_short_before_pruning(teacher, tmp_path, capsys):
+    text, out = _paragraphs(tmp_path / "short.txt", 3), tmp_path / "bundle"
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", str(teacher), "--to", "gguf:f16", "--prune-layers", "1", "--distill", "--steps", "50",
+              "--distill-text", str(text), "-o", str(out), "--no-report"])  # fmt: skip
+    assert exit_.value.code != 0
+    err = capsys.readouterr().err
+    assert "never repeated" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not list(constants.stages_dir().glob("prune-*"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--distill-text", "no-such-file.txt"], "--distill-text 'no-such-file.txt': no such file"),
+        (["--distill-text", "hf:only-a-name"], "write hf:DATASET"),
+    ],
+)
+def test_cli_checks_the_training_text_before_any_work(teacher, tmp_path, capsys, flags, message):
+    out = tmp_path / "bundle"
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", str(teacher), "--to", "gguf:f16", "--prune-layers", "1", "--distill", "--steps", "2", *flags, "-o", str(out)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not constants.stages_dir().exists()
