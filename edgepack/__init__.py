@@ -39,11 +39,7 @@ def __getattr__(name: str):
         from .runtime import load
 
         return load
-    if name == "convert":
-        from .convert import convert
-
-        return convert
     raise AttributeError(f"module 'edgepack' has no attribute {name!r}")
 
 
-__all__ = ["EdgepackError", "__version__", "convert", "load"]
+__all__ = ["EdgepackError", "__version__", "load"]

@@ -38,13 +38,7 @@ from edgepack.stages import run_stage
 TINY = dict(batch=2, seq_len=64, lr=3e-3, alpha=0.0, temperature=1.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core box run far faster without OpenMP's second thread spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

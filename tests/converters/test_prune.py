@@ -23,13 +23,7 @@ from edgepack.stages import run_stage
 FAST = dict(samples=4, seq_len=64, multiple_of=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core box run far faster without OpenMP's second thread spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
