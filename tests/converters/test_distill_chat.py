@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gguf
 import pytest
-from tui.test_tmux import Tmux
+from tmux_driver import Tmux
 
 from edgepack.bundle import Bundle
 from edgepack.cli import main

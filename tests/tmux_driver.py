@@ -1,0 +1,45 @@
+"""A tmux driver for the tests that run edgepack's chat in a real terminal."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+
+class Tmux:
+    """One detached tmux session on a private socket, so the server inherits this test's environment."""
+
+    def __init__(self, socket: Path, name: str = "chat") -> None:
+        self.base = ["tmux", "-S", str(socket), "-f", "/dev/null"]  # no user config
+        self.name = name
+
+    def __call__(self, *args: str) -> str:
+        # COLUMNS/LINES, when some tool exported them, would override the pane's real size
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        return subprocess.run([*self.base, *args], capture_output=True, text=True, check=True, env=env).stdout
+
+    def start(self, command: str, width: int = 110, height: int = 36) -> None:
+        self("new-session", "-d", "-s", self.name, "-x", str(width), "-y", str(height), command)
+
+    def screen(self) -> str:
+        return self("capture-pane", "-p", "-t", self.name)
+
+    def keys(self, *keys: str) -> None:
+        self("send-keys", "-t", self.name, *keys)
+
+    def alive(self) -> bool:
+        return subprocess.run([*self.base, "has-session", "-t", self.name], capture_output=True).returncode == 0
+
+    def wait_for(self, condition, what: str, timeout: float = 180.0) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            text = self.screen()
+            if condition(text):
+                return text
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; the screen shows:\n{self.screen()}")
+
+    def kill(self) -> None:
+        subprocess.run([*self.base, "kill-server"], capture_output=True)
