@@ -47,6 +47,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 PROVIDERS = ("cpu", "cuda")
 INT4_METHODS = ("gptq", "rtn")
 GENAI_CONFIG = "genai_config.json"
+GPTQ_DEFAULTS = {"mixed": True, "desc_act": False}  # calibrated INT4's own GPTQ defaults (see the module docstring)
 _GGUF_HINT = "Convert it to GGUF instead (--to gguf:Q4_K_M), which llama.cpp runs."
 
 
@@ -177,14 +178,17 @@ def stage_config(arg: str, options: dict[str, Any]) -> tuple[OnnxConfig, str]:
     method = str(options.get("int4_method", "gptq"))
     if method not in INT4_METHODS:
         raise UsageError(f"int4_method {method!r}: choose one of {', '.join(INT4_METHODS)}")
-    cfg = OnnxConfig(
-        precision=precision,
-        execution_provider=provider,
-        block_size=int(options.get("block_size", OnnxConfig.block_size)),
-        accuracy_level=int(options.get("accuracy_level", OnnxConfig.accuracy_level)),
-        lm_head_bits=int(options.get("lm_head_bits", 8 if method == "gptq" else 4)),
-        lm_head_block=int(options.get("lm_head_block", OnnxConfig.lm_head_block)),
-    )
+    try:
+        cfg = OnnxConfig(
+            precision=precision,
+            execution_provider=provider,
+            block_size=int(options.get("block_size", OnnxConfig.block_size)),
+            accuracy_level=int(options.get("accuracy_level", OnnxConfig.accuracy_level)),
+            lm_head_bits=int(options.get("lm_head_bits", 8 if method == "gptq" else 4)),
+            lm_head_block=int(options.get("lm_head_block", OnnxConfig.lm_head_block)),
+        )
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"block_size, accuracy_level, lm_head_bits and lm_head_block take whole numbers ({e})") from e
     for key in ("block_size", "lm_head_block"):
         if getattr(cfg, key) not in (16, 32, 64, 128, 256):
             raise UsageError(f"{key} {getattr(cfg, key)}: MatMulNBits takes 16, 32, 64, 128 or 256")
@@ -192,7 +196,21 @@ def stage_config(arg: str, options: dict[str, Any]) -> tuple[OnnxConfig, str]:
         raise UsageError(f"accuracy_level {cfg.accuracy_level}: choose 0-4 (4 = int8 activations, 1 = fp32)")
     if cfg.lm_head_bits not in (4, 8):
         raise UsageError(f"lm_head_bits {cfg.lm_head_bits}: choose 4 or 8")
+    if precision == "int4" and method == "gptq" and gptq.parse_options(options, GPTQ_DEFAULTS)["desc_act"]:
+        # Measured: onnxruntime 1.32's CPU MatMulNBits computes wrong products whenever its g_idx input is
+        # present (even g_idx = k // block), and the builder passes act-order checkpoints' g_idx through.
+        raise UsageError("desc_act with onnx:int4: onnxruntime's MatMulNBits gives wrong results with GPTQ's act-order g_idx; drop desc_act (--no-desc-act)")
     return cfg, method
+
+
+def validate_options(options: dict[str, Any], args: list[str]) -> None:
+    """Check the ONNX options, and the GPTQ ones when an INT4 variant is calibrated, before any work.
+
+    Raises UsageError, CalibrationError.
+    """
+    methods = [stage_config(arg, options) for arg in args]
+    if any(cfg.precision == "int4" and method == "gptq" for cfg, method in methods):
+        gptq.validate_options(options, [])
 
 
 def build(arg: str, source: Artifact, ctx) -> Variant:
@@ -207,21 +225,9 @@ def build(arg: str, source: Artifact, ctx) -> Variant:
         if method == "gptq":
             meta["lm_head_block"] = cfg.lm_head_block
             gptq.choose_group_size(source.path, cfg.block_size)  # the GPTQ group is the MatMulNBits block
-            inp = gptq.quantize(f"4g{cfg.block_size}", source, ctx, mixed=True)
+            inp = gptq.quantize(f"4g{cfg.block_size}", source, ctx, **GPTQ_DEFAULTS)
             meta["gptq"] = {k: inp.meta[k] for k in ("bits", "group_size", "mixed", "rows", "dropped_short_rows")}
     art = ctx.run(OnnxStage(), inp, cfg)
-    vid = f"onnx-{arg.lower()}"
-    dest = check_folder(ctx.place(art, vid))
-    files = ctx.files(dest)
-    weights = sum(f["bytes"] for f in files if ".onnx" in f["path"])
-    params = gptq.parameter_count(source.path)
-    return Variant(
-        id=vid,
-        format="onnx",
-        backend="onnx",
-        path=dest.relative_to(ctx.bundle.root).as_posix(),
-        files=files,
-        bits_per_weight=round(8 * weights / params, 3) if params else None,
-        meta=meta,
-    )
-
+    var = gptq.variant(ctx, art, source, f"onnx-{arg.lower()}", ("onnx", "onnx"), ".onnx", meta)
+    check_folder(ctx.bundle.resolve(var.path))
+    return var

@@ -5,6 +5,7 @@ Each format is one converter module exposing::
 
     validate(arg: str) -> None                               # raise UsageError early, before any work
     build(arg: str, source: Artifact, ctx: Context) -> Variant
+    validate_options(options: dict, args: list[str]) -> None  # optional: check ``convert``'s options early
 
 so that every argument is checked before the first byte is written, and the
 core has no special case per format.
@@ -136,6 +137,7 @@ def convert(
 
     recipe = recipes.find(ref)
     specs = parse_variants(variants if variants else (recipe.variants if recipe else []))
+    _check_options(specs, options or {})
     name = recipe.name if recipe else Path(ref.rstrip("/")).name.removesuffix(".gguf").split("@")[0]
     root = Path(out) if out else constants.bundles_dir() / name
     if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
@@ -150,13 +152,15 @@ def convert(
         "reference_path": str(source.path),
         "files": source.meta.get("files", []),
     }
-    source, pre_steps = prepare(source, prune=prune, distill=distill, log=log)
+    source, pre_steps, pre_texts = prepare(source, prune=prune, distill=distill, log=log)
     if pre_steps:
         src_meta["student_path"] = str(source.path)
     bundle = Bundle.open(root) if (root / MANIFEST).is_file() else Bundle.create(root, name, src_meta)
     bundle.data["source"] = src_meta
     for step in pre_steps:
         bundle.add_step(step)
+    for text in pre_texts:  # eval keeps its held-out windows clear of what the student was pruned and trained on
+        bundle.add_calibration(text)
     ctx = Context(bundle, dict(options or {}), log)
     for spec in specs:
         variant: Variant = _module(spec.format).build(spec.arg, source, ctx)
@@ -167,6 +171,14 @@ def convert(
     if report:
         _report(bundle, log)
     return bundle
+
+
+def _check_options(specs: list[VariantSpec], options: dict[str, Any]) -> None:
+    """Let each requested format check the options before any work, through its optional ``validate_options``."""
+    for fmt in dict.fromkeys(s.format for s in specs):
+        check = getattr(_module(fmt), "validate_options", None)
+        if check is not None:
+            check(options, [s.arg for s in specs if s.format == fmt])
 
 
 def _report(bundle: Bundle, log: Callable[[str], None]) -> None:
@@ -188,7 +200,7 @@ def _check_pre_stages(prune: PruneConfig | None, distill: DistillConfig | None) 
         prune_mod.validate(prune)
     if distill is not None:
         if prune is None:
-            raise UsageError("--distill heals a pruned student: add --prune-layers N, --drop i,j or --target-params N")
+            raise UsageError("--distill heals a pruned student: add --prune-layers N, --drop i,j, --heads N, --intermediate-size N or --target-params N")
         distill_mod.validate(distill)
 
 
@@ -198,24 +210,33 @@ def prepare(
     prune: PruneConfig | None = None,
     distill: DistillConfig | None = None,
     log: Callable[[str], None] = print,
-) -> tuple[Artifact, list[dict[str, Any]]]:
+) -> tuple[Artifact, list[dict[str, Any]], list[dict[str, Any]]]:
     """Run the pre-stages (prune, then distill with ``source`` as teacher) through the stage cache.
 
-    Returns the student (``source`` itself when neither is given) and the manifest records of the steps.
-    Runs before the bundle is created, so bad options or a failed stage leave nothing behind.
+    Returns the student (``source`` itself when neither is given), the manifest records of the steps and
+    the provenance of the texts they read (pruning calibration, distillation training text).
+    Runs before the bundle is created, and checks the training text is long enough before pruning,
+    so bad options or a failed stage leave nothing behind.
     """
     from .converters import distill as distill_mod
     from .converters import prune as prune_mod
 
     _check_pre_stages(prune, distill)
+    if prune is not None:
+        prune_mod.check(prune, source.path)
+    if distill is not None:
+        distill_mod.check_text(distill, source.path)
     planned: list[tuple[Stage, Any]] = []
     if prune is not None:
         planned.append((prune_mod.Prune(), prune))
     if distill is not None:
         planned.append((distill_mod.Distill(), replace(distill, teacher=distill.teacher or str(source.path))))
-    art, steps = source, []
+    art, steps, texts = source, [], []
     for stage, cfg in planned:
         art, step = run_stage(stage, art, cfg)
         log(f"{stage.name}: {'cached' if step.cached else f'done in {step.wall_s:.1f} s'}")
         steps.append(step.to_json())
-    return art, steps
+        text = art.meta["calibration" if stage.name == "prune" else "text"]
+        if all((text["name"], text["sha256"]) != (t["name"], t["sha256"]) for t in texts):  # eval checks each text once
+            texts.append(text)
+    return art, steps, texts

@@ -1,14 +1,16 @@
-"""GPTQ stage: argument and group-size rules, calibration rows, and a real GPTQModel run on a tiny llama that transformers loads."""
+"""GPTQ stage: argument and group-size rules, calibration rows, and a real GPTQModel run (from the CLI) on a tiny llama that transformers loads."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 from models import tiny_model
 
+from edgepack import constants
 from edgepack.bundle import Bundle
 from edgepack.convert import convert, parse_variants
 from edgepack.converters import calibration, gptq
@@ -41,9 +43,9 @@ def _config(tmp_path, **fields):
 
 def test_group_size_divides_every_width(tmp_path):
     smollm2 = _config(tmp_path, hidden_size=576, num_attention_heads=9, head_dim=64, intermediate_size=1536)
-    assert gptq.choose_group_size(smollm2, None) == 32
+    assert gptq.choose_group_size(smollm2, None) == 16
     assert gptq.choose_group_size(smollm2, 64) == 64
-    with pytest.raises(UsageError, match=r"group size 128 does not divide .*\[576, 1536\].*g32 or g64"):
+    with pytest.raises(UsageError, match=r"group size 128 does not divide .*\[576, 1536\].*g16 or g32 or g64"):
         gptq.choose_group_size(smollm2, 128)
     odd = _config(tmp_path, hidden_size=100, num_attention_heads=4, intermediate_size=300)
     with pytest.raises(InvalidModelError, match="GGUF"):
@@ -103,16 +105,24 @@ def test_gptq_checkpoint_loads_in_transformers(narrow, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logs: list[str] = []
-    opts = {"samples": 32, "mixed": False}  # uniform 4 bits, to compare with round-to-nearest below
-    bundle = convert(str(narrow), "gptq:4", tmp_path / "b", options=opts, log=logs.append)
+    # Through the command line, from a folder of the user's that must stay empty (GPTQModel writes logs/ into the cwd).
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    flags = ["--gptq-samples", "32", "--uniform-bits", "--no-report"]  # uniform 4 bits, to compare with round-to-nearest below
+    r = subprocess.run(
+        [sys.executable, "-m", "edgepack", "convert", str(narrow), "--to", "gptq:4", "-o", str(tmp_path / "b"), *flags],
+        cwd=cwd, capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert not any(cwd.iterdir()) and not list(constants.stages_dir().rglob("*logs*"))
+    assert "32 calibration rows" in r.stderr and "rows under 16 tokens dropped" in r.stderr
+    bundle = Bundle.open(tmp_path / "b")
     v = bundle.variant("gptq-4")
     assert (v.format, v.backend) == ("gptq", "transformers")
-    assert v.meta["group_size"] == 32 and v.meta["rows"] == 32 and v.meta["sym"] is False and v.meta["mixed"] is False
-    assert any("32 calibration rows" in m and "rows under 16 tokens dropped" in m for m in logs)
+    assert v.meta["group_size"] == 16 and v.meta["rows"] == 32 and v.meta["sym"] is False and v.meta["mixed"] is False
     folder = bundle.resolve(v.path)
     qcfg = json.loads((folder / "quantize_config.json").read_text())
-    assert (qcfg["bits"], qcfg["group_size"], qcfg["quant_method"]) == (4, 32, "gptq")
+    assert (qcfg["bits"], qcfg["group_size"], qcfg["quant_method"]) == (4, 16, "gptq")
     with safe_open(folder / "model.safetensors", "pt") as f:
         names = set(f.keys())
     for part in ("qweight", "qzeros", "scales"):
@@ -128,12 +138,12 @@ def test_gptq_checkpoint_loads_in_transformers(narrow, tmp_path):
         ref = torch.log_softmax(model(ids).logits[0], -1)
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and "layers" in name:
-                mod.weight.copy_(round_to_nearest(mod.weight, 32))
+                mod.weight.copy_(round_to_nearest(mod.weight, 16))
         rtn = torch.log_softmax(model(ids).logits[0], -1)
         calibrated = torch.log_softmax(AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")(ids).logits[0].float(), -1)
     kld = lambda q: (ref.exp() * (ref - q)).sum(-1).mean().item()  # noqa: E731
     assert kld(calibrated) < 0.9 * kld(rtn), (kld(calibrated), kld(rtn))
 
-    again: list[str] = []
-    convert(str(narrow), "gptq:4", tmp_path / "b", options=opts, log=again.append)
+    again: list[str] = []  # the same options through the API: the same stage
+    convert(str(narrow), "gptq:4", tmp_path / "b", options={"samples": 32, "mixed": False}, log=again.append)
     assert "gptq: cached" in again

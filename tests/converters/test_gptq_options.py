@@ -1,0 +1,76 @@
+"""GPTQ and ONNX options: parsed from text, bad values and unused flags refused before any work (no quantization here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from edgepack import constants
+from edgepack.convert import convert
+from edgepack.converters import gptq
+from edgepack.converters import onnx as onnx_conv
+from edgepack.errors import CalibrationError, UsageError
+
+
+def test_options_from_a_command_line_are_parsed():
+    got = gptq.parse_options({"samples": "64", "sym": "true", "desc_act": "no", "damp_percent": "0.05", "mixed": "off"})
+    assert got == {"samples": 64, "sym": True, "desc_act": False, "damp_percent": 0.05, "mixed": False, "device": "cpu"}
+    assert gptq.parse_options({})["mixed"] is False and gptq.parse_options({}, {"mixed": True})["mixed"] is True
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"samples": "many"}, "take numbers"),
+        ({"samples": 0}, "samples 0"),
+        ({"damp_percent": 1.5}, "damp_percent 1.5"),
+        ({"sym": "maybe"}, "sym 'maybe': give true or false"),
+        ({"device": "tpu"}, "device 'tpu'"),
+    ],
+)
+def test_bad_option_values(options, message):
+    with pytest.raises(UsageError, match=message):
+        gptq.validate_options(options, ["4"])
+
+
+def test_onnx_checks_the_gptq_options_only_when_int4_is_calibrated():
+    with pytest.raises(UsageError, match="whole numbers"):
+        onnx_conv.validate_options({"block_size": "big"}, ["int8"])
+    with pytest.raises(UsageError, match="samples 0"):
+        onnx_conv.validate_options({"samples": 0}, ["int4"])
+    onnx_conv.validate_options({"samples": 0}, ["int8", "fp32"])
+    onnx_conv.validate_options({"samples": 0, "int4_method": "rtn"}, ["int4"])
+
+
+@pytest.mark.parametrize("variant", ["gptq:4", "onnx:int4"])
+def test_too_few_calibration_samples_fail_before_the_model_is_pulled(variant, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("One paragraph about caching.\n\nAnother one about bundles.")
+    with pytest.raises(CalibrationError, match="has 2 samples but 256 were requested"):
+        convert(str(tmp_path / "no-such-model"), variant, tmp_path / "b", options={"calibration": str(short)}, log=lambda m: None)
+    assert not constants.stages_dir().exists() and not (tmp_path / "b").exists()
+
+
+def edgepack(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgepack", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--to", "gguf:Q4_K_M", "--sym"], "--sym set up GPTQ and INT4 ONNX, and none of gguf:Q4_K_M uses them: add --to gptq:4"),
+        (["--to", "onnx:int8", "--gptq-samples", "64"], "none of onnx:int8 uses them"),
+        (["--asym"], "none of gguf:Q4_K_M, gguf:Q8_0 uses them"),  # the recipe's variants
+        (["--to", "gptq:4", "--gptq-samples", "5000"], "but 5000 were requested"),
+        (["--to", "gptq:4", "--damp-percent", "2"], "damp_percent 2.0"),
+        (["--to", "gptq:4", "--gptq-device", "tpu"], "device 'tpu'"),
+        (["--to", "onnx:int4", "--int4-method", "awq"], "int4_method 'awq'"),
+    ],
+)
+def test_cli_flags_are_checked_before_any_work(args, message, tmp_path):
+    r = edgepack("convert", "smollm2-135m", "-o", str(tmp_path / "b"), *args)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not constants.stages_dir().exists() and not (constants.home() / "sources").exists()
