@@ -5,7 +5,7 @@
 ``qweight``/``qzeros``/``scales`` in safetensors, which transformers (with optimum and
 gptqmodel installed), vLLM and onnxruntime-genai's model builder load. Shared options
 (``convert(..., options=...)``): ``calibration`` (a preset of converters/calibration.py),
-``samples`` (rows, default 128), ``sym``, ``desc_act``, ``damp_percent``, ``mixed``, ``device``.
+``samples`` (rows, default 256), ``sym``, ``desc_act``, ``damp_percent``, ``mixed``, ``device``.
 
 Group size: GPTQ groups run along each layer's input features. When a group size does
 not divide a width (SmolLM2's 576 by 128) GPTQModel stores ceil(576/128) = 5 groups,
@@ -16,12 +16,15 @@ So edgepack only uses group sizes that divide every in-feature count: by default
 first of 16, 32, 64 and 128 that does (16 on SmolLM2); an explicit one that does not is
 refused with the sizes that fit.
 
-Defaults, measured on SmolLM2-135M-Instruct (4 bits, KLD from the float32 reference on
-3,072 held-out tokens; the README's GPTQ section has every row): asymmetric groups (the
-symmetric ones doubled KLD), GPTQModel's group-aware reordering instead of desc_act,
-an MSE search of each group's range (``mse=2``: 0.081 to 0.078 at g32) and groups of
-16 (0.053 with the search, 8 MB more than g32), the only setting that met the 0.06 bar
-with uniform bits. onnx:int4 asks for group 32 (its MatMulNBits block) itself.
+Defaults, chosen by measurement on SmolLM2-135M-Instruct (4 bits, KLD from the float32
+reference on 3,072 held-out tokens; every row is in the README's GPTQ section; GPTQModel
+7.7 on the CPU): asymmetric groups (symmetric: 0.131 against 0.081), groups of 16
+(0.055 against 0.081 at g32, 8 MB more), an MSE search of each group's range
+(``mse=2``: 0.078 at g32, 0.053 at g16), activation order (desc_act: 0.046 at g16; it
+beat GPTQModel's default group-aware reordering) and 256 calibration rows (0.043). Not
+kept: GPTAQ (0.084 at g32), damp_percent 0.05 (0.082), 512-token packed rows (0.104),
+desc_act with static groups (0.055 at g16). onnx:int4 asks for group 32 (its
+MatMulNBits block) without desc_act (see converters/onnx.py) itself.
 
 Mixed precision (``mixed``): as llama.cpp's Q4_K_M gives attn_v and ffn_down more bits,
 every ``v_proj`` and the ``down_proj`` of the first and last eighth of the layers are

@@ -7,7 +7,10 @@ INT4 is calibrated by default (shared option ``int4_method=gptq``): the checkpoi
 goes through the GPTQ stage (4-bit, asymmetric, group = the MatMulNBits block size) and
 the builder repacks those calibrated weights into MatMulNBits instead of rounding the
 float weights to nearest (GPTQ keeps v_proj and the outer layers' down_proj at 8 bits,
-see converters/gptq.py). GPTQ leaves the tied embedding / LM head in float; the builder
+see converters/gptq.py). Not with desc_act: the builder hands act-order checkpoints'
+g_idx to MatMulNBits, whose g_idx input (deprecated) onnxruntime 1.32's CPU kernel gets
+wrong even when it changes nothing (tests/converters/test_onnx.py keeps the proof), so
+the GPTQ stage runs without it here and ``desc_act=true`` is refused for onnx:int4. GPTQ leaves the tied embedding / LM head in float; the builder
 quantizes it to 8 bits (symmetric, blocks of 64) and shares it between the LM-head
 MatMulNBits and the embedding's GatherBlockQuantized. ``int4_method=rtn`` is the
 builder's own round-to-nearest INT4, embedding included (no calibration, no gptqmodel).
