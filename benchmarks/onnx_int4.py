@@ -186,7 +186,10 @@ def main() -> None:
     ap.add_argument("-o", "--out", default="onnx_int4.json")
     ap.add_argument("--block-sizes", default="32", help="comma-separated MatMulNBits block sizes to build calibrated INT4 with")
     ap.add_argument("--accuracy-levels", default="4", help="comma-separated accuracy levels to score (1 decodes ~15x slower on CPU)")
-    ap.add_argument("--gptq", default="gptq:4", help="comma-separated gptq: variants to build and score (the bar is judged on gptq:4)")
+    ap.add_argument(
+        "--gptq", default="gptq:4", help="comma-separated gptq: variants to build and score, each with ;KEY=VALUE options "
+        "(e.g. gptq:4g32;desc_act=false;samples=128); the bar is judged on plain gptq:4"
+    )
     ap.add_argument("--threads", type=int, default=THREADS, help="threads for torch and onnxruntime while quantizing and scoring")
     args = ap.parse_args()
     if "gptq:4" not in [g.strip().lower() for g in args.gptq.split(",")]:
@@ -236,14 +239,18 @@ def main() -> None:
         result["variants"][name] = {"options": opts, "mb": round(folder_mb(folder), 1), "convert_s": round(time.perf_counter() - t0, 1), **scores}
         print(name, json.dumps(result["variants"][name]), file=sys.stderr)
 
-    for spec in args.gptq.split(","):
-        vid = spec.strip().lower().replace(":", "-")
+    for entry in args.gptq.split(","):
+        spec, *pairs = entry.strip().split(";")
+        opts = dict(p.split("=", 1) for p in pairs)  # text, as the command line passes them
+        vid = spec.lower().replace(":", "-")
+        name = ";".join([vid, *pairs])
         t0 = time.perf_counter()
-        bundle = convert(str(reference), spec.strip(), work / vid, log=log)
+        bundle = convert(str(reference), spec, work / name.replace(";", "_").replace("=", "-"), options=opts, log=log)
         gfolder = bundle.resolve(bundle.variant(vid).path)
         convert_s = time.perf_counter() - t0
         qcfg = json.loads((gfolder / "quantize_config.json").read_text())
-        result["variants"][vid] = {
+        result["variants"][name] = {
+            "options": opts,
             "group_size": qcfg["group_size"],
             "sym": qcfg["sym"],
             "mixed": bool(qcfg.get("dynamic")),
@@ -253,8 +260,8 @@ def main() -> None:
         }
         if not qcfg.get("dynamic"):  # transformers (through optimum) loads uniform bit widths only
             loaded = AutoModelForCausalLM.from_pretrained(gfolder, device_map="cpu").eval()
-            result["variants"][vid]["transformers"] = {"dtype": str(loaded.dtype), **compare(ref, torch_logprobs(loaded, windows), windows)}
-        print(vid, json.dumps(result["variants"][vid]), file=sys.stderr)
+            result["variants"][name]["transformers"] = {"dtype": str(loaded.dtype), **compare(ref, torch_logprobs(loaded, windows), windows)}
+        print(name, json.dumps(result["variants"][name]), file=sys.stderr)
 
     # Bars are judged on what `onnx:int4` builds by default; the other builds are there to compare.
     default = f"onnx-int4-gptq-b{OnnxConfig.block_size}-acc{OnnxConfig.accuracy_level}"

@@ -52,7 +52,7 @@ from ..stages import Artifact, Kind, Stage
 from . import calibration
 
 BITS = (2, 3, 4, 8)
-GROUP_SIZES = (16, 32, 64, 128)  # most accurate first: SmolLM2 4-bit g16 KLD 0.053, g32 0.078 (benchmarks/onnx_int4.py)
+GROUP_SIZES = (16, 32, 64, 128)  # most accurate first: SmolLM2 gptq:4 KLD 0.044 at g16, 0.066 at g32 (benchmarks/onnx_int4.py)
 MIN_ROW_TOKENS = 16  # calibration rows shorter than this carry too little context for the Hessian
 _ARG = re.compile(r"^(\d+)(?:g(\d+))?$", re.IGNORECASE)
 
@@ -275,7 +275,7 @@ def parse_options(options: dict[str, Any], defaults: dict[str, Any] | None = Non
 
     Values may be text (from a command line). ``defaults`` replaces GPTQConfig's defaults
     for one route: onnx:int4 turns ``mixed`` on (the builder loads per-module bits,
-    transformers does not) and ``desc_act`` off (MatMulNBits runs act-order g_idx slowly).
+    transformers does not) and ``desc_act`` off (MatMulNBits gets act-order g_idx wrong, see converters/onnx.py).
     Raises UsageError.
     """
     base = {**{k: getattr(GPTQConfig, k) for k in ("sym", "desc_act", "mixed", "samples", "damp_percent")}, **(defaults or {})}

@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         target_types: str = typer.Option("", "--target-types", metavar="TYPES", help="Tensor types a size target may use, e.g. q4_k,q5_k,q6_k,q8_0 (default: all measured).", rich_help_panel="GGUF"),
         gptq_samples: int | None = typer.Option(None, "--gptq-samples", metavar="N", help="GPTQ calibration rows (default 256).", rich_help_panel="GPTQ and ONNX"),
         sym: bool | None = typer.Option(None, "--sym/--asym", help="Symmetric GPTQ groups, or asymmetric with zero points (default).", rich_help_panel="GPTQ and ONNX"),
-        desc_act: bool | None = typer.Option(None, "--desc-act/--no-desc-act", help="Quantize columns in activation order (default on for gptq:, off for onnx:int4, whose MatMulNBits runs it slowly).", rich_help_panel="GPTQ and ONNX"),
+        desc_act: bool | None = typer.Option(None, "--desc-act/--no-desc-act", help="Quantize columns in activation order (default on for gptq:; refused for onnx:int4, whose MatMulNBits gets it wrong).", rich_help_panel="GPTQ and ONNX"),
         damp_percent: float | None = typer.Option(None, "--damp-percent", metavar="F", help="GPTQ Hessian dampening, a fraction of its mean diagonal (default 0.01).", rich_help_panel="GPTQ and ONNX"),
         mixed_bits: bool | None = typer.Option(None, "--mixed-bits/--uniform-bits", help="Keep v_proj and the outer down_proj at 8 bits (default: on for onnx:int4, off for gptq:, which transformers loads only uniform).", rich_help_panel="GPTQ and ONNX"),
         gptq_device: str = typer.Option("", "--gptq-device", metavar="DEVICE", help="Where GPTQ runs: cpu (default) or cuda.", rich_help_panel="GPTQ and ONNX"),
