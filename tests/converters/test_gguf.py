@@ -10,6 +10,7 @@ import gguf
 import llama_cpp
 import numpy as np
 import pytest
+from llama_logits import llama_logits, random_ids
 from models import ARCHS, DEFAULT_TOKENIZER, tiny_model
 from safetensors.numpy import save_file
 
@@ -51,22 +52,6 @@ def hf_logits(path: Path, ids: list[int]) -> np.ndarray:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
-
-
-def llama_logits(path: Path, ids: list[int], n_ctx: int = 64) -> np.ndarray:
-    llm = llama_cpp.Llama(
-        str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
-        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
-    )  # fmt: skip
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
-
-
-def random_ids(vocab: int, n: int = 24) -> list[int]:
-    return [int(i) for i in np.random.default_rng(0).integers(10, vocab, n)]
 
 
 def assert_logits_match(hf_dir: Path, gguf_path: Path, tol: float = TOL, n: int = 24) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from llama_logits import llama_logits, random_ids
 
 from edgepack.bundle import Bundle
 from edgepack.convert import convert
@@ -31,18 +32,6 @@ def edgepack(*args: str) -> subprocess.CompletedProcess:
 
 def types_of(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
-
-
-def llama_logits(path: Path, vocab: int) -> np.ndarray:
-    import llama_cpp
-
-    tokens = list(np.random.default_rng(0).integers(0, vocab, 24))
-    llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2)
-    try:
-        llm.eval(tokens)
-        return np.array(llm.scores[: len(tokens)])
-    finally:
-        llm.close()
 
 
 def vocab_of(hf: Path) -> int:
@@ -67,7 +56,7 @@ def test_quantizer_flags_reach_the_file(wide, tmp_path):
     assert q4.meta["imatrix"]["chunks"] == 1  # --calibration-tokens 512: one window
     assert [s["stage"] for s in bundle.data["steps"]] == ["gguf-write", "imatrix", "quantize", "gguf-write"]
     assert set(types_of(out / bundle.variant("gguf-q8_0").path).values()) == {"F32", "Q8_0"}  # the writer's, untouched
-    assert np.isfinite(llama_logits(out / q4.path, vocab_of(wide))).all()
+    assert np.isfinite(llama_logits(out / q4.path, random_ids(vocab_of(wide)))).all()
 
 
 def test_target_size_makes_a_measured_mix_within_the_budget(wide, tmp_path):
@@ -88,7 +77,7 @@ def test_target_size_makes_a_measured_mix_within_the_budget(wide, tmp_path):
     assert [s["stage"] for s in bundle.data["steps"]] == ["gguf-write", "imatrix", "sensitivity", "quantize"]
     assert [s["cached"] for s in bundle.data["steps"][:2]] == [True, True]  # shared with the plain Q4_K_M
     assert (out / "calibration" / "sensitivity.json").is_file() and (out / "calibration" / "imatrix.dat").is_file()
-    assert np.isfinite(llama_logits(path, vocab_of(wide))).all()
+    assert np.isfinite(llama_logits(path, random_ids(vocab_of(wide)))).all()
 
     # bits per weight, restricted types, and a user's importance matrix (sensitivity is measured under it)
     opts = {"target_bpw": "5.5", "target_types": "q4_k,q6_k,q8_0", "imatrix": str(out / "calibration" / "imatrix.dat")}

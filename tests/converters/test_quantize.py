@@ -10,6 +10,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from llama_logits import llama_logits
 
 from edgepack.converters import quantize as qz
 from edgepack.converters.gguf import convert
@@ -48,17 +49,6 @@ def types_of(path: Path) -> dict[str, str]:
 def kv(path: Path, key: str):
     field = gguf.GGUFReader(path).get_field(key)
     return None if field is None else field.contents()
-
-
-def llama_logits(path: Path, tokens: list[int]) -> np.ndarray:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2)
-    try:
-        llm.eval(tokens)
-        return np.array(llm.scores[: len(tokens)])
-    finally:
-        llm.close()
 
 
 def test_type_tables_match_llama_cpp():
