@@ -17,7 +17,11 @@ Two llama.cpp tokenizer models are written:
 ``llama`` SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Phi-3,
           Gemma). llama.cpp merges the adjacent pair whose result scores
           highest, so each token scores minus the rank of the merge that
-          makes it, which reproduces HF's merge order.
+          makes it, which reproduces HF's merge order. llama.cpp puts the
+          dummy-prefix space before every stretch of text; transformers'
+          Metaspace pre-tokenizer only where its prepend scheme says (and never
+          before text that starts with a space), so the scheme is written under
+          ``edgepack.tokenizer.prepend_scheme`` for edgepack's runtime to apply.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidModelError, UnsupportedArchitectureError
+from ..gguf_header import PREPEND_SCHEME
 
 # Split regexes as they appear in HF tokenizer.json files.
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -66,6 +71,7 @@ class Vocab:
     add_bos: bool
     add_eos: bool
     add_space_prefix: bool
+    prepend_scheme: str | None  # transformers' Metaspace rule where llama.cpp's differs
     chat_template: str | list[dict[str, str]] | None
 
     def add_to(self, writer) -> None:
@@ -84,6 +90,8 @@ class Vocab:
         writer.add_add_eos_token(self.add_eos)
         if self.model == "llama":
             writer.add_add_space_prefix(self.add_space_prefix)
+        if self.prepend_scheme:
+            writer.add_string(PREPEND_SCHEME, self.prepend_scheme)
         if self.chat_template:
             writer.add_chat_template(self.chat_template)
 
@@ -177,6 +185,7 @@ def build_vocab(facts: dict, n_vocab: int, path: Path) -> Vocab:
     specials = {k: v for k, v in facts["specials"].items() if isinstance(v, int) and 0 <= v < n_vocab}
     plain, full = facts["probe_plain"], facts["probe_full"]
     template = facts["chat_template"]
+    prefix = spm and bool(plain) and facts["probe_pieces"][0].startswith("\u2581")
     if isinstance(template, dict):
         template = [{"name": k, "template": v} for k, v in template.items()]
     return Vocab(
@@ -189,7 +198,8 @@ def build_vocab(facts: dict, n_vocab: int, path: Path) -> Vocab:
         special_ids=specials,
         add_bos=len(full) > len(plain) and full[0] == specials.get("bos"),
         add_eos=len(full) > len(plain) and full[-1] == specials.get("eos"),
-        add_space_prefix=spm and bool(plain) and facts["probe_pieces"][0].startswith("\u2581"),
+        add_space_prefix=prefix,
+        prepend_scheme=_metaspace_scheme(spec.get("pre_tokenizer")) if prefix else None,
         chat_template=template,
     )
 
@@ -228,6 +238,17 @@ def _uses_metaspace(spec: dict) -> bool:
     """SentencePiece style: the normaliser or a Metaspace pre-tokenizer turns spaces into U+2581."""
     text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False)
     return "\u2581" in text
+
+
+def _metaspace_scheme(pre: dict | None) -> str | None:
+    """A Metaspace pre-tokenizer's prepend scheme ("first", "always"); None without one (a Prepend normaliser is llama.cpp's rule)."""
+    if not pre:
+        return None
+    if pre.get("type") == "Sequence":
+        return next(filter(None, map(_metaspace_scheme, pre["pretokenizers"])), None)
+    if pre.get("type") == "Metaspace" and pre.get("prepend_scheme", "always") in ("first", "always"):
+        return pre.get("prepend_scheme", "always")
+    return None
 
 
 def _spm_type(text: str, unk: str | None) -> int:

@@ -7,6 +7,13 @@ once per generation (penalties -> top-k -> top-p -> min-p -> temperature ->
 dist, the order of llama.cpp's own defaults), and logits are read only by
 ``score``. Logs from llama.cpp are kept (the last lines go into error messages)
 and printed only with EDGEPACK_DEBUG=1.
+
+A SentencePiece-style GGUF that carries transformers' Metaspace prepend scheme
+(written by edgepack's converter) is loaded with llama.cpp's own dummy prefix
+off, and ``tokenize`` puts the space where transformers would: before the
+text's first stretch ("first") or every stretch between special tokens
+("always"), never before one that starts with a space. So token ids equal
+transformers' for Llama 2, Mistral and Phi-3 tokenizers too.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import numpy as np
 
 from .. import constants
 from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
+from ..gguf_header import PREPEND_SCHEME, gguf_metadata
 from .base import ModelInfo, SamplingParams, Scores, Session
 
 try:
@@ -31,6 +39,7 @@ except ImportError as e:  # pragma: no cover - llama-cpp-python is a core depend
     raise MissingDependencyError("llama-cpp-python", purpose="running GGUF models") from e
 
 _LOG = collections.deque(maxlen=20)
+_SPECIAL = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED | ll.LLAMA_TOKEN_ATTR_UNKNOWN
 _init_lock = threading.Lock()
 _initialised = False
 
@@ -81,6 +90,16 @@ class LlamaCppSession(Session):
                 raise InvalidModelError(f"{path} is not a GGUF file (bad magic): re-download or re-convert it")
         mp = ll.llama_model_default_params()
         mp.n_gpu_layers = 0 if device == "cpu" else -1  # -1: every layer
+        try:
+            self._prepend = gguf_metadata(path).get(PREPEND_SCHEME)
+        except InvalidModelError:  # a damaged header: llama.cpp's load below says what is wrong with it
+            self._prepend = None
+        if self._prepend:
+            overrides = (ll.llama_model_kv_override * 2)()  # zeroed second entry ends the list
+            overrides[0].key = b"tokenizer.ggml.add_space_prefix"
+            overrides[0].tag = ll.LLAMA_KV_OVERRIDE_TYPE_BOOL
+            overrides[0].value.val_bool = False
+            mp.kv_overrides = overrides
         self._model = ll.llama_model_load_from_file(str(path).encode(), mp)
         if not self._model:
             raise BackendError(f"llama.cpp could not load {path}{_recent_log()}: check it with `edgepack inspect {path}`")
@@ -110,6 +129,29 @@ class LlamaCppSession(Session):
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
         self._check_open()
         data = text.encode("utf-8")
+        if self._prepend and data:
+            data = self._with_prefix_spaces(data)
+        return self._tokenize(data, add_special)
+
+    def _with_prefix_spaces(self, data: bytes) -> bytes:
+        """``data`` with a space before each stretch of text that transformers' Metaspace prefixes."""
+        starts, pos, after_special = [], 0, True
+        for tok in self._tokenize(data, False):  # the prefix-free split tells where special tokens sit
+            special = bool(ll.llama_vocab_get_attr(self._vocab, tok) & _SPECIAL)
+            if after_special and not special:
+                starts.append(pos)
+            after_special = special
+            pos += len(ll.llama_vocab_get_text(self._vocab, tok)) if special else len(self._piece(tok))
+        if self._prepend == "first":
+            starts = starts[:1] if starts and starts[0] == 0 else []
+        out, prev = bytearray(), 0
+        for at in starts:
+            if data[at : at + 1] != b" ":
+                out += data[prev:at] + b" "
+                prev = at
+        return bytes(out + data[prev:])
+
+    def _tokenize(self, data: bytes, add_special: bool) -> list[int]:
         cap = len(data) + 8
         buf = (ll.llama_token * cap)()
         n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
@@ -131,7 +173,8 @@ class LlamaCppSession(Session):
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
             n = ll.llama_detokenize(self._vocab, ids, len(tokens), buf, -n, False, True)
-        return buf.raw[:n].decode("utf-8", "replace")
+        text = buf.raw[:n].decode("utf-8", "replace")
+        return text[1:] if self._prepend and text.startswith(" ") else text  # transformers strips the prefix once
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)

@@ -11,9 +11,10 @@ import llama_cpp
 import numpy as np
 import pytest
 from llama_logits import llama_logits, random_ids
-from models import ARCHS, DEFAULT_TOKENIZER, tiny_model
+from models import ARCHS, tiny_model
 from safetensors.numpy import save_file
 
+import edgepack
 from edgepack.bundle import Bundle
 from edgepack.convert import convert as convert_bundle
 from edgepack.convert import parse_variants
@@ -63,18 +64,18 @@ def assert_logits_match(hf_dir: Path, gguf_path: Path, tol: float = TOL, n: int 
 
 
 def assert_tokenizes_like_hf(hf_dir: Path, gguf_path: Path, corpus: list[str]) -> None:
+    """llama.cpp's token ids, as edgepack's runtime asks for them, equal transformers' for every text."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
-    try:
+    with edgepack.load(gguf_path, threads=1, n_ctx=64) as session:
         for text in corpus:
             for add in (False, True):
                 want = tok(text, add_special_tokens=add)["input_ids"]
-                got = llm.tokenize(text.encode(), add_bos=add, special=True)
+                got = session.tokenize(text, add_special=add)
                 assert got == want, f"{text!r} (add_special={add}):\n hf {tok.convert_ids_to_tokens(want)}\n ll {tok.convert_ids_to_tokens(got)}"
-    finally:
-        llm.close()
+            if text:
+                assert session.detokenize(tok(text, add_special_tokens=False)["input_ids"]) == tok.decode(tok(text, add_special_tokens=False)["input_ids"])
 
 
 @pytest.fixture(scope="module")
@@ -170,33 +171,21 @@ def test_conventions_in_the_file(tiny):
 # -- tokenizers ------------------------------------------------------------------------------------
 
 
-def _after_special_or_leading_space(text: str, specials: list[str]) -> bool:
-    """Where llama.cpp's SentencePiece prefix differs from transformers' Metaspace(prepend_scheme="first").
-
-    llama.cpp (like sentencepiece itself) puts a space before every stretch of
-    text, also one that starts with a space and one that follows a special
-    token; transformers prefixes only the start of the input, and only when it
-    does not start with a space already. No GGUF key changes llama.cpp's rule.
-    """
-    if text[:1].isspace():
-        return True
-    return any(tok in text and text.split(tok, 1)[1] for tok in specials)
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "mistral"])
 def test_tokenizer_conformance(tiny, arch):
     """bpe-llama3 (llama-bpe), bpe-qwen2 (qwen2), spm-gemma and spm-llama, each against its HF tokenizer."""
     hf_dir, path = tiny(arch)
-    corpus = [*CORPUS, "\n".join(CORPUS)]
-    if DEFAULT_TOKENIZER[arch] == "spm-llama":
-        specials = [a["content"] for a in json.loads((hf_dir / "tokenizer.json").read_text())["added_tokens"]]
-        corpus = [t for t in corpus if not _after_special_or_leading_space(t, specials)]
-        assert len(corpus) >= 10
-    assert_tokenizes_like_hf(hf_dir, path, corpus)
+    assert_tokenizes_like_hf(hf_dir, path, [*CORPUS, "\n".join(CORPUS)])
     r = reader(path)
     expected = {"llama": ("gpt2", "llama-bpe"), "qwen2": ("gpt2", "qwen2"), "gemma2": ("llama", None), "mistral": ("llama", None)}
     assert (field(r, "tokenizer.ggml.model"), field(r, "tokenizer.ggml.pre")) == expected[arch]
     assert field(r, "tokenizer.chat_template")
+    # Other llama.cpp programs keep llama.cpp's own rule (a prefix before every stretch of text);
+    # edgepack's runtime reads transformers' scheme (Metaspace "first" in transformers 5) from its own key.
+    if arch == "mistral":
+        assert (field(r, "tokenizer.ggml.add_space_prefix"), field(r, "edgepack.tokenizer.prepend_scheme")) == (True, "first")
+    else:
+        assert field(r, "edgepack.tokenizer.prepend_scheme") is None
 
 
 def test_sentencepiece_model_without_tokenizer_json(tmp_path):
