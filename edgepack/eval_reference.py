@@ -225,11 +225,17 @@ def _clean_windows(bundle: Bundle, ids: list[int], cfg: EvalConfig, length: int,
 
 
 def _calibration_texts(bundle: Bundle, files: tuple[str, ...]) -> list[calibration.Text]:
-    """Every calibration text the manifest records, reloaded and checked against its sha256."""
+    """Every calibration text the manifest records, reloaded and checked against its sha256, each once.
+
+    Stages that share a text (imatrix and sensitivity, GPTQ under several variants) each record it.
+    """
     given = [calibration.load(f) for f in files]
-    out = []
+    out, seen = [], set()
     for rec in bundle.data.get("calibration", []):
         name = rec.get("name", "")
+        if (name, rec.get("sha256")) in seen:
+            continue
+        seen.add((name, rec.get("sha256")))
         preset, _, split = name.rpartition(":")
         if name.startswith("file:"):
             text = next((t for t in given if t.sha256 == rec.get("sha256")), None)

@@ -210,3 +210,15 @@ def test_auto_eval_text_falls_back_at_once_when_the_hub_is_unreachable(monkeypat
     text = _eval_text("auto", lines.append)
     assert text.name.startswith("builtin")
     assert lines == ["the hub cannot be reached, so eval uses the built-in text instead of wikitext-2"]
+
+
+def test_a_text_several_stages_recorded_is_checked_once(tmp_path):
+    from edgepack.eval_reference import _calibration_texts
+
+    b = Bundle.create(tmp_path / "b", "m", {"ref": "m", "origin": "file", "files": []})
+    for tokens in (4096, 8192):  # imatrix and sensitivity both record the built-in text
+        b.add_calibration(calibration.load("builtin").provenance(tokens))
+    b.add_calibration(calibration.load("builtin", split="eval").provenance(1024))
+    texts = _calibration_texts(b, ())
+    assert len(b.data["calibration"]) == 3
+    assert [t.sha256 for t in texts] == [calibration.load("builtin").sha256, calibration.load("builtin", split="eval").sha256]
