@@ -26,8 +26,7 @@ Presets give their calibration split, so the held-out ``eval`` split is
 never trained on; a user file is used whole. ``convert`` records the text
 (like the pruning calibration text) in the bundle's calibration list, and
 eval skips any window sharing a 64-token span with it. Training is full
-fine-tuning or LoRA (``lora`` = rank; the adapters are merged before
-saving, so the output is a plain checkpoint), on CPU or CUDA, in bf16
+fine-tuning or LoRA (``lora`` = rank; see lora.py), on CPU or CUDA, in bf16
 autocast where the device supports it (CUDA, or CPUs with AVX512-BF16/AMX,
 where it is 2-3x faster than float32). The embeddings stay frozen, and so do
 the leading blocks that are still bit-identical to the teacher's (all those
@@ -45,7 +44,6 @@ the KL term is then taken over those k tokens, renormalised.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import time
@@ -58,6 +56,7 @@ from ..errors import CalibrationError, SourceNotFoundError, UsageError
 from ..fsutil import atomic_path
 from ..stages import Artifact, Kind, cache_key
 from . import calibration
+from .lora import merge_lora, trainable_parameters
 from .prune import CheckpointStage, load_model, save_checkpoint
 
 
@@ -355,68 +354,6 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
         with safe_open(f, "pt") as fh:
             out.update(dict.fromkeys(fh.keys(), f))
     return out
-
-
-def trainable_parameters(model, frozen: int, lora: int) -> list:
-    """Freeze the embeddings (pruning leaves them intact) and the first ``frozen`` blocks; train the rest,
-    whole or (``lora`` > 0) through rank-``lora`` adapters. Returns the parameters to optimise."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    layers = list(model.base_model.layers)[frozen:]
-    if lora:
-        return add_lora(layers, lora)
-    params = [p for layer in layers for p in layer.parameters()]
-    params += [p for name, p in model.base_model.named_parameters() if "norm" in name and not name.startswith("layers.")]
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
-def add_lora(layers, rank: int) -> list:
-    """Wrap every linear layer of ``layers`` in a rank-``rank`` adapter (Hu et al., 2021); returns the adapter parameters."""
-    import torch
-
-    trainable = []
-    for layer in layers:
-        for parent in list(layer.modules()):
-            for attr, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    wrapped = _lora_linear()(child, rank)
-                    setattr(parent, attr, wrapped)
-                    trainable += [wrapped.a, wrapped.b]
-    return trainable
-
-
-def merge_lora(model) -> None:
-    """Fold every adapter into its base weight (W + B A) and put the plain linear back."""
-    import torch
-
-    for parent in list(model.modules()):
-        for attr, child in list(parent.named_children()):
-            if isinstance(child, _lora_linear()):
-                with torch.no_grad():
-                    child.base.weight += (child.b @ child.a).to(child.base.weight.dtype)
-                setattr(parent, attr, child.base)
-
-
-@functools.cache
-def _lora_linear():
-    """The adapter module class, built on first use so importing this module does not import torch."""
-    import torch
-
-    class LoRALinear(torch.nn.Module):
-        """``base(x) + x A^T B^T``: A starts random, B at zero, so training starts from the base model exactly."""
-
-        def __init__(self, base: torch.nn.Linear, rank: int) -> None:
-            super().__init__()
-            self.base = base
-            self.a = torch.nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features))
-            self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-
-        def forward(self, x):
-            return self.base(x) + (x @ self.a.t().to(x.dtype)) @ self.b.t().to(x.dtype)
-
-    return LoRALinear
 
 
 # -- resume and teacher cache ------------------------------------------------------------------

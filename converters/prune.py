@@ -16,12 +16,8 @@ samples instead of a few.) The survivors are renumbered and every
 per-layer setting in the config (``num_hidden_layers``, ``layer_types``,
 ``no_rope_layers``, ``max_window_layers``, ...) is rewritten to match.
 
-Width follows Minitron (Muralidharan et al., 2024): each MLP channel is
-scored by its activation (the input of ``down_proj``) and each attention
-head by the norm of its output (the input of ``o_proj``), as a mean over
-tokens and an L2 norm over samples. Heads go in whole KV groups so grouped
-query attention stays intact, and every layer keeps the same count because
-the config holds one ``intermediate_size`` and one head count.
+Width follows Minitron (Muralidharan et al., 2024; see prune_width.py) and
+runs after depth, on the blocks that are left.
 
 Calibration text is ``calibration.load(preset)``, chat-formatted when the
 tokenizer has a chat template (instruct models see text shaped like their
@@ -40,6 +36,7 @@ from typing import Any
 from ..errors import InvalidModelError, UnsupportedArchitectureError, UsageError
 from ..stages import Artifact, Kind, Stage
 from . import calibration
+from .prune_width import apply_width, check_width, count_params, forward_all, plan_width
 
 # Config lists holding one entry per decoder layer (transformers 5 names).
 _PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers")
@@ -130,10 +127,10 @@ class Prune(CheckpointStage):
         tokenizer = AutoTokenizer.from_pretrained(inp.path)
         model = load_model(inp.path).eval()
         layers = _decoder_layers(model)
-        params_before = _count(model)
+        params_before = count_params(model)
         width = None
         if config.target_params or config.heads or config.intermediate_size:
-            width = _plan_width(model, layers, n_layers - (config.layers or len(drop)), config)
+            width = plan_width(model, layers, n_layers - (config.layers or len(drop)), config)
 
         chat = bool(getattr(tokenizer, "chat_template", None))
         text = calibration.load(config.calibration)
@@ -150,9 +147,9 @@ class Prune(CheckpointStage):
             meta["dropped_layers"] = drop
         if width is not None:
             groups, inter = width
-            meta["width"] = _apply_width(model, _decoder_layers(model), batches, groups, inter)
+            meta["width"] = apply_width(model, _decoder_layers(model), batches, groups, inter)
 
-        meta["params_after"] = _count(model)
+        meta["params_after"] = count_params(model)
         meta["num_hidden_layers"] = model.config.num_hidden_layers
         save_checkpoint(model, tokenizer, out_dir, like=inp.path)
         return Artifact(Kind.HF, out_dir, meta)
@@ -169,7 +166,7 @@ def check(config: Config, path: Path) -> tuple[int, list[int]]:
     hf_config = AutoConfig.from_pretrained(path)
     drop = _check_depth(config, hf_config.num_hidden_layers)
     heads, kv = hf_config.num_attention_heads, getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-    _check_width(config, heads, kv, getattr(hf_config, "intermediate_size", None))
+    check_width(config, heads, kv, getattr(hf_config, "intermediate_size", None))
     return hf_config.num_hidden_layers, drop
 
 
@@ -193,21 +190,6 @@ def _check_depth(config: Config, n_layers: int) -> list[int]:
     return sorted(config.drop)
 
 
-def _check_width(config: Config, heads: int, kv: int, inter: int | None) -> None:
-    """Explicit widths must keep whole KV groups, and a multiple of ``multiple_of`` channels up to ``inter`` (None: unknown)."""
-    q_per_kv = heads // kv
-    if config.heads and (config.heads % q_per_kv or not q_per_kv <= config.heads <= heads):
-        raise UsageError(
-            f"cannot keep {config.heads} attention heads: this model groups {q_per_kv} query heads per KV head, "
-            f"so keep a multiple of {q_per_kv} between {q_per_kv} and {heads}"
-        )
-    if config.intermediate_size and (config.intermediate_size % config.multiple_of or config.intermediate_size > (inter or math.inf)):
-        raise UsageError(
-            f"--intermediate-size {config.intermediate_size}: keep a multiple of {config.multiple_of}"
-            + (f" no larger than the current {inter}" if inter else "")
-        )
-
-
 def _decoder_layers(model):
     layers = getattr(model.base_model, "layers", None)
     if layers is None:
@@ -215,18 +197,6 @@ def _decoder_layers(model):
             type(model).__name__, ["llama-style decoders (model.layers)"], "Pruning needs a list of decoder blocks."
         )
     return layers
-
-
-def _count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _forward_all(model, batches: list[list[int]]) -> None:
-    import torch
-
-    with torch.inference_mode():
-        for ids in batches:
-            model(input_ids=torch.tensor([ids]), use_cache=False)
 
 
 def rank_blocks(model, layers, batches: list[list[int]], n: int, method: str) -> tuple[list[int], list[float]]:
@@ -290,7 +260,7 @@ def _boundary_distances(model, layers, batches: list[list[int]], n: int, distanc
     handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles.append(layers[-1].register_forward_hook(post, with_kwargs=True))
     try:
-        _forward_all(model, batches)
+        forward_all(model, batches)
     finally:
         for h in handles:
             h.remove()
@@ -320,148 +290,3 @@ def _drop_layers(model, drop: list[int]) -> None:
     if isinstance(getattr(cfg, "max_window_layers", None), int):
         cfg.max_window_layers = sum(1 for i in keep if i < cfg.max_window_layers)
     cfg.num_hidden_layers = len(keep)
-
-
-# -- width -------------------------------------------------------------------------------------
-
-
-def _attn_mlp(layer):
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    if attn is None or mlp is None or not all(hasattr(attn, n) for n in names) or not all(
-        hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")
-    ):
-        raise UnsupportedArchitectureError(
-            type(layer).__name__,
-            ["llama-style blocks (self_attn.q/k/v/o_proj, mlp.gate/up/down_proj)"],
-            "Use depth pruning (--prune-layers) for this model.",
-        )
-    return attn, mlp
-
-
-def _plan_width(model, layers, n_after: int, config: Config) -> tuple[int, int]:
-    """KV groups and intermediate size per layer: as given, or solved for ``target_params``.
-
-    Raises UsageError when a width is not one the architecture allows or the target is out of reach.
-    """
-    cfg = model.config
-    attn, mlp = _attn_mlp(layers[0])
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    q_per_kv = heads // kv
-    inter = mlp.gate_proj.out_features
-    _check_width(config, heads, kv, inter)
-    groups = config.heads // q_per_kv if config.heads else kv
-    if not config.target_params:
-        return groups, config.intermediate_size or inter
-
-    hidden, head_dim = attn.q_proj.in_features, attn.q_proj.out_features // heads
-    # Parameters one MLP channel / one KV group costs in each layer.
-    per_channel = 3 * hidden + _has_bias(mlp.gate_proj) + _has_bias(mlp.up_proj)
-    per_group = q_per_kv * head_dim * (2 * hidden + _has_bias(attn.q_proj)) + 2 * head_dim * (hidden + _has_bias(attn.k_proj))
-    per_layer_rest = _count(layers[0]) - inter * per_channel - kv * per_group
-    fixed = _count(model) - sum(_count(layer) for layer in layers) + n_after * per_layer_rest
-    prunable = n_after * (inter * per_channel + kv * per_group)
-    target = config.target_params
-    if target >= fixed + prunable:
-        raise UsageError(
-            f"--target-params {target:,} is not below the model's {fixed + prunable:,} parameters"
-            f"{' after depth pruning' if n_after < len(layers) else ''}: choose a smaller target"
-        )
-    if not config.heads:
-        # Cut attention in proportion to the MLP, rounded up to whole KV groups (Minitron prunes both).
-        groups = min(kv, max(1, math.ceil((target - fixed) / prunable * kv)))
-    new_inter = (target - fixed - n_after * groups * per_group) // (n_after * per_channel)
-    new_inter = min(inter, new_inter // config.multiple_of * config.multiple_of)
-    if new_inter < config.multiple_of:
-        least = fixed + n_after * ((config.heads // q_per_kv or 1) * per_group + config.multiple_of * per_channel)
-        raise UsageError(
-            f"--target-params {target:,} is below what width pruning can reach ({least:,}): "
-            "drop more layers or choose a larger target"
-        )
-    return groups, new_inter
-
-
-def _has_bias(linear) -> int:
-    return 1 if linear.bias is not None else 0
-
-
-def _importance(model, layers, batches: list[list[int]]):
-    """Minitron activation importance per layer: (MLP channel scores, attention head scores)."""
-    import torch
-
-    heads = model.config.num_attention_heads
-    mlp_sq = [None] * len(layers)
-    head_sq = [None] * len(layers)
-
-    def mlp_hook(i):
-        def hook(_mod, args):
-            score = args[0].float().abs().mean(dim=(0, 1))  # mean over tokens
-            mlp_sq[i] = score**2 if mlp_sq[i] is None else mlp_sq[i] + score**2  # L2 over samples
-
-        return hook
-
-    def head_hook(i):
-        def hook(_mod, args):
-            x = args[0].float()
-            per_head = x.reshape(*x.shape[:-1], heads, -1).norm(dim=-1).mean(dim=(0, 1))
-            head_sq[i] = per_head**2 if head_sq[i] is None else head_sq[i] + per_head**2
-
-        return hook
-
-    handles = []
-    for i, layer in enumerate(layers):
-        attn, mlp = _attn_mlp(layer)
-        handles.append(mlp.down_proj.register_forward_pre_hook(mlp_hook(i)))
-        handles.append(attn.o_proj.register_forward_pre_hook(head_hook(i)))
-    try:
-        _forward_all(model, batches)
-    finally:
-        for h in handles:
-            h.remove()
-    return [m.sqrt() for m in mlp_sq], [h.sqrt() for h in head_sq]
-
-
-def _apply_width(model, layers, batches: list[list[int]], groups: int, inter: int) -> dict[str, Any]:
-    """Keep the ``groups`` most important KV groups and ``inter`` MLP channels in every layer."""
-    import torch
-
-    cfg = model.config
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    q_per_kv = heads // kv
-    attn0, _ = _attn_mlp(layers[0])
-    head_dim = attn0.q_proj.out_features // heads
-    mlp_scores, head_scores = _importance(model, layers, batches)
-    for layer, m_score, h_score in zip(layers, mlp_scores, head_scores):
-        attn, mlp = _attn_mlp(layer)
-        channels = torch.sort(torch.topk(m_score, inter).indices).values
-        mlp.gate_proj = _slice(mlp.gate_proj, rows=channels)
-        mlp.up_proj = _slice(mlp.up_proj, rows=channels)
-        mlp.down_proj = _slice(mlp.down_proj, cols=channels)
-        if groups < kv:
-            group_score = h_score.reshape(kv, q_per_kv).sum(dim=1)
-            kept = torch.sort(torch.topk(group_score, groups).indices).values
-            q_heads = (kept[:, None] * q_per_kv + torch.arange(q_per_kv)).flatten()
-            q_rows = (q_heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
-            kv_rows = (kept[:, None] * head_dim + torch.arange(head_dim)).flatten()
-            attn.q_proj = _slice(attn.q_proj, rows=q_rows)
-            attn.k_proj = _slice(attn.k_proj, rows=kv_rows)
-            attn.v_proj = _slice(attn.v_proj, rows=kv_rows)
-            attn.o_proj = _slice(attn.o_proj, cols=q_rows)
-    cfg.head_dim = head_dim  # no longer hidden_size // num_attention_heads
-    cfg.num_attention_heads = groups * q_per_kv
-    cfg.num_key_value_heads = groups
-    cfg.intermediate_size = inter
-    return {"kv_groups": [kv, groups], "intermediate_size": [mlp_scores[0].numel(), inter]}
-
-
-def _slice(linear, *, rows=None, cols=None):
-    import torch
-
-    w = linear.weight.data
-    w = w[rows] if rows is not None else w
-    w = w[:, cols] if cols is not None else w
-    out = torch.nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None, dtype=w.dtype)
-    out.weight.data = w.clone()
-    if linear.bias is not None:
-        out.bias.data = (linear.bias.data[rows] if rows is not None else linear.bias.data).clone()
-    return out

@@ -25,10 +25,9 @@ from edgepack.converters.distill import (
     Distill,
     distillation_loss,
     evaluate,
-    merge_lora,
-    trainable_parameters,
     validate,
 )
+from edgepack.converters.lora import merge_lora, trainable_parameters
 from edgepack.converters.pull import from_folder
 from edgepack.errors import CalibrationError, UsageError
 from edgepack.stages import run_stage
