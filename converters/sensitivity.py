@@ -26,8 +26,9 @@ import numpy as np
 from ..errors import CalibrationError, UsageError
 from ..fsutil import sha256_file, write_json
 from ..stages import Artifact, Kind, Stage
+from .ggml import ggml
 from .imatrix import ImatrixFile, calibration_windows, load_reference
-from .quantize import HEADER_SLACK, TENSOR_NEEDS_IMATRIX, TENSOR_TYPES, TensorInfo, ggml, tensor_type
+from .quantize import HEADER_SLACK, TENSOR_NEEDS_IMATRIX, TENSOR_TYPES, TensorInfo, tensor_type
 
 SENSITIVITY_FILE = "sensitivity.json"
 SIZE_MARGIN = 16384  # bytes the dry run's 0.01 MiB rounding may hide

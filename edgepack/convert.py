@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 # format -> module implementing validate/build
 FORMATS: dict[str, str] = {}
-FORMATS["gguf"] = "edgepack.converters.gguf"
+FORMATS["gguf"] = "edgepack.converters.gguf_variant"
 FORMATS["gptq"] = "edgepack.converters.gptq"
 FORMATS["onnx"] = "edgepack.converters.onnx"
 

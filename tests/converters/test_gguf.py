@@ -19,7 +19,8 @@ from edgepack.bundle import Bundle
 from edgepack.convert import convert as convert_bundle
 from edgepack.convert import parse_variants
 from edgepack.converters import gguf_arch
-from edgepack.converters.gguf import WRITER_TYPES, convert, validate
+from edgepack.converters.gguf import WRITER_TYPES, convert
+from edgepack.converters.gguf_variant import validate
 from edgepack.errors import InvalidModelError, UnsupportedArchitectureError, UsageError
 
 # A mixed corpus of our own: prose, code, Chinese, emoji, numbers, whitespace runs, special tokens in text.

@@ -13,6 +13,7 @@ import pytest
 from llama_logits import llama_logits
 
 from edgepack.converters import quantize as qz
+from edgepack.converters.ggml import ggml
 from edgepack.converters.gguf import convert
 from edgepack.converters.imatrix import Imatrix, ImatrixFile
 from edgepack.errors import CalibrationError, EdgepackError, UsageError
@@ -58,7 +59,7 @@ def test_type_tables_match_llama_cpp():
         const = "LLAMA_FTYPE_ALL_F32" if name == "F32" else f"LLAMA_FTYPE_MOSTLY_{name}"
         assert getattr(llama_cpp, const) == value, name
     for name, value in qz.TENSOR_TYPES.items():
-        assert qz.ggml().name(value).upper() == name
+        assert ggml().name(value).upper() == name
     assert qz.file_type("q4_k") == "Q4_K_M"
     with pytest.raises(UsageError, match="unknown GGUF type 'Q9_X'"):
         qz.file_type("Q9_X")

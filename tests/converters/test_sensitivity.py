@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from edgepack.converters import sensitivity as sv
+from edgepack.converters.ggml import ggml
 from edgepack.converters.gguf import convert
 from edgepack.converters.imatrix import Imatrix, ImatrixFile, calibration_windows, load_reference
-from edgepack.converters.quantize import TENSOR_TYPES, Quantize, ggml
+from edgepack.converters.quantize import TENSOR_TYPES, Quantize
 from edgepack.errors import CalibrationError, UsageError
 from edgepack.stages import Artifact, Kind
 from models import tiny_model
