@@ -22,6 +22,11 @@ Two llama.cpp tokenizer models are written:
           Metaspace pre-tokenizer only where its prepend scheme says (and never
           before text that starts with a space), so the scheme is written under
           ``edgepack.tokenizer.prepend_scheme`` for edgepack's runtime to apply.
+
+Added tokens that transformers lets swallow the whitespace beside them
+(``lstrip``/``rstrip``, Phi-3's chat tokens) are listed under
+``edgepack.tokenizer.lstrip_tokens``/``rstrip_tokens`` for the same reason:
+llama.cpp takes those flags only from model-name rules of its own.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidModelError, UnsupportedArchitectureError
-from ..gguf_header import PREPEND_SCHEME
+from ..gguf_header import LSTRIP_TOKENS, PREPEND_SCHEME, RSTRIP_TOKENS
 
 # Split regexes as they appear in HF tokenizer.json files.
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -72,6 +77,8 @@ class Vocab:
     add_eos: bool
     add_space_prefix: bool
     prepend_scheme: str | None  # transformers' Metaspace rule where llama.cpp's differs
+    lstrip: list[int]  # added tokens that swallow the whitespace before / after them
+    rstrip: list[int]
     chat_template: str | list[dict[str, str]] | None
 
     def add_to(self, writer) -> None:
@@ -92,6 +99,9 @@ class Vocab:
             writer.add_add_space_prefix(self.add_space_prefix)
         if self.prepend_scheme:
             writer.add_string(PREPEND_SCHEME, self.prepend_scheme)
+        for key, ids in ((LSTRIP_TOKENS, self.lstrip), (RSTRIP_TOKENS, self.rstrip)):
+            if ids:
+                writer.add_array(key, ids)
         if self.chat_template:
             writer.add_chat_template(self.chat_template)
 
@@ -200,6 +210,8 @@ def build_vocab(facts: dict, n_vocab: int, path: Path) -> Vocab:
         add_eos=len(full) > len(plain) and full[-1] == specials.get("eos"),
         add_space_prefix=prefix,
         prepend_scheme=_metaspace_scheme(spec.get("pre_tokenizer")) if prefix else None,
+        lstrip=sorted(i for i, a in added.items() if a.get("lstrip")),
+        rstrip=sorted(i for i, a in added.items() if a.get("rstrip")),
         chat_template=template,
     )
 

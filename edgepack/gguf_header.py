@@ -16,6 +16,10 @@ from .errors import InvalidModelError
 # llama.cpp has no key for it: its tokenizer puts the space before every stretch of text, so
 # edgepack's runtime loads such a file without llama.cpp's prefix and applies this rule itself.
 PREPEND_SCHEME = "edgepack.tokenizer.prepend_scheme"
+# Ids of added tokens that swallow the whitespace before (lstrip) or after (rstrip) them in transformers.
+# llama.cpp sets those flags only from its own model-name rules (Phi-3's), so the runtime applies these.
+LSTRIP_TOKENS = "edgepack.tokenizer.lstrip_tokens"
+RSTRIP_TOKENS = "edgepack.tokenizer.rstrip_tokens"
 
 # GGUF value types (gguf-py's GGUFValueType): struct format of each fixed-size one; 8 is string, 9 array
 _GGUF_FIXED = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}

@@ -8,11 +8,14 @@ dist, the order of llama.cpp's own defaults), and logits are read only by
 ``score``. Logs from llama.cpp are kept (the last lines go into error messages)
 and printed only with EDGEPACK_DEBUG=1.
 
-A SentencePiece-style GGUF that carries transformers' Metaspace prepend scheme
-(written by edgepack's converter) is loaded with llama.cpp's own dummy prefix
-off, and ``tokenize`` puts the space where transformers would: before the
-text's first stretch ("first") or every stretch between special tokens
-("always"), never before one that starts with a space. So token ids equal
+Where transformers tokenizes otherwise than llama.cpp can be told to, edgepack's
+converter writes what transformers does into the GGUF (``gguf_header``), and
+``tokenize`` does it around llama.cpp's tokenizer: a SentencePiece-style file
+with transformers' Metaspace prepend scheme is loaded with llama.cpp's dummy
+prefix off, and the space goes where transformers puts it (before the text's
+first stretch, "first", or each stretch between special tokens, "always",
+never before one that starts with a space); whitespace beside added tokens
+that transformers strips (lstrip/rstrip) is dropped first. So token ids equal
 transformers' for Llama 2, Mistral and Phi-3 tokenizers too.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import codecs
 import collections
 import ctypes
+import re
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -30,7 +34,7 @@ import numpy as np
 
 from .. import constants
 from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
-from ..gguf_header import PREPEND_SCHEME, gguf_metadata
+from ..gguf_header import LSTRIP_TOKENS, PREPEND_SCHEME, RSTRIP_TOKENS, gguf_metadata
 from .base import ModelInfo, SamplingParams, Scores, Session
 
 try:
@@ -40,6 +44,9 @@ except ImportError as e:  # pragma: no cover - llama-cpp-python is a core depend
 
 _LOG = collections.deque(maxlen=20)
 _SPECIAL = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED | ll.LLAMA_TOKEN_ATTR_UNKNOWN
+# What Rust's char::is_whitespace (the tokenizers library's lstrip/rstrip) counts, as UTF-8.
+_WS = rb"(?:[\t\n\v\f\r ]|\xc2[\x85\xa0]|\xe1\x9a\x80|\xe2\x80[\x80-\x8a\xa8\xa9\xaf]|\xe2\x81\x9f|\xe3\x80\x80)+"
+_LEADING_WS, _TRAILING_WS = re.compile(b"^" + _WS), re.compile(_WS + rb"\Z")
 _init_lock = threading.Lock()
 _initialised = False
 
@@ -78,6 +85,21 @@ def devices() -> list[str]:
     return [*out, "cpu"]
 
 
+def _kv_overrides(*parts: dict[str, bool | str]):
+    """llama.cpp's array of load-time metadata overrides (ended by an empty key), or None for none."""
+    items = [kv for part in parts for kv in part.items()]
+    if not items:
+        return None
+    array = (ll.llama_model_kv_override * (len(items) + 1))()
+    for entry, (key, value) in zip(array, items):
+        entry.key = key.encode()
+        if isinstance(value, bool):
+            entry.tag, entry.value.val_bool = ll.LLAMA_KV_OVERRIDE_TYPE_BOOL, value
+        else:
+            entry.tag, entry.value.val_str = ll.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()
+    return array
+
+
 def open_session(path: Path, *, device: str, n_ctx: int | None, threads: int | None) -> LlamaCppSession:
     return LlamaCppSession(path, device=device, n_ctx=n_ctx, threads=threads)
 
@@ -91,14 +113,17 @@ class LlamaCppSession(Session):
         mp = ll.llama_model_default_params()
         mp.n_gpu_layers = 0 if device == "cpu" else -1  # -1: every layer
         try:
-            self._prepend = gguf_metadata(path).get(PREPEND_SCHEME)
+            meta = gguf_metadata(path)
         except InvalidModelError:  # a damaged header: llama.cpp's load below says what is wrong with it
-            self._prepend = None
-        if self._prepend:
-            overrides = (ll.llama_model_kv_override * 2)()  # zeroed second entry ends the list
-            overrides[0].key = b"tokenizer.ggml.add_space_prefix"
-            overrides[0].tag = ll.LLAMA_KV_OVERRIDE_TYPE_BOOL
-            overrides[0].value.val_bool = False
+            meta = {}
+        self._prepend = meta.get(PREPEND_SCHEME)
+        self._lstrip, self._rstrip = set(meta.get(LSTRIP_TOKENS, ())), set(meta.get(RSTRIP_TOKENS, ()))
+        overrides = _kv_overrides(
+            {"tokenizer.ggml.add_space_prefix": False} if self._prepend else {},
+            # llama.cpp's own strip rule for models named Phi-3 would add to the tokens listed
+            {"general.name": ""} if self._lstrip or self._rstrip else {},
+        )
+        if overrides:
             mp.kv_overrides = overrides
         self._model = ll.llama_model_load_from_file(str(path).encode(), mp)
         if not self._model:
@@ -129,27 +154,36 @@ class LlamaCppSession(Session):
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
         self._check_open()
         data = text.encode("utf-8")
-        if self._prepend and data:
-            data = self._with_prefix_spaces(data)
+        if (self._prepend or self._lstrip or self._rstrip) and data:
+            data = self._as_transformers(data)
         return self._tokenize(data, add_special)
 
-    def _with_prefix_spaces(self, data: bytes) -> bytes:
-        """``data`` with a space before each stretch of text that transformers' Metaspace prefixes."""
-        starts, pos, after_special = [], 0, True
-        for tok in self._tokenize(data, False):  # the prefix-free split tells where special tokens sit
-            special = bool(ll.llama_vocab_get_attr(self._vocab, tok) & _SPECIAL)
-            if after_special and not special:
-                starts.append(pos)
-            after_special = special
-            pos += len(ll.llama_vocab_get_text(self._vocab, tok)) if special else len(self._piece(tok))
-        if self._prepend == "first":
-            starts = starts[:1] if starts and starts[0] == 0 else []
-        out, prev = bytearray(), 0
-        for at in starts:
-            if data[at : at + 1] != b" ":
-                out += data[prev:at] + b" "
-                prev = at
-        return bytes(out + data[prev:])
+    def _as_transformers(self, data: bytes) -> bytes:
+        """``data`` with transformers' whitespace stripping and Metaspace prefixes applied (module docstring)."""
+        specials, cursor = [], 0  # (start, end, id) of each special token, from a first, prefix-free split
+        for tok in self._tokenize(data, False):
+            if ll.llama_vocab_get_attr(self._vocab, tok) & _SPECIAL:
+                text = ll.llama_vocab_get_text(self._vocab, tok)
+                start = data.find(text, cursor)  # by search: llama.cpp's own lstrip/rstrip rules skip whitespace
+                specials.append((start, start + len(text), tok))
+                cursor = start + len(text)
+            else:
+                cursor += len(self._piece(tok))
+        bounds = [0, *(x for start, end, _ in specials for x in (start, end)), len(data)]
+        stretches = [data[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2)]
+        for i, (_, _, tok) in enumerate(specials):
+            if tok in self._lstrip:
+                stretches[i] = _TRAILING_WS.sub(b"", stretches[i])
+            if tok in self._rstrip:
+                stretches[i + 1] = _LEADING_WS.sub(b"", stretches[i + 1])
+        prefixed = range(len(stretches)) if self._prepend == "always" else [0] if self._prepend == "first" else []
+        for i in prefixed:
+            if stretches[i] and not stretches[i].startswith(b" "):
+                stretches[i] = b" " + stretches[i]
+        out = bytearray(stretches[0])
+        for (start, end, _), stretch in zip(specials, stretches[1:]):
+            out += data[start:end] + stretch
+        return bytes(out)
 
     def _tokenize(self, data: bytes, add_special: bool) -> list[int]:
         cap = len(data) + 8

@@ -11,7 +11,7 @@ import llama_cpp
 import numpy as np
 import pytest
 from llama_logits import llama_logits, random_ids
-from models import ARCHS, tiny_model
+from models import ARCHS, build_tokenizer, tiny_model
 from safetensors.numpy import save_file
 
 import edgepack
@@ -187,6 +187,35 @@ def test_tokenizer_conformance(tiny, arch):
         assert (field(r, "tokenizer.ggml.add_space_prefix"), field(r, "edgepack.tokenizer.prepend_scheme")) == (True, "first")
     else:
         assert field(r, "edgepack.tokenizer.prepend_scheme") is None
+
+
+@pytest.mark.parametrize("name", [None, "Phi-3-mini-4k-instruct"])
+def test_added_tokens_that_strip_whitespace(tmp_path, name):
+    """Phi-3's chat tokens swallow the whitespace after them (rstrip), a mask token the whitespace before it (lstrip).
+
+    llama.cpp knows this only from a rule for models named Phi-3; the GGUF lists the tokens and the runtime strips.
+    """
+    from transformers import AddedToken, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(build_tokenizer("spm-llama"))
+    tok.add_special_tokens({"additional_special_tokens": [
+        AddedToken("<|endoftext|>", special=True), AddedToken("<|end|>", rstrip=True, special=True),
+        AddedToken("<mask>", lstrip=True, special=True),
+    ]})  # fmt: skip
+    tok.save_pretrained(tmp_path / "tok")
+    for file in ("tokenizer.json", "tokenizer_config.json"):  # Phi-3 also marks </s> and its turn tokens
+        spec = json.loads((tmp_path / "tok" / file).read_text())
+        for added in spec.get("added_tokens") or spec.get("added_tokens_decoder", {}).values():
+            added["rstrip"] = added["rstrip"] or added["content"] in ("</s>", "<|im_start|>", "<|im_end|>")
+        (tmp_path / "tok" / file).write_text(json.dumps(spec))
+    hf_dir = tiny_model("phi3", tmp_path / "m", tokenizer=tmp_path / "tok")
+    convert(hf_dir, tmp_path / "m.gguf", "f16", name=name, log=lambda m: None)
+    r = reader(tmp_path / "m.gguf")
+    ids = {a["content"]: a["id"] for a in json.loads((hf_dir / "tokenizer.json").read_text())["added_tokens"]}
+    assert sorted(field(r, "edgepack.tokenizer.rstrip_tokens")) == sorted(ids[t] for t in ("</s>", "<|im_start|>", "<|im_end|>", "<|end|>"))
+    assert list(field(r, "edgepack.tokenizer.lstrip_tokens")) == [ids["<mask>"]]
+    extra = ["<|end|> \n<|endoftext|>  y", "a </s>  b\t\u3000<|im_end|>\n\n  c", "x  \n <mask> z", " <mask>", "<|end|>"]
+    assert_tokenizes_like_hf(hf_dir, tmp_path / "m.gguf", [*CORPUS, "\n".join(CORPUS), *extra])
 
 
 def test_sentencepiece_model_without_tokenizer_json(tmp_path):
