@@ -57,3 +57,25 @@ def test_unknown_variant_format_is_one_line(tmp_path):
 def test_debug_shows_traceback():
     r = _run("--debug", "inspect", "/nonexistent/model")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["inspect"], "Missing argument 'path'"),
+        (["convert", "smollm2-135m", "--bogus"], "No such option: --bogus"),
+        (["run", "model.gguf", "hi", "--temp", "warm"], "Invalid value for '--temp'"),
+        (["pull"], "give the model to pull"),
+    ],
+)
+def test_usage_errors_name_the_problem_and_exit_2(args, says):
+    r = _run(*args)
+    assert r.returncode == 2, r.stderr
+    assert says in r.stderr
+    assert "unexpected" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pull_lists_the_recipes_without_a_model():
+    r = _run("pull", "--list")
+    assert r.returncode == 0, r.stderr
+    assert sorted(line.split("\t")[0] for line in r.stdout.splitlines()) == ["gemma3-270m", "smollm2-135m"]

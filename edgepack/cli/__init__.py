@@ -84,11 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt as e:
         _fail(e, "interrupted", 130)
     except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, typer.Abort):
             _fail(e, "aborted", 130)
-        if isinstance(e, click.ClickException):  # usage errors carry their own formatting
+        # Usage errors carry their own formatting. Their class is click's, from the copy of click
+        # that typer >= 0.29 ships inside itself (older typer: click), hence found through typer.
+        if isinstance(e, sys.modules[typer.BadParameter.__module__].ClickException):
             e.show()
             sys.exit(e.exit_code)
         for kind, message in _FOREIGN:

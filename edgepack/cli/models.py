@@ -6,13 +6,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..errors import UsageError
 from . import info
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def pull(
-        ref: str = typer.Argument(..., help="Recipe name, hub id org/name[@revision], checkpoint folder, or .gguf file."),
+        ref: str = typer.Argument(None, help="Recipe name, hub id org/name[@revision], checkpoint folder, or .gguf file.", show_default=False),
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle weights (.bin/.pt)."),
         list_recipes: bool = typer.Option(False, "--list", help="List the known recipes and exit."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -28,6 +29,8 @@ def register(app: typer.Typer) -> None:
             for r in recipes.all_recipes().values():
                 print(f"{r.name}\t{r.hub_id}\t{r.architecture}")
             return
+        if ref is None:
+            raise UsageError("give the model to pull: a recipe (see `edgepack pull --list`), a hub id, a checkpoint folder or a .gguf file")
         art = do_pull(ref, allow_pickle=allow_pickle, log=info)
         if as_json:
             print(json.dumps({"path": str(art.path), **art.meta}, indent=2))
