@@ -96,3 +96,12 @@ def test_cli_offline_error_is_one_line():
     assert r.returncode == 1
     assert r.stderr.startswith("error: HF_HUB_OFFLINE is set")
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_dequantizes_a_gguf_with_its_own_lines_only(smollm2_gguf, tmp_path):
+    """No library progress bars (transformers' GGUF loader draws one with tqdm) between edgepack's lines."""
+    r = _cli("pull", str(smollm2_gguf))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("dequantizing SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert "%|" not in r.stderr and "it/s" not in r.stderr, r.stderr

@@ -62,6 +62,7 @@ def _root(
         # (one "Loading weights" bar per model load) would bury those lines. --debug brings them back.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # bars libraries draw with tqdm directly (transformers' GGUF loader)
 
 
 for _name in COMMANDS:
