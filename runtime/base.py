@@ -198,6 +198,10 @@ class Stream(Iterator[str]):
         self.close()
 
 
+# What a backend's "no chat template" error tells the user to do instead.
+NO_TEMPLATE_HINT = "complete a prompt of your own instead (`edgepack run MODEL PROMPT --raw`, or generate() in Python)"
+
+
 class Session(ABC):
     """A loaded model. See the module docstring for the API and the threading rules."""
 

@@ -35,7 +35,7 @@ import numpy as np
 from .. import constants
 from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
 from ..gguf_header import LSTRIP_TOKENS, PREPEND_SCHEME, RSTRIP_TOKENS, gguf_metadata
-from .base import ModelInfo, SamplingParams, Scores, Session
+from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
 
 try:
     import llama_cpp as ll
@@ -225,7 +225,7 @@ class LlamaCppSession(Session):
         self._check_open()
         src = ll.llama_model_chat_template(self._model, None)
         if not src:
-            raise UsageError(f"{self.info.path} has no chat template (tokenizer.chat_template): use generate() with your own prompt")
+            raise UsageError(f"{self.info.path} has no chat template (tokenizer.chat_template), so it cannot chat: {NO_TEMPLATE_HINT}")
         specials = {}
         for name, fn in (("bos_token", ll.llama_vocab_bos), ("eos_token", ll.llama_vocab_eos)):
             tok = fn(self._vocab)

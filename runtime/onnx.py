@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
-from .base import ModelInfo, SamplingParams, Scores, Session
+from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
 
 try:
     import onnxruntime_genai as og
@@ -87,7 +87,7 @@ class OnnxSession(Session):
         jinja = self._path / "chat_template.jinja"
         src = jinja.read_text() if jinja.is_file() else cfg.get("chat_template")
         if not isinstance(src, str) or not src:
-            raise UsageError(f"{self._path} has no chat template (chat_template.jinja or tokenizer_config.json): use generate()")
+            raise UsageError(f"{self._path} has no chat template (chat_template.jinja or tokenizer_config.json), so it cannot chat: {NO_TEMPLATE_HINT}")
         specials = {}
         for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
             v = cfg.get(name)

@@ -86,3 +86,22 @@ def test_truncate_left_lets_a_long_raw_prompt_through(smollm2_gguf):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["truncated_tokens"] > 0 and out["prompt_tokens"] + 4 == out["model"]["n_ctx"] == 512
+
+
+def test_a_model_without_chat_template_says_how_to_prompt_it(tmp_path):
+    """A base model (the offline Gemma 3 is one) cannot chat: one line pointing at --raw, and --raw works."""
+    from models import tiny_model
+
+    from edgepack.converters.gguf import convert
+
+    hf_dir = tiny_model("llama", tmp_path / "hf")
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    (hf_dir / "chat_template.jinja").unlink(missing_ok=True)
+    gguf = convert(hf_dir, tmp_path / "base.gguf", "f16", log=lambda m: None).path
+    r = _run(gguf, QUESTION, "-n", 2, *FAST)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "has no chat template" in r.stderr and "--raw" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert _run(gguf, QUESTION, "--raw", "-n", 2, *FAST).returncode == 0
