@@ -85,6 +85,12 @@ class Vocab:
         writer.add_tokenizer_model(self.model)
         if self.pre:
             writer.add_tokenizer_pre(self.pre)
+        # edgepack's own keys before the token list: the runtime stops reading there (gguf_header.VOCAB_START)
+        if self.prepend_scheme:
+            writer.add_string(PREPEND_SCHEME, self.prepend_scheme)
+        for key, ids in ((LSTRIP_TOKENS, self.lstrip), (RSTRIP_TOKENS, self.rstrip)):
+            if ids:
+                writer.add_array(key, ids)
         writer.add_token_list(self.tokens)
         writer.add_token_types(self.types)
         if self.scores is not None:
@@ -97,11 +103,6 @@ class Vocab:
         writer.add_add_eos_token(self.add_eos)
         if self.model == "llama":
             writer.add_add_space_prefix(self.add_space_prefix)
-        if self.prepend_scheme:
-            writer.add_string(PREPEND_SCHEME, self.prepend_scheme)
-        for key, ids in ((LSTRIP_TOKENS, self.lstrip), (RSTRIP_TOKENS, self.rstrip)):
-            if ids:
-                writer.add_array(key, ids)
         if self.chat_template:
             writer.add_chat_template(self.chat_template)
 

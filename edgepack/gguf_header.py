@@ -21,14 +21,18 @@ PREPEND_SCHEME = "edgepack.tokenizer.prepend_scheme"
 LSTRIP_TOKENS = "edgepack.tokenizer.lstrip_tokens"
 RSTRIP_TOKENS = "edgepack.tokenizer.rstrip_tokens"
 
+# The first long array of a GGUF edgepack writes: its own tokenizer keys come before it, so the
+# runtime reads the header only that far (a 262k-token vocabulary takes ~0.2 s to skip).
+VOCAB_START = "tokenizer.ggml.tokens"
+
 # GGUF value types (gguf-py's GGUFValueType): struct format of each fixed-size one; 8 is string, 9 array
 _GGUF_FIXED = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
-def gguf_metadata(path: Path) -> dict[str, Any]:
+def gguf_metadata(path: Path, *, stop_at: str | None = None) -> dict[str, Any]:
     """The scalar key/values (and short numeric arrays) of a GGUF header, skipping the long arrays.
 
-    Raises InvalidModelError.
+    With ``stop_at``, only the keys before that one. Raises InvalidModelError.
     """
 
     def read(fmt: str):
@@ -47,7 +51,10 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
             raise InvalidModelError(f"{path} is not a GGUF file (v2 or later): re-download or re-convert it")
         read("Q")  # tensor count
         for _ in range(read("Q")):
-            key, vtype = string(), read("I")
+            key = string()
+            if key == stop_at:
+                break
+            vtype = read("I")
             if vtype in _GGUF_FIXED:
                 out[key] = read(_GGUF_FIXED[vtype])
             elif vtype == 8:

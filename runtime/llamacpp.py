@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import constants
 from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
-from ..gguf_header import LSTRIP_TOKENS, PREPEND_SCHEME, RSTRIP_TOKENS, gguf_metadata
+from ..gguf_header import LSTRIP_TOKENS, PREPEND_SCHEME, RSTRIP_TOKENS, VOCAB_START, gguf_metadata
 from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
 
 try:
@@ -113,7 +113,7 @@ class LlamaCppSession(Session):
         mp = ll.llama_model_default_params()
         mp.n_gpu_layers = 0 if device == "cpu" else -1  # -1: every layer
         try:
-            meta = gguf_metadata(path)
+            meta = gguf_metadata(path, stop_at=VOCAB_START)
         except InvalidModelError:  # a damaged header: llama.cpp's load below says what is wrong with it
             meta = {}
         self._prepend = meta.get(PREPEND_SCHEME)

@@ -13,7 +13,7 @@ from . import info
 def register(app: typer.Typer) -> None:
     @app.command()
     def pull(
-        ref: str = typer.Argument(None, help="Recipe name, hub id org/name[@revision], checkpoint folder, or .gguf file.", show_default=False),
+        ref: str | None = typer.Argument(None, help="Recipe name, hub id org/name[@revision], checkpoint folder, or .gguf file.", show_default=False),
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle weights (.bin/.pt)."),
         list_recipes: bool = typer.Option(False, "--list", help="List the known recipes and exit."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

@@ -216,6 +216,11 @@ def test_added_tokens_that_strip_whitespace(tmp_path, name):
     assert list(field(r, "edgepack.tokenizer.lstrip_tokens")) == [ids["<mask>"]]
     extra = ["<|end|> \n<|endoftext|>  y", "a </s>  b\t\u3000<|im_end|>\n\n  c", "x  \n <mask> z", " <mask>", "<|end|>"]
     assert_tokenizes_like_hf(hf_dir, tmp_path / "m.gguf", [*CORPUS, "\n".join(CORPUS), *extra])
+    # llama.cpp's quantizer keeps edgepack's keys where the runtime reads them (before the token list)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "m.gguf").encode(), str(tmp_path / "q8.gguf").encode(), params) == 0
+    assert_tokenizes_like_hf(hf_dir, tmp_path / "q8.gguf", extra)
 
 
 def test_sentencepiece_model_without_tokenizer_json(tmp_path):
