@@ -123,7 +123,7 @@ def _hf(preset: str, split: Split) -> Text:
     try:
         import datasets
     except ImportError as e:
-        raise MissingDependencyError("datasets", purpose="Hugging Face calibration data") from e
+        raise MissingDependencyError("datasets", extra="datasets", purpose="Hugging Face datasets as text") from e
     try:
         ds = datasets.load_dataset(dataset, config, split=hf_split)
     except (ConnectionError, OSError) as e:

@@ -48,20 +48,24 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
     Used before optional downloads (eval's wikitext-2 default) so that a machine
     without network falls back at once instead of waiting out the datasets
-    library's retries.
+    library's retries. Any HTTP answer, even an error status, counts as reachable;
+    only a failure to connect does not. The standard library asks, so this needs
+    no HTTP client beyond what every install has.
     """
     global _HUB_REACHABLE
     if _HUB_REACHABLE is None:
-        import httpx
+        import urllib.error
+        import urllib.request
 
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
         try:
-            httpx.head(endpoint, timeout=timeout)
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
             _HUB_REACHABLE = True
-        except httpx.HTTPError:
+        except urllib.error.HTTPError:
+            _HUB_REACHABLE = True
+        except (OSError, ValueError):  # URLError, timeouts, refused connections; ValueError: a malformed HF_ENDPOINT
             _HUB_REACHABLE = False
     return _HUB_REACHABLE
 
 
 _HUB_REACHABLE: bool | None = None
-
