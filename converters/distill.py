@@ -54,7 +54,7 @@ from typing import Any
 from .. import constants
 from ..errors import CalibrationError, SourceNotFoundError, UsageError
 from ..fsutil import atomic_path
-from ..stages import Artifact, Kind, cache_key
+from ..stages import Artifact, Kind, cache_key, side_input
 from . import calibration
 from .lora import merge_lora, trainable_parameters
 from .prune import CheckpointStage, load_model, save_checkpoint
@@ -64,7 +64,7 @@ from .prune import CheckpointStage, load_model, save_checkpoint
 class Config:
     """How to train. At least one of ``steps`` and ``time_s`` bounds the run."""
 
-    teacher: str = ""  # teacher checkpoint folder; convert passes the pulled reference
+    teacher: str = side_input("")  # teacher checkpoint folder; convert passes the pulled reference
     steps: int = 0  # optimizer steps (0: as many as time_s allows, at most one pass over the text)
     time_s: float = 0.0  # training wall-clock budget in seconds, summed over resumed runs (0: no limit)
     alpha: float = 0.0  # weight of the hard-label cross-entropy; 1 - alpha weights the distillation term (classic KD: 0.3-0.5)
@@ -73,7 +73,7 @@ class Config:
     lora: int = 0  # LoRA rank on every linear layer of the decoder blocks (0: full fine-tuning)
     batch: int = 1  # windows per optimizer step (small batches heal fastest under a CPU time budget: more updates)
     seq_len: int = 256  # tokens per window
-    text: str = "builtin"  # training text: calibration preset or file (its calibration split)
+    text: str = side_input("builtin")  # training text: calibration preset or file (its calibration split)
     topk: int = 0  # cache the teacher's top-k logits on disk and distill against them (0: run the teacher every step)
     device: str = "auto"  # auto (cuda when present, else cpu), cpu, cuda, cuda:N
     dtype: str = "auto"  # compute precision: auto (bf16 where the device supports it), bf16, float32

@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 
 from ..bundle import Variant
 from ..errors import CalibrationError, InvalidModelError, MissingDependencyError, UsageError
-from ..stages import Artifact, Kind, Stage
+from ..stages import Artifact, Kind, Stage, side_input
 from . import calibration
 
 BITS = (2, 3, 4, 8)
@@ -109,7 +109,7 @@ class GPTQConfig:
     desc_act: bool = True  # activation order (stores g_idx): measured better than GPTQModel's group-aware reordering
     damp_percent: float = 0.01  # Hessian dampening, a fraction of its mean diagonal
     mse: float = 2.0  # search each group's range for the least |error|^mse instead of taking min/max (0: min/max)
-    calibration: str = "builtin"
+    calibration: str = side_input("builtin")
     calibration_sha256: str = ""  # content hash, so a changed calibration file misses the cache
     samples: int = 256  # calibration rows
     max_tokens: int = 512  # rows are cut to this many tokens

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import CalibrationError, InvalidModelError
 from ..fsutil import atomic_path
-from ..stages import Artifact, Kind, Stage
+from ..stages import Artifact, Kind, Stage, side_input
 from . import calibration
 
 FILENAME = "imatrix.dat"
@@ -231,7 +231,7 @@ class Imatrix(Stage):
 
     @dataclass
     class Config:
-        calibration: str = "builtin"  # calibration.load preset: builtin, a text file, hf:DATASET[:CONFIG]:SPLIT:COLUMN
+        calibration: str = side_input("builtin")  # calibration.load preset: builtin, a text file, hf:DATASET[:CONFIG]:SPLIT:COLUMN
         tokens: int = 20480  # calibration tokens, rounded down to whole windows
         window: int = 512  # tokens per forward pass (llama-imatrix's context size)
         chat: bool | None = None  # chat-format the samples; None: when the tokenizer has a chat template

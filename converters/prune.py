@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidModelError, UnsupportedArchitectureError, UsageError
-from ..stages import Artifact, Kind, Stage
+from ..stages import Artifact, Kind, Stage, side_input
 from . import calibration
 from .prune_width import apply_width, check_width, count_params, forward_all, plan_width
 
@@ -59,7 +59,7 @@ class Config:
     heads: int = 0  # attention heads to keep per layer, a multiple of the query heads per KV group (0: all, or solved for target_params)
     intermediate_size: int = 0  # MLP channels to keep per layer (0: all, or solved for target_params)
     multiple_of: int = 64  # keep intermediate_size a multiple of this (quant blocks are 32 or 256 wide)
-    calibration: str = "builtin"  # calibration preset or text file (see converters/calibration.py)
+    calibration: str = side_input("builtin")  # calibration preset or text file (see converters/calibration.py)
     samples: int = 16  # calibration windows
     seq_len: int = 256  # tokens per calibration window
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import BackendError, DiskFullError, InvalidModelError, UsageError
 from ..fsutil import atomic_path
-from ..stages import Artifact, Kind, Stage
+from ..stages import Artifact, Kind, Stage, side_input
 from .ggml import ggml
 
 # llama.cpp file types (enum llama_ftype in llama.h); llama-quantize's names.
@@ -273,13 +273,13 @@ class Quantize(Stage):
     @dataclass
     class Config:
         type: str = "Q4_K_M"  # llama.cpp file type (QUANT_TYPES); with a target, the file type it is labelled
-        imatrix: str | None = None  # importance matrix (llama.cpp imatrix.dat) from the Imatrix stage or llama-imatrix
+        imatrix: str | None = side_input()  # importance matrix (llama.cpp imatrix.dat) from the Imatrix stage or llama-imatrix
         tensor_types: list[str] = field(default_factory=list)  # "REGEX=TYPE" per-tensor overrides; first match wins
         output_type: str | None = None  # tensor type of output.weight (and of a tied token_embd)
         token_embedding_type: str | None = None  # tensor type of token_embd.weight
         target_size: int | None = None  # bytes of the whole file: choose each weight's type to fit (needs sensitivity)
         target_bpw: float | None = None  # or bits per weight of the tensor data
-        sensitivity: str | None = None  # sensitivity.json from the Sensitivity stage, for target_size/target_bpw
+        sensitivity: str | None = side_input()  # sensitivity.json from the Sensitivity stage, for target_size/target_bpw
         target_types: list[str] = field(default_factory=list)  # tensor types a target mix may use (default: all measured)
         threads: int = 0  # 0: all cores
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import CalibrationError, UsageError
 from ..fsutil import sha256_file, write_json
-from ..stages import Artifact, Kind, Stage
+from ..stages import Artifact, Kind, Stage, side_input
 from .ggml import ggml
 from .imatrix import ImatrixFile, calibration_windows, load_reference
 from .quantize import HEADER_SLACK, TENSOR_NEEDS_IMATRIX, TENSOR_TYPES, TensorInfo, tensor_type
@@ -109,11 +109,11 @@ class Sensitivity(Stage):
 
     @dataclass
     class Config:
-        calibration: str = "builtin"  # calibration.load preset
+        calibration: str = side_input("builtin")  # calibration.load preset
         tokens: int = 8192  # calibration tokens for the gradient pass, rounded down to whole windows
         window: int = 512
         chat: bool | None = None  # chat-format the samples; None: when the tokenizer has a chat template
-        imatrix: str | None = None  # the importance matrix the quantize stage will use (None: quantize without)
+        imatrix: str | None = side_input()  # the importance matrix the quantize stage will use (None: quantize without)
         types: tuple[str, ...] = CANDIDATES  # candidate tensor types
         seed: int = 0  # for the sampled labels
 

@@ -7,6 +7,12 @@ one's output can be cached under a key of (input hash, stage, version,
 config) and an interrupted ``convert`` resumes at the first stage whose key
 has no finished output.
 
+A config field that names a file or folder the stage reads besides its input
+(an importance matrix, a calibration text file, a teacher checkpoint) is
+declared with ``side_input()``: the key and the manifest then hold that file's
+content hash, not its path, so editing the file in place misses the cache and
+moving it does not.
+
 Cache layout (under the edgepack home)::
 
     stages/<key>/            the output directory handed to Stage.run
@@ -18,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -76,6 +83,14 @@ class Step:
         return dataclasses.asdict(self)
 
 
+def side_input(default: Any = None) -> Any:
+    """A config field naming a file or folder the stage reads; its content, not its path, goes into the cache key.
+
+    Values that name no existing path (``"builtin"``, ``"hf:..."``, None) are kept as they are.
+    """
+    return field(default=default, metadata={"side_input": True})
+
+
 class Stage:
     """Base of every converter stage.
 
@@ -107,7 +122,7 @@ def cache_key(stage: Stage, config: Any, input_digest: str) -> str:
         {
             "stage": stage.name,
             "version": stage.version,
-            "config": _jsonable(config),
+            "config": params(config),
             "input": input_digest,
         },
         sort_keys=True,
@@ -135,7 +150,7 @@ def run_stage(stage: Stage, inp: Artifact, config: Any, *, input_digest: str | N
         step = Step(
             stage=stage.name,
             version=stage.version,
-            params=_jsonable(config),
+            params=params(config),
             input_sha256=digest,
             output_sha256=out_digest,
             edgepack_version=__version__,
@@ -146,6 +161,20 @@ def run_stage(stage: Stage, inp: Artifact, config: Any, *, input_digest: str | N
             {"kind": produced.kind.value, "relpath": rel.as_posix(), "meta": produced.meta, "step": step.to_json()},
         )
     return Artifact(produced.kind, out_dir / rel, produced.meta), step
+
+
+def params(config: Any) -> Any:
+    """``config`` as JSON for keys and manifests: side inputs become ``{"name", "sha256"}`` of what they name."""
+    out = _jsonable(config)
+    if dataclasses.is_dataclass(config):
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            if f.metadata.get("side_input") and isinstance(value, (str, os.PathLike)) and str(value):
+                path = Path(value).expanduser()
+                if path.exists():
+                    digest = sha256_file(path) if path.is_file() else Artifact(Kind.HF, path).digest()
+                    out[f.name] = {"name": path.name, "sha256": digest}
+    return out
 
 
 def _jsonable(config: Any) -> Any:

@@ -30,6 +30,7 @@ from edgepack.converters.distill import (
 from edgepack.converters.lora import merge_lora, trainable_parameters
 from edgepack.converters.pull import from_folder
 from edgepack.errors import CalibrationError, UsageError
+from edgepack.fsutil import sha256_file
 from edgepack.stages import run_stage
 
 # A random teacher knows nothing about the text, so the tests distill from its logits alone (alpha 0);
@@ -192,7 +193,8 @@ def test_prepare_prunes_then_heals_through_the_cache(teacher):
     art, steps, texts = prepare(src, prune=pcfg, distill=dcfg, log=lambda m: None)
     assert [s["stage"] for s in steps] == ["prune", "distill"]
     assert [t["name"] for t in texts] == ["builtin:calibration"]  # pruned and trained on the same text: one record
-    assert steps[1]["params"]["teacher"] == str(teacher)
+    # the manifest names the teacher by content (the source the student was pruned from), not by a path on this machine
+    assert steps[1]["params"]["teacher"] == {"name": teacher.name, "sha256": steps[0]["input_sha256"]}
     assert AutoModelForCausalLM.from_pretrained(art.path).config.num_hidden_layers == 3
     again, steps2, _ = prepare(src, prune=pcfg, distill=dcfg, log=lambda m: None)
     assert again.path == art.path and all(s["cached"] for s in steps2)
@@ -245,7 +247,7 @@ def test_cli_trains_on_a_user_file_and_eval_refuses_it_as_held_out_text(teacher,
     main(["convert", str(teacher), "--to", "gguf:f16", "--drop", "1", "--distill", "--steps", "2",
           "--distill-text", str(text), "-o", str(out), "--no-report"])  # fmt: skip
     bundle = Bundle.open(out)
-    assert {s["stage"]: s for s in bundle.data["steps"]}["distill"]["params"]["text"] == str(text)
+    assert {s["stage"]: s for s in bundle.data["steps"]}["distill"]["params"]["text"] == {"name": "train.txt", "sha256": sha256_file(text)}
     names = [c["name"] for c in bundle.data["calibration"]]
     assert names == ["builtin:calibration", "file:train.txt"]  # pruning calibration, then the training text
     # Evaluating on the very text the student was trained on must not pass as held-out.

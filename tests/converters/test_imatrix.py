@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from edgepack.converters.imatrix import FILENAME, Imatrix, ImatrixFile, load_reference
 from edgepack.errors import CalibrationError
+from edgepack.fsutil import sha256_file
 from edgepack.stages import Artifact, Kind, run_stage
 from models import tiny_model
 
@@ -105,3 +107,37 @@ def test_untied_head_gets_an_entry(tmp_path):
     assert im.entries["output.weight"].shape == (64,)
     assert art.meta["calibration"]["chat"] is False
     assert (im.entries["output.weight"] > 0).all()
+
+
+def test_files_a_stage_reads_key_its_cache_by_content(tmp_path):
+    """A calibration file or an imatrix file edited in place makes the stages that read it run again; unchanged, they are reused."""
+    from edgepack.convert import convert
+
+    hf = tiny_model("llama", tmp_path / "m")
+    notes = tmp_path / "notes.txt"
+    paragraphs = [f"Paragraph {i} talks about topic {i * 7 % 13}, " + "with words about tensors and caches. " * 6 for i in range(40)]
+    notes.write_text("\n\n".join(paragraphs))
+    options = {"calibration": str(notes), "calibration_tokens": "512"}
+
+    def stages(**opts) -> dict[str, bool]:
+        lines: list[str] = []
+        convert(str(hf), "gguf:Q4_K_M", tmp_path / "b", options={**options, **opts}, log=lines.append)
+        return {ln.split(":")[0]: ln.endswith("cached") for ln in lines if ln.split(":")[0] in ("imatrix", "quantize")}
+
+    assert stages() == {"imatrix": False, "quantize": False}
+    assert stages() == {"imatrix": True, "quantize": True}
+    notes.write_text("\n\n".join(reversed(paragraphs)))  # same name, same size, other content
+    assert stages() == {"imatrix": False, "quantize": False}
+    assert stages() == {"imatrix": True, "quantize": True}
+
+    # the user's own imatrix file: quantize reruns when it changes in place
+    user = tmp_path / "mine.dat"
+    computed = tmp_path / "b" / "calibration" / FILENAME
+    user.write_bytes(computed.read_bytes())
+    assert stages(imatrix=str(user)) == {"quantize": False}
+    assert stages(imatrix=str(user)) == {"quantize": True}
+    im = ImatrixFile.load(user)
+    ImatrixFile({k: v * 2 for k, v in im.entries.items()}, im.chunks, im.dataset).save(user)
+    assert stages(imatrix=str(user)) == {"quantize": False}
+    step = [s for s in json.loads((tmp_path / "b" / "edgepack.json").read_text())["steps"] if s["stage"] == "quantize"][-1]
+    assert step["params"]["imatrix"] == {"name": "mine.dat", "sha256": sha256_file(user)}  # no machine path in the manifest
