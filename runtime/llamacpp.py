@@ -85,6 +85,27 @@ def devices() -> list[str]:
     return [*out, "cpu"]
 
 
+def model_params(device: str):
+    """llama.cpp's model parameters for ``device``, with its AMX weight buffers off where the build uses them.
+
+    On Sapphire Rapids CPUs (AMX_INT8) llama.cpp 0.3.36's AMX matmul segfaults on the first decode of Q4_1,
+    Q8_0 and other types it repacks for AMX (reproduced with SmolLM2, and upstream: ggml-org/llama.cpp#20824),
+    so there weights stay in plain CPU buffers (``use_extra_bufts``; llama-bench's ``--repack 0``).
+    """
+    _init()
+    mp = ll.llama_model_default_params()
+    mp.n_gpu_layers = 0 if device == "cpu" else -1  # -1: every layer
+    if amx():
+        mp.use_extra_bufts = False
+    return mp
+
+
+def amx() -> bool:
+    """Whether this build of llama.cpp multiplies with Intel AMX tiles on this CPU."""
+    _init()
+    return "AMX_INT8 = 1" in ll.llama_print_system_info().decode(errors="replace")
+
+
 def _kv_overrides(*parts: dict[str, bool | str]):
     """llama.cpp's array of load-time metadata overrides (ended by an empty key), or None for none."""
     items = [kv for part in parts for kv in part.items()]
@@ -110,8 +131,7 @@ class LlamaCppSession(Session):
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise InvalidModelError(f"{path} is not a GGUF file (bad magic): re-download or re-convert it")
-        mp = ll.llama_model_default_params()
-        mp.n_gpu_layers = 0 if device == "cpu" else -1  # -1: every layer
+        mp = model_params(device)
         try:
             meta = gguf_metadata(path, stop_at=VOCAB_START)
         except InvalidModelError:  # a damaged header: llama.cpp's load below says what is wrong with it

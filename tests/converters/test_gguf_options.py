@@ -151,7 +151,6 @@ def test_smollm2_target_size_fits_and_runs(smollm2, tmp_path):
     Q4_1/Q5_1 are left out: this reference is dequantized from a Q4_1 GGUF, so an all-Q4_1 file (98.4 MB) costs nothing
     and the planner would stop there.
     """
-    import llama_cpp
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -174,10 +173,5 @@ def test_smollm2_target_size_fits_and_runs(smollm2, tmp_path):
     ids = calibration.token_stream(calibration.load("builtin", "eval"), AutoTokenizer.from_pretrained(smollm2), chat=False, max_tokens=256)
     with torch.no_grad():
         ref = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_batch=256, logits_all=True, verbose=False, n_threads=2)
-    try:
-        llm.eval(ids)
-        got = np.array(llm.scores[: len(ids)])
-    finally:
-        llm.close()
+    got = llama_logits(path, ids, n_ctx=256, f32_cache=False)
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8  # gguf_quality.py's mixes near this size: 0.87-0.93 over 3,072 tokens
