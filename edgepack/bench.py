@@ -211,10 +211,13 @@ def _rss() -> int:
 
 
 class _DeviceMemory:
-    """Peak GPU memory of this process, polled from nvidia-smi (covers llama.cpp and onnxruntime alike)."""
+    """Peak GPU memory of this process, polled from nvidia-smi (covers llama.cpp and onnxruntime alike).
+
+    ``stop`` gives None, not 0, when nothing was read: no nvidia-smi, or it never listed this process.
+    """
 
     def __init__(self) -> None:
-        self.peak = 0
+        self.peak: int | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -230,9 +233,9 @@ class _DeviceMemory:
             for line in out.splitlines():
                 p, _, mib = line.partition(",")
                 if p.strip() == pid and mib.strip().isdigit():
-                    self.peak = max(self.peak, int(mib) * 2**20)
+                    self.peak = max(self.peak or 0, int(mib) * 2**20)
 
-    def stop(self) -> int:
+    def stop(self) -> int | None:
         self._done.set()
         self._thread.join()
         return self.peak

@@ -185,10 +185,13 @@ def _report(bundle: Bundle, log: Callable[[str], None]) -> None:
     from .bench import RUNNABLE, bench
     from .eval import evaluate
     from .report import report as write_report
+    from .report import unbenchable
 
     evaluate(bundle, log=log)
     if any(v.backend in RUNNABLE for v in bundle.variants):
         bench(bundle, log=log)
+    else:
+        log(f"bench skipped: {unbenchable(bundle.data['variants'])}")
     log(f"report: {write_report(bundle)}")
 
 

@@ -270,7 +270,8 @@ def render(data: dict[str, Any]) -> dict[str, str]:
     kld_svg, spd_svg = size_vs_kld_svg(table), speed_svg(runs)
     prov = _provenance(data)
     no_eval = "<p class='note'>No eval results yet: run <code>edgepack eval</code>.</p>"
-    no_bench = "<p class='note'>No bench results yet: run <code>edgepack bench</code>.</p>"
+    bench_note = _no_bench(data)
+    no_bench = f"<p class='note'>{html.escape(bench_note)}</p>"
     files = {
         "report.html": _HTML.substitute(
             name=html.escape(str(data.get("name"))),
@@ -283,7 +284,7 @@ def render(data: dict[str, Any]) -> dict[str, str]:
     }
     md = [f"# edgepack report: {data.get('name')}", "", "## Variants", "", _md_table(head, body), ""]
     md += ["## Size against quality", "", "![size vs KLD](size_vs_kld.svg)" if kld_svg else "No eval results yet: run `edgepack eval`.", ""]
-    md += ["## Speed", "", _md_table(rhead, rbody) if runs else "No bench results yet: run `edgepack bench`.", ""]
+    md += ["## Speed", "", _md_table(rhead, rbody) if runs else bench_note, ""]
     md += ["![speed](speed.svg)", ""] if spd_svg else []
     md += ["## Provenance", ""] + [f"- **{k}**: {v}" for k, v in prov] + [""]
     files["report.md"] = "\n".join(md)
@@ -292,6 +293,25 @@ def render(data: dict[str, Any]) -> dict[str, str]:
     if spd_svg:
         files["speed.svg"] = spd_svg
     return files
+
+
+def _no_bench(data: dict[str, Any]) -> str:
+    """What to do about a missing speed table: run bench, or, when bench cannot run any variant, say why."""
+    from .bench import RUNNABLE
+
+    variants = data.get("variants", [])
+    if any(v["backend"] in RUNNABLE for v in variants) or not variants:
+        return "No bench results yet: run `edgepack bench`."
+    return unbenchable(variants)
+
+
+def unbenchable(variants: list[dict[str, Any]]) -> str:
+    """Why a bundle of only transformers-run variants (GPTQ) has no speed figures, and what gives it some."""
+    ids = ", ".join(f"{v['id']} ({v['backend']})" for v in variants)
+    return (
+        f"No speed figures: bench measures the variants edgepack's runtime loads (GGUF, ONNX), and this bundle has only {ids}. "
+        "Convert a GGUF or ONNX variant too (e.g. --to gguf:Q4_K_M) to measure speed."
+    )
 
 
 def report(bundle: Bundle | str | Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from test_eval import make_bundle
@@ -79,3 +80,13 @@ def test_bench_on_cuda_reports_peak_device_memory(tmp_path, smollm2, smollm2_ggu
     res = bench(b, BenchConfig(prompt_tokens=64, decode_tokens=8, repetitions=1, device="cuda"), log=lambda m: None)
     run = res["runs"]["gguf-q4_1@cuda"]
     assert run["device"] == "cuda" and run["peak_device_bytes"] > 0.5 * run["bytes"]
+
+
+def test_device_memory_is_unknown_without_nvidia_smi(monkeypatch, tmp_path):
+    """No reading is not a reading of zero: the run says unknown (None), and recommend then falls back to its default."""
+    from edgepack.bench import _DeviceMemory
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi here
+    probe = _DeviceMemory()
+    time.sleep(0.3)
+    assert probe.stop() is None

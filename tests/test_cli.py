@@ -39,6 +39,27 @@ def test_doctor_json():
     assert report["ram_free_gb"] > 0 and report["disk_free_gb"] > 0
 
 
+def test_doctor_probes_each_backend_and_says_why_one_fails():
+    """The llama.cpp figures come from loading a model, not from a literal: a broken probe or library shows, with its error."""
+    code = (
+        "import json, sys, edgepack.doctor as d\n"
+        "if sys.argv[1] == 'bad-model':\n"
+        "    d._write_probe_gguf = lambda path: path.write_bytes(b'GGUF' + bytes(64))\n"
+        "else:\n"
+        "    sys.modules['llama_cpp'] = sys.modules['onnxruntime_genai'] = None  # import fails\n"
+        "print(json.dumps(d.diagnose()['backends']))\n"
+    )
+    bad_model = json.loads(subprocess.run([sys.executable, "-c", code, "bad-model"], capture_output=True, text=True, check=True).stdout)
+    assert bad_model["llama.cpp"]["cpu"] is False and "cpu" in bad_model["llama.cpp"]["errors"]
+    assert bad_model["onnx"]["cpu"] is True
+    missing = json.loads(subprocess.run([sys.executable, "-c", code, "missing"], capture_output=True, text=True, check=True).stdout)
+    assert missing["llama.cpp"] == {"cpu": False, "cuda": False, "metal": False, "error": missing["llama.cpp"]["error"]}
+    assert "llama-cpp-python is needed" in missing["llama.cpp"]["error"]
+    assert missing["onnx"]["cpu"] is False and "onnxruntime_genai" in missing["onnx"]["error"]
+    r = _run("doctor")
+    assert r.returncode == 0 and "llama.cpp" in r.stdout
+
+
 def test_import_is_backend_free():
     code = "import sys, edgepack, edgepack.bundle, edgepack.convert; print(sorted(m for m in ('llama_cpp','onnxruntime','onnxruntime_genai','torch','textual') if m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -46,6 +46,13 @@ def test_render_without_eval_or_bench_says_what_to_run():
     assert "gguf-write v1" in files["report.md"]
 
 
+def test_a_bundle_bench_cannot_run_says_why_instead_of_sending_the_user_to_bench():
+    gptq = [{"id": "gptq-4", "format": "gptq", "backend": "transformers", "bytes": 127_000_000, "bits_per_weight": 4.6}]
+    files = render(_manifest(variants=gptq))
+    assert "run `edgepack bench`" not in files["report.md"] and "run <code>edgepack bench</code>" not in files["report.html"]
+    assert "only gptq-4 (transformers)" in files["report.md"] and "--to gguf:Q4_K_M" in files["report.md"]
+
+
 def test_rows_join_eval_and_the_cpu_bench_run():
     run = {"median": 10.0, "min": 9.0, "max": 11.0, "values": [9.0, 10.0, 11.0]}
     bench = {"runs": {
@@ -91,6 +98,10 @@ def test_convert_ends_with_eval_bench_and_report(tmp_path):
     md = (tmp_path / "b" / REPORT_DIR / "report.md").read_text()
     assert "![size vs KLD](size_vs_kld.svg)" in md and (tmp_path / "b" / REPORT_DIR / "size_vs_kld.svg").is_file()
     assert report(tmp_path / "b") == page  # re-rendering replaces the folder in place
+    again = subprocess.run([sys.executable, "-m", "edgepack", "report", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.strip() == str(page) and page.read_text() == text
+    bad = subprocess.run([sys.executable, "-m", "edgepack", "report", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "not a bundle" in bad.stderr and "Traceback" not in bad.stderr
     _screenshot_shows_plots(page, tmp_path)
 
     quiet = subprocess.run(ep + ["-o", str(tmp_path / "c"), "--no-report"], capture_output=True, text=True, timeout=600)

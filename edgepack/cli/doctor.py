@@ -4,6 +4,7 @@ import json
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -31,5 +32,8 @@ def register(app: typer.Typer) -> None:
         for name, devs in report["backends"].items():
             t.add_row(name, *("yes" if devs.get(d) else "no" for d in ("cpu", "cuda", "metal")))
         c.print(t)
+        for name, devs in report["backends"].items():
+            for where, why in ({"import": devs["error"]} if "error" in devs else devs.get("errors", {})).items():
+                c.print(f"[red]{name} {where}:[/] {escape(why)}")
         if not any(d.get("cuda") for d in report["backends"].values()):
             c.print("No CUDA backend: for llama.cpp on CUDA rebuild llama-cpp-python with CMAKE_ARGS='-DGGML_CUDA=on'; for ONNX install 'edgepack[cuda]'.")
