@@ -212,6 +212,19 @@ def test_auto_eval_text_falls_back_at_once_when_the_hub_is_unreachable(monkeypat
     assert lines == ["the hub cannot be reached, so eval uses the built-in text instead of wikitext-2"]
 
 
+def test_auto_eval_text_without_the_datasets_library_says_which_extra_in_one_line(monkeypatch):
+    from edgepack import constants
+    from edgepack.eval_reference import _eval_text
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "_HUB_REACHABLE", True)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    lines: list[str] = []
+    assert _eval_text("auto", lines.append).name.startswith("builtin")
+    (line,) = lines
+    assert line.startswith("wikitext-2 unavailable") and "pip install 'edgepack[datasets]'" in line and line.endswith("built-in eval text")
+
+
 def test_a_text_several_stages_recorded_is_checked_once(tmp_path):
     from edgepack.eval_reference import _calibration_texts
 
@@ -222,3 +235,38 @@ def test_a_text_several_stages_recorded_is_checked_once(tmp_path):
     texts = _calibration_texts(b, ())
     assert len(b.data["calibration"]) == 3
     assert [t.sha256 for t in texts] == [calibration.load("builtin").sha256, calibration.load("builtin", split="eval").sha256]
+
+
+def assert_ranked(results: dict[str, dict], order: list[str], *, kld_gap: float, ppl_gap: float) -> None:
+    """KLD and PPL grow along ``order`` (least faithful variant first reversed: the last is closest to the reference).
+
+    Each step must be a clear gap, not noise: KLD by ``kld_gap`` times, PPL by ``ppl_gap`` times its excess over the
+    reference's perplexity.
+    """
+    for worse, better in zip(order, order[1:]):
+        w, b = results[worse], results[better]
+        assert w["kld"]["mean"] > kld_gap * b["kld"]["mean"] > 0, (worse, better, w["kld"]["mean"], b["kld"]["mean"])
+        assert w["ppl"] > b["ppl"] and w["ppl_excess"] > ppl_gap * b["ppl_excess"], (worse, better, w["ppl"], b["ppl"])
+
+
+@pytest.mark.slow
+def test_eval_ranks_quantization_types_by_what_they_lose(tmp_path, smollm2):
+    """Q2_K loses more than Q4_K_M, which loses more than Q8_0: eval tells them apart by KLD and by perplexity.
+
+    The reference is the float checkpoint the variants were made from, so a scorer that returned any constant,
+    zero included, fails here.
+    """
+    from edgepack.convert import convert
+
+    b = convert(str(smollm2), "gguf:Q2_K,gguf:Q4_K_M,gguf:Q8_0", tmp_path / "b", options={"calibration_tokens": "4096"}, log=lambda m: None)
+    cfg = EvalConfig(text="builtin", windows=8, window_len=512, top_k=64, variant_top_k=256, prompts=0)
+    res = evaluate(b, cfg, device="cpu", threads=2, log=lambda m: None)
+    ref_ppl = res["reference"]["ppl"]
+    results = {vid: {**r, "ppl_excess": r["ppl"] - ref_ppl} for vid, r in res["variants"].items()}
+    print({vid: (round(r["kld"]["mean"], 4), round(r["ppl"], 3)) for vid, r in results.items()}, f"reference PPL {ref_ppl:.3f}")
+    order = ["gguf-q2_k", "gguf-q4_k_m", "gguf-q8_0"]
+    assert_ranked(results, order, kld_gap=KLD_GAP, ppl_gap=PPL_GAP)
+    assert results["gguf-q8_0"]["top1_agreement"] > results["gguf-q4_k_m"]["top1_agreement"] > results["gguf-q2_k"]["top1_agreement"]
+    constant = {vid: {**r, "kld": {"mean": 0.03}, "ppl": 20.0, "ppl_excess": 20.0 - ref_ppl} for vid, r in results.items()}
+    with pytest.raises(AssertionError):
+        assert_ranked(constant, order, kld_gap=KLD_GAP, ppl_gap=PPL_GAP)

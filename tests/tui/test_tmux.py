@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 from tmux_driver import Tmux
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux) so the terminal test cannot run"),
-]
+pytestmark = pytest.mark.slow
+needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux) so the terminal test cannot run")
 
 
+@needs_tmux
 def test_edgepack_chat_in_a_terminal(smollm2_gguf, tmp_path):
     edgepack = Path(sys.executable).with_name("edgepack")
     rc = tmp_path / "rc"
@@ -47,6 +46,40 @@ def test_edgepack_chat_in_a_terminal(smollm2_gguf, tmp_path):
         assert not tmux.alive() and rc.read_text().strip() == "0"
     finally:
         tmux.kill()
+
+
+@needs_tmux
+def test_convert_with_chat_opens_the_chat_on_the_new_bundle_in_a_terminal(smollm2, tmp_path):
+    edgepack = Path(sys.executable).with_name("edgepack")
+    rc, out = tmp_path / "rc", tmp_path / "bundle"
+    cmd = f"{edgepack} convert {smollm2} --to gguf:q8_0 --no-report -o {out} --chat; echo $? > {rc}"
+    tmux = Tmux(tmp_path / "tmux.sock")
+    tmux.start(cmd)
+    try:
+        tmux.wait_for(lambda s: "ready" in s and "gguf-q8_0" in s, "the converted bundle to open in the chat", timeout=300)
+        tmux.keys("What is the capital of France?", "Enter")
+        screen = tmux.wait_for(lambda s: re.search(r"\d\.\d tok/s +ready", s), "the answer")
+        assert "What is the capital of France?" in screen and "tokens," in screen  # the question, and the answer's stats
+        tmux.keys("C-q")
+        deadline = time.monotonic() + 30
+        while tmux.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not tmux.alive() and rc.read_text().strip() == "0"
+        assert (out / "edgepack.json").is_file()
+    finally:
+        tmux.kill()
+
+
+def test_convert_with_chat_without_a_terminal_prints_the_bundle_and_skips_the_chat(tmp_path):
+    """What CI's run of the README's main command sees: stdin is not a terminal, so no chat, exit 0, the bundle path on stdout."""
+    from models import tiny_model
+
+    src = tiny_model("llama", tmp_path / "tiny")
+    edgepack = Path(sys.executable).with_name("edgepack")
+    out = subprocess.run([str(edgepack), "convert", str(src), "--to", "gguf:f16", "--no-report", "-o", str(tmp_path / "b"), "--chat"],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "b") and (tmp_path / "b" / "edgepack.json").is_file()
 
 
 def test_chat_refuses_to_run_without_a_terminal(smollm2_gguf):
