@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..errors import CalibrationError, MissingDependencyError, OfflineError
+from ..errors import CalibrationError, MissingDependencyError, OfflineError, UsageError
+from ..options import option
 
 Split = Literal["calibration", "eval"]
 _EVAL_SHARE = 20  # percent of builtin docstrings held out for evaluation
@@ -53,6 +54,26 @@ class Text:
 
     def provenance(self, tokens: int) -> dict:
         return {"name": self.name, "sha256": self.sha256, "tokens": tokens, "samples": len(self.samples)}
+
+
+def option_field(panel: str = "") -> str:
+    """The ``calibration`` option of the formats and transforms that read calibration text (one option, shared)."""
+    return option(
+        "builtin", metavar="PRESET", panel=panel,
+        help="Calibration text for the importance matrix, sensitivity, GPTQ and pruning: builtin (default), a UTF-8 text file, "
+        "or hf:DATASET[:CONFIG]:SPLIT:COLUMN.",
+    )  # fmt: skip
+
+
+def check_preset(preset: str, option_name: str = "calibration") -> str:
+    """``preset`` after checking its form (a dataset is only fetched when a stage needs it); raises UsageError."""
+    if preset == "builtin" or preset.startswith("hf:") and len(preset.split(":")) in (4, 5):
+        return preset
+    if preset.startswith("hf:"):
+        raise UsageError(f"`{option_name}` {preset!r}: write hf:DATASET[:CONFIG]:SPLIT:COLUMN, e.g. hf:wikitext:wikitext-2-raw-v1:test:text", option=option_name)
+    if not Path(preset).expanduser().is_file():
+        raise UsageError(f"`{option_name}` {preset!r}: no such file; give builtin, a UTF-8 text file or hf:DATASET[:CONFIG]:SPLIT:COLUMN", option=option_name)
+    return preset
 
 
 def load(preset: str = "builtin", split: Split = "calibration") -> Text:

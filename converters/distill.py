@@ -14,11 +14,8 @@ balance the same whichever ``T`` is chosen, so ``alpha`` means one thing.
 Classic knowledge distillation uses ``alpha`` 0.3-0.5 and ``T`` 3-5; both
 are options. The defaults are ``alpha`` 0 and ``T`` 1 (plain forward KL to
 the teacher) because healing aims at behaving like the teacher, which is
-what the bar measures: on SmolLM2-135M with 6 blocks dropped and 14 minutes
-of a loaded 2-core CPU they cut the held-out KL divergence to 0.43 x the
-unhealed one, where ``alpha`` 0.3 and ``T`` 3 reached 0.58 x (the
-cross-entropy term fits the training text instead: perplexity 12 on the
-held-out docstrings against the teacher's 17). See benchmarks/prune_distill.py.
+what the bar measures (the cross-entropy term would fit the training text
+instead). benchmarks/prune_distill.py measures both settings.
 
 Training text comes from ``calibration.load(text, "calibration")`` and is
 read at most once (no epochs), so ``steps * batch`` windows must fit in it.
@@ -47,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,13 +52,15 @@ from typing import Any
 from .. import constants
 from ..errors import CalibrationError, SourceNotFoundError, UsageError
 from ..fsutil import atomic_path
+from ..options import given as is_given
+from ..options import number, option
 from ..stages import Artifact, Kind, cache_key, side_input
 from . import calibration
 from .lora import merge_lora, trainable_parameters
 from .prune import CheckpointStage, load_model, save_checkpoint
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """How to train. At least one of ``steps`` and ``time_s`` bounds the run."""
 
@@ -85,21 +85,81 @@ class Config:
 def validate(config: Config) -> None:
     """Check a config on its own, before any model is read; raises UsageError."""
     if not config.steps and not config.time_s:
-        raise UsageError("distillation needs a bound: pass --steps N and/or --time 15m")
+        raise UsageError("distillation needs a bound: give `steps` N and/or `time` 15m", option="steps")
     if config.steps < 0 or config.time_s < 0 or config.batch < 1 or config.seq_len < 2 or config.lora < 0 or config.topk < 0:
         raise UsageError("steps, time, batch, lora rank and topk must be positive (seq_len at least 2)")
     if not 0.0 <= config.alpha <= 1.0:
-        raise UsageError(f"--alpha {config.alpha}: choose a weight between 0 and 1 (0 for pure distillation, classic KD 0.3-0.5)")
+        raise UsageError(f"`alpha` {config.alpha}: choose a weight between 0 and 1 (0 for pure distillation, classic KD 0.3-0.5)", option="alpha")
     if config.temperature <= 0:
-        raise UsageError(f"--temperature {config.temperature}: choose a positive temperature (1, or 3-5 for classic KD)")
+        raise UsageError(f"`temperature` {config.temperature}: choose a positive temperature (1, or 3-5 for classic KD)", option="temperature")
     if config.dtype not in ("auto", "bf16", "float32"):
         raise UsageError(f"dtype {config.dtype!r}: choose auto, bf16 or float32")
     if not (config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:")):
         raise UsageError(f"device {config.device!r}: choose auto, cpu, cuda or cuda:N")
-    if config.text.startswith("hf:") and len(config.text.split(":")) not in (4, 5):
-        raise UsageError(f"--distill-text {config.text!r}: write hf:DATASET[:CONFIG]:SPLIT:COLUMN")
-    if config.text != "builtin" and not config.text.startswith("hf:") and not Path(config.text).expanduser().is_file():
-        raise UsageError(f"--distill-text {config.text!r}: no such file; give builtin, a UTF-8 text file or hf:DATASET[:CONFIG]:SPLIT:COLUMN")
+    calibration.check_preset(config.text, "distill_text")
+
+
+_PANEL = "Prune and distill"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What ``convert`` takes from the user for distillation; ``parse`` makes the stage's ``Config`` of them."""
+
+    distill: bool = option(False, panel=_PANEL, help="Heal the pruned model by distilling from the original.")
+    steps: int | None = option(None, metavar="N", panel=_PANEL, help="Distillation steps.")
+    time: str | None = option(None, metavar="DURATION", panel=_PANEL, help="Distillation time budget, e.g. 900, 15m, 1h.")
+    alpha: float | None = option(
+        None, metavar="A", panel=_PANEL, help="Weight of the hard-label loss, 0-1 (default 0: pure distillation; classic KD 0.3-0.5)."
+    )
+    temperature: float | None = option(
+        None, metavar="T", panel=_PANEL, help="Distillation temperature T, the KL term scaled by T^2 (default 1; classic KD 3-5)."
+    )
+    lora: bool = option(False, panel=_PANEL, help="Distill with LoRA adapters (rank 16) instead of full fine-tuning.")
+    distill_text: str | None = option(
+        None, metavar="PRESET", panel=_PANEL, help="Training text: builtin (its calibration split; default), a UTF-8 text file, or hf:DATASET[:CONFIG]:SPLIT:COLUMN."
+    )
+
+
+OPTIONS = ("distill", "steps", "time", "alpha", "temperature", "lora", "distill_text")
+LORA_RANK = 16
+
+
+def parse(options: Mapping[str, Any]) -> tuple[Config | None, set[str]]:
+    """The distillation ``options`` ask for as a stage config (None: none), checked without a model; raises UsageError.
+
+    The teacher is filled in by the plan (the pulled model).
+    """
+    given = {k: options[k] for k in OPTIONS if is_given(options.get(k)) and options[k] is not False}
+    if not given.pop("distill", False):
+        if given:
+            raise UsageError(f"{', '.join(f'`{k}`' for k in given)} set up distillation: add `distill`", option=next(iter(given)))
+        return None, set()
+    fields_: dict[str, Any] = {}
+    if "steps" in given:
+        fields_["steps"] = number(given, "steps", 0)
+    if "time" in given:
+        fields_["time_s"] = seconds(given["time"])
+    for key in ("alpha", "temperature"):
+        if key in given:
+            fields_[key] = number(given, key, 0.0, float)
+    if given.get("distill_text"):
+        fields_["text"] = str(given["distill_text"])
+    if "lora" in given:
+        fields_["lora"] = LORA_RANK if given["lora"] is True else number(given, "lora", 0)
+    config = Config(**fields_)
+    validate(config)
+    return config, {"distill", *given}
+
+
+def seconds(text: Any) -> float:
+    """``900`` or ``900s`` -> 900, ``15m`` -> 900, ``1h`` -> 3600; raises UsageError."""
+    text = str(text).strip()
+    unit = text[-1].lower() if text[-1:].isalpha() else "s"
+    try:
+        return float(text.rstrip("smhSMH") or "x") * {"s": 1, "m": 60, "h": 3600}[unit]
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"`time` {text!r}: give seconds or a duration such as 15m or 1h", option="time") from e
 
 
 def check_text(config: Config, tokenizer_path: Path) -> None:

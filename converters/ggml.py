@@ -3,18 +3,59 @@
 The sensitivity stage must round each weight exactly as llama.cpp's quantizer
 will, so it calls ggml's own ``ggml_quantize_chunk`` and ``dequantize_row_*``
 through ctypes rather than a reimplementation; the quantize stage needs ggml's
-type names and the bytes a tensor takes in each type.
+type names and the bytes a tensor takes in each type. Both read the tensor type
+table here, below either of them.
 """
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from ..errors import UsageError
+
 GGUF_ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT: every tensor's data is padded to it
+
+
+# Tensor types (enum ggml_type in ggml.h) for per-tensor, output and token-embedding overrides.
+TENSOR_TYPES: dict[str, int] = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
+    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ2_XXS": 16, "IQ2_XS": 17,
+    "IQ3_XXS": 18, "IQ1_S": 19, "IQ4_NL": 20, "IQ3_S": 21, "IQ2_S": 22, "IQ4_XS": 23,
+    "IQ1_M": 29, "BF16": 30, "TQ1_0": 34, "TQ2_0": 35, "MXFP4": 39, "Q1_0": 41,
+}  # fmt: skip
+TENSOR_NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
+HEADER_SLACK = 4096  # bytes the quantizer's metadata may add to the input's header
+
+
+def tensor_type(name: str) -> str:
+    """Canonical ggml tensor type name for ``name`` (any case); raises UsageError."""
+    key = name.upper()
+    if key not in TENSOR_TYPES:
+        raise UsageError(f"unknown tensor type {name!r}: choose one of {', '.join(TENSOR_TYPES)}")
+    return key
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: shape[0] is the row length (input columns)
+    type: int  # ggml_type
+    nbytes: int
+
+    @property
+    def quantizable(self) -> bool:
+        """A weight llama.cpp would quantize (2-D+, not a norm)."""
+        return len(self.shape) >= 2 and self.name.endswith("weight") and not self.name.endswith("_norm.weight")
+
+    @property
+    def columns(self) -> int:
+        """Importance-matrix length: input columns, once per expert."""
+        return self.shape[0] * (self.shape[2] if len(self.shape) > 2 else 1)
 
 
 class _Ggml:

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import InvalidModelError, UsageError
 from ..fsutil import atomic_path
-from ..stages import Artifact, Kind, Stage
+from ..stages import Artifact, Kind, Planned, Stage
 from . import gguf_arch, gguf_vocab
 
 Q = GGMLQuantizationType
@@ -243,20 +243,24 @@ class GGUFWrite(Stage):
 
     name = "gguf-write"
     version = 1
-    input_kind = Kind.HF
+    input_kinds = (Kind.HF,)
     output_kind = Kind.GGUF
 
-    @dataclass
+    @dataclass(frozen=True)
     class Config:
         outtype: str = "f16"  # type of 2-D weights: f32 | f16 | bf16 | q8_0; 1-D tensors stay f32
 
-    def plan(self, inp: Artifact, config: Config) -> list[str]:
-        return [f"model-{config.outtype}.gguf"]
+    def plan(self, inp: Artifact | None, config: Config) -> list[Planned]:
+        """The file, sized by its tensor data (the header adds the vocabulary)."""
+        size = None
+        if inp is not None:
+            size = sum(t.nbytes for t in plan_tensors(inp.path, gguf_arch.read_model(inp.path), config.outtype)[0])
+        return [Planned(f"model-{config.outtype}.gguf", size)]
 
     def run(self, inp: Artifact, config: Config, out_dir: Path) -> Artifact:
         origin = inp.meta.get("origin") or ""
         name = inp.meta.get("recipe") or (origin.rsplit("/", 1)[-1] if origin.startswith("hub:") else None)
-        result = convert(inp.path, out_dir / self.plan(inp, config)[0], config.outtype, name=name)
+        result = convert(inp.path, out_dir / f"model-{config.outtype}.gguf", config.outtype, name=name)
         meta = {
             "outtype": result.outtype,
             "n_params": result.n_params,

@@ -42,24 +42,21 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..bundle import Variant
 from ..errors import CalibrationError, InvalidModelError, MissingDependencyError, UsageError
-from ..stages import Artifact, Kind, Stage, side_input
+from ..options import given, number, option, switch
+from ..plan import Format, Planner, VariantJob
+from ..stages import Artifact, Kind, Planned, Stage, side_input
 from . import calibration
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (16, 32, 64, 128)  # most accurate first: SmolLM2 gptq:4 KLD 0.044 at g16, 0.066 at g32 (benchmarks/onnx_int4.py)
 MIN_ROW_TOKENS = 16  # calibration rows shorter than this carry too little context for the Hessian
 _ARG = re.compile(r"^(\d+)(?:g(\d+))?$", re.IGNORECASE)
-
-
-def validate(arg: str) -> None:
-    """Check ``BITS[gGROUP]``; raises UsageError."""
-    parse_arg(arg)
 
 
 def parse_arg(arg: str) -> tuple[int, int | None]:
@@ -101,19 +98,18 @@ def choose_group_size(model_dir: Path, requested: int | None) -> int:
     return fits[0]
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTQConfig:
     bits: int = 4
-    group_size: int = 16  # divides every in-feature count (see choose_group_size)
+    group_size: int | None = None  # None: the first of GROUP_SIZES dividing every in-feature count (see choose_group_size)
     sym: bool = False  # asymmetric (with zero points) measured better on SmolLM2
     desc_act: bool = True  # activation order (stores g_idx): measured better than GPTQModel's group-aware reordering
     damp_percent: float = 0.01  # Hessian dampening, a fraction of its mean diagonal
     mse: float = 2.0  # search each group's range for the least |error|^mse instead of taking min/max (0: min/max)
     calibration: str = side_input("builtin")
-    calibration_sha256: str = ""  # content hash, so a changed calibration file misses the cache
     samples: int = 256  # calibration rows
     max_tokens: int = 512  # rows are cut to this many tokens
-    chat: bool = True  # instruct models see their samples in their own chat template
+    chat: bool | None = None  # instruct models see their samples in their own chat template; None: when it has one
     device: str = "cpu"  # cpu | cuda
     mixed: bool = False  # below 8 bits, keep v_proj and the outer layers' down_proj at 8 bits
 
@@ -167,14 +163,8 @@ def calibration_rows(text: calibration.Text, tokenizer, cfg: GPTQConfig) -> Rows
 
 
 def load_rows(cfg: GPTQConfig, tokenizer) -> tuple[calibration.Text, Rows]:
-    """The calibration text ``cfg`` names and its rows; raises CalibrationError.
-
-    ``stage_config`` calls it to fail early and records the text's hash; the stage
-    calls it again and refuses a text that changed in between.
-    """
+    """The calibration text ``cfg`` names and its rows; raises CalibrationError."""
     text = calibration.load(cfg.calibration)
-    if cfg.calibration_sha256 and text.sha256 != cfg.calibration_sha256:
-        raise CalibrationError(f"calibration text {cfg.calibration} changed during the conversion: re-run it")
     return text, calibration_rows(text, tokenizer, cfg)
 
 
@@ -224,22 +214,27 @@ class GPTQStage(Stage):
     """HF checkpoint -> GPTQ checkpoint."""
 
     name: ClassVar[str] = "gptq"
-    version: ClassVar[int] = 1
-    input_kind: ClassVar[Kind] = Kind.HF
+    version: ClassVar[int] = 2
+    input_kinds: ClassVar[tuple[Kind, ...]] = (Kind.HF,)
     output_kind: ClassVar[Kind] = Kind.GPTQ
     Config = GPTQConfig
 
-    def plan(self, inp: Artifact, config: GPTQConfig) -> list[str]:
-        return ["config.json", "quantize_config.json", "model.safetensors", "quant_log.csv", "tokenizer.json"]
+    def plan(self, inp: Artifact | None, config: GPTQConfig) -> list[Planned]:
+        names = ["config.json", "quantize_config.json", "model.safetensors", "quant_log.csv", "tokenizer.json"]
+        return [Planned(n) for n in names]
 
     def run(self, inp: Artifact, config: GPTQConfig, out_dir: Path) -> Artifact:
+        """Quantize ``inp``. Raises UsageError (a group size that does not fit), CalibrationError, InvalidModelError."""
         from transformers import AutoTokenizer
 
-        text, rows = load_rows(config, AutoTokenizer.from_pretrained(inp.path))
-        gptqmodel = import_gptqmodel()
+        gptqmodel = import_gptqmodel()  # fail before tokenizing anything when the extra is missing
+        tokenizer = AutoTokenizer.from_pretrained(inp.path)
+        group = choose_group_size(inp.path, config.group_size)
+        chat = config.chat if config.chat is not None else bool(getattr(tokenizer, "chat_template", None))
+        text, rows = load_rows(replace(config, chat=chat), tokenizer)
         qcfg = gptqmodel.QuantizeConfig(
             bits=config.bits,
-            group_size=config.group_size,
+            group_size=group,
             sym=config.sym,
             desc_act=config.desc_act,
             act_group_aware=not config.desc_act,  # GPTQModel's group-aware reordering; it excludes desc_act
@@ -257,7 +252,7 @@ class GPTQStage(Stage):
             raise InvalidModelError(f"GPTQModel could not quantize {inp.path.name} ({type(e).__name__}: {e}): try gguf instead") from e
         meta = {
             "bits": config.bits,
-            "group_size": config.group_size,
+            "group_size": group,
             "sym": config.sym,
             "desc_act": config.desc_act,
             "damp_percent": config.damp_percent,
@@ -270,126 +265,109 @@ class GPTQStage(Stage):
         return Artifact(Kind.GPTQ, out_dir, meta)
 
 
-def parse_options(options: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The GPTQConfig fields that the shared options set, parsed and checked; needs no model.
+# -- the gptq:BITS format -----------------------------------------------------------------------------
 
-    Values may be text (from a command line). ``defaults`` replaces GPTQConfig's defaults
-    for one route: onnx:int4 turns ``mixed`` on (the builder loads per-module bits,
-    transformers does not) and ``desc_act`` off (MatMulNBits gets act-order g_idx wrong, see converters/onnx.py).
-    Raises UsageError.
+_PANEL = "GPTQ and ONNX"
+
+
+@dataclass(frozen=True)
+class Options:
+    """A ``gptq:BITS[gGROUP]`` variant, and the GPTQ run under a calibrated ``onnx:int4``."""
+
+    bits: int
+    group: int | None = None  # None: the first of GROUP_SIZES that divides every layer width
+    samples: int = option(256, flag="--gptq-samples", metavar="N", panel=_PANEL, help="GPTQ calibration rows (default 256).")
+    sym: bool = option(False, negative="--asym", panel=_PANEL, help="Symmetric GPTQ groups, or asymmetric with zero points (default).")
+    desc_act: bool = option(
+        True, negative="--no-desc-act", panel=_PANEL,
+        help="Quantize columns in activation order (default on for gptq:; refused for onnx:int4, whose MatMulNBits gets it wrong).",
+    )  # fmt: skip
+    damp_percent: float = option(0.01, metavar="F", panel=_PANEL, help="GPTQ Hessian dampening, a fraction of its mean diagonal (default 0.01).")
+    mixed: bool = option(
+        False, flag="--mixed-bits", negative="--uniform-bits", panel=_PANEL,
+        help="Keep v_proj and the outer down_proj at 8 bits (default: on for onnx:int4, off for gptq:, which transformers loads only uniform).",
+    )  # fmt: skip
+    device: str = option("cpu", flag="--gptq-device", metavar="DEVICE", panel=_PANEL, help="Where GPTQ runs: cpu (default) or cuda.")
+    calibration: str = calibration.option_field()
+
+    @property
+    def arg(self) -> str:
+        return f"{self.bits}" + (f"g{self.group}" if self.group else "")
+
+    def config(self) -> GPTQConfig:
+        return GPTQConfig(
+            bits=self.bits, group_size=self.group, sym=self.sym, desc_act=self.desc_act, damp_percent=self.damp_percent,
+            calibration=self.calibration, samples=self.samples, device=self.device, mixed=self.mixed,
+        )  # fmt: skip
+
+
+OPTIONS = ("samples", "sym", "desc_act", "damp_percent", "mixed", "device", "calibration")
+
+
+def parse(arg: str, options: Mapping[str, Any]) -> tuple[Options, set[str]]:
+    """The typed options of ``gptq:ARG``; raises UsageError, CalibrationError (too little calibration text)."""
+    bits, group = parse_arg(arg)
+    return parse_options(options, bits=bits, group=group), {k for k in OPTIONS if given(options.get(k))}
+
+
+def parse_options(options: Mapping[str, Any], *, bits: int, group: int | None, defaults: Mapping[str, Any] | None = None) -> Options:
+    """GPTQ options from the shared ones, values checked, the calibration text counted; needs no model.
+
+    ``defaults`` replaces Options' defaults for one route: onnx:int4 turns ``mixed`` on (the builder loads
+    per-module bits, transformers does not) and ``desc_act`` off (MatMulNBits gets act-order g_idx wrong).
+    Raises UsageError, CalibrationError (also OfflineError, MissingDependencyError for hf: presets).
     """
-    base = {**{k: getattr(GPTQConfig, k) for k in ("sym", "desc_act", "mixed", "samples", "damp_percent")}, **(defaults or {})}
-    fields: dict[str, Any] = {
-        "sym": _flag(options, "sym", base["sym"]),
-        "desc_act": _flag(options, "desc_act", base["desc_act"]),
-        "mixed": _flag(options, "mixed", base["mixed"]),
-        "device": str(options.get("device", "cpu")),
+    base = {f.name: f.default for f in fields(Options) if f.name in OPTIONS} | dict(defaults or {})
+    given = dict(options)
+    got = {
+        "sym": switch(given, "sym", base["sym"]),
+        "desc_act": switch(given, "desc_act", base["desc_act"]),
+        "mixed": switch(given, "mixed", base["mixed"]),
+        "samples": number(given, "samples", base["samples"]),
+        "damp_percent": number(given, "damp_percent", base["damp_percent"], float),
+        "device": str(given.get("device") or base["device"]),
+        "calibration": calibration.check_preset(str(given.get("calibration") or base["calibration"])),
     }
-    try:
-        fields["samples"] = int(options.get("samples", base["samples"]))
-        fields["damp_percent"] = float(options.get("damp_percent", base["damp_percent"]))
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"samples and damp_percent take numbers, e.g. samples=256 damp_percent=0.01 ({e})") from e
-    if fields["samples"] < 1:
-        raise UsageError(f"samples {fields['samples']}: GPTQ needs at least one calibration row (default {GPTQConfig.samples})")
-    if not 0 < fields["damp_percent"] < 1:
-        raise UsageError(f"damp_percent {fields['damp_percent']}: give a fraction between 0 and 1, e.g. 0.01")
-    if fields["device"] not in ("cpu", "cuda"):
-        raise UsageError(f"device {fields['device']!r}: GPTQ runs on cpu or cuda")
-    if fields["device"] == "cuda":
+    if got["samples"] < 1:
+        raise UsageError(f"`samples` {got['samples']}: GPTQ needs at least one calibration row (default 256)", option="samples")
+    if not 0 < got["damp_percent"] < 1:
+        raise UsageError(f"`damp_percent` {got['damp_percent']}: give a fraction between 0 and 1, e.g. 0.01", option="damp_percent")
+    if got["device"] not in ("cpu", "cuda"):
+        raise UsageError(f"`device` {got['device']!r}: GPTQ runs on cpu or cuda", option="device")
+    if got["device"] == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise UsageError("device cuda was asked for but torch sees no CUDA device: drop device=cuda to quantize on the CPU")
-    return fields
-
-
-def validate_options(options: dict[str, Any], args: list[str]) -> None:
-    """Check the GPTQ options and that the calibration text has enough samples, before any work.
-
-    Raises UsageError, CalibrationError (also OfflineError, MissingDependencyError for hf: presets).
-    """
-    fields = parse_options(options)
-    text = calibration.load(str(options.get("calibration") or "builtin"))
-    if len(text.samples) < fields["samples"]:
+            raise UsageError("`device` cuda was asked for but torch sees no CUDA device: leave it out to quantize on the CPU", option="device")
+    text = calibration.load(got["calibration"])
+    if len(text.samples) < got["samples"]:
         raise CalibrationError(
-            f"calibration text {text.name} has {len(text.samples)} samples but {fields['samples']} were requested: "
+            f"calibration text {text.name} has {len(text.samples)} samples but {got['samples']} were requested: "
             "give a longer text file (blank-line separated paragraphs) or fewer samples"
         )
+    return Options(bits, group, **got)
 
 
-def stage_config(arg: str, source: Artifact, options: dict[str, Any], defaults: dict[str, Any] | None = None, *, log=print) -> GPTQConfig:
-    """The GPTQConfig for ``arg`` and the shared options, with the calibration checked before any quantization.
-
-    Raises UsageError, CalibrationError, InvalidModelError.
-    """
-    from transformers import AutoTokenizer
-
-    bits, group = parse_arg(arg)
-    fields = parse_options(options, defaults)
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
-    cfg = GPTQConfig(
-        bits=bits,
-        group_size=choose_group_size(source.path, group),
-        calibration=str(options.get("calibration") or "builtin"),
-        chat=bool(getattr(tokenizer, "chat_template", None)),
-        **fields,
-    )
-    text, rows = load_rows(cfg, tokenizer)
-    cfg.calibration_sha256 = text.sha256
-    log(
-        f"gptq: {cfg.bits}-bit, group size {cfg.group_size}, {len(rows.ids)} calibration rows ({rows.tokens} tokens) "
-        f"from {text.name}; {rows.dropped_short} rows under {MIN_ROW_TOKENS} tokens dropped"
-    )
-    return cfg
+def check(opts: Options, model_dir: Path) -> None:
+    """Refuse a group size the model's layer widths do not take, before any stage; raises UsageError, InvalidModelError."""
+    choose_group_size(model_dir, opts.group)
 
 
-def _flag(options: dict[str, Any], key: str, default: bool) -> bool:
-    """A yes/no option; text from a command line must say which ("false" must not read as True). Raises UsageError."""
-    value = options.get(key, default)
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise UsageError(f"{key} {value!r}: give true or false")
+def plan(opts: Options, p: Planner) -> VariantJob:
+    job = p.stage(GPTQStage(), opts.config())
+    return p.variant(f"gptq-{opts.arg.lower()}", job, format="gptq", backend="transformers", spec=f"gptq:{opts.arg}", describe=describe)
 
 
-def quantize(arg: str, source: Artifact, ctx, **defaults: Any) -> Artifact:
-    """Run (or reuse) the GPTQ stage for ``arg``; shared with the ONNX converter's calibrated INT4 (see parse_options)."""
-    import_gptqmodel()  # fail before tokenizing anything when the extra is missing
-    cfg = stage_config(arg, source, ctx.options, defaults, log=ctx.log)
-    art = ctx.run(GPTQStage(), source, cfg)
-    ctx.bundle.add_calibration(art.meta["calibration"])
-    return art
+def describe(art: Artifact, model_dir: Path) -> tuple[dict[str, Any], float | None]:
+    """The variant's metadata, and bits per weight: its weight files over the float model's parameters."""
+    return {k: v for k, v in art.meta.items() if k != "calibration"}, bits_per_weight(art, model_dir, ".safetensors")
 
 
-def build(arg: str, source: Artifact, ctx) -> Variant:
-    art = quantize(arg, source, ctx)
-    meta = {k: v for k, v in art.meta.items() if k != "calibration"}
-    return variant(ctx, art, source, f"gptq-{arg.lower()}", ("gptq", "transformers"), ".safetensors", meta)
-
-
-def variant(ctx, art: Artifact, source: Artifact, vid: str, kind: tuple[str, str], weights: str, meta: dict[str, Any]) -> Variant:
-    """Place ``art`` in the bundle as variant ``vid`` of ``kind`` (format, backend); shared with the ONNX converter.
-
-    Bits per weight: the bytes of the files whose name contains ``weights`` over the float checkpoint's parameters.
-    """
-    dest = ctx.place(art, vid)
-    files = ctx.files(dest)
-    params = parameter_count(source.path)
-    size = sum(f["bytes"] for f in files if weights in f["path"])
-    return Variant(
-        id=vid,
-        format=kind[0],
-        backend=kind[1],
-        path=dest.relative_to(ctx.bundle.root).as_posix(),
-        files=files,
-        bits_per_weight=round(8 * size / params, 3) if params else None,
-        meta=meta,
-    )
+def bits_per_weight(art: Artifact, model_dir: Path, weights: str) -> float | None:
+    """Bytes of the files whose name contains ``weights``, in bits, over the float checkpoint's parameters."""
+    params = parameter_count(model_dir)
+    size = sum(f.stat().st_size for f in art.files() if weights in f.name)
+    return round(8 * size / params, 3) if params else None
 
 
 def parameter_count(model_dir: Path) -> int:
@@ -408,3 +386,6 @@ def parameter_count(model_dir: Path) -> int:
                     count *= d
                 total += count
     return total
+
+
+FORMAT = Format("gptq", parse, plan, options=(Options,), check=check)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import CalibrationError, InvalidModelError
 from ..fsutil import atomic_path
-from ..stages import Artifact, Kind, Stage, side_input
+from ..stages import Artifact, Kind, Planned, Stage, side_input
 from . import calibration
 
 FILENAME = "imatrix.dat"
@@ -226,18 +226,18 @@ class Imatrix(Stage):
 
     name = "imatrix"
     version = 1
-    input_kind = Kind.HF
+    input_kinds = (Kind.HF,)
     output_kind = Kind.FILE
 
-    @dataclass
+    @dataclass(frozen=True)
     class Config:
         calibration: str = side_input("builtin")  # calibration.load preset: builtin, a text file, hf:DATASET[:CONFIG]:SPLIT:COLUMN
         tokens: int = 20480  # calibration tokens, rounded down to whole windows
         window: int = 512  # tokens per forward pass (llama-imatrix's context size)
         chat: bool | None = None  # chat-format the samples; None: when the tokenizer has a chat template
 
-    def plan(self, inp: Artifact, config: Config) -> list[str]:
-        return [FILENAME]
+    def plan(self, inp: Artifact | None, config: Config) -> list[Planned]:
+        return [Planned(FILENAME)]
 
     def run(self, inp: Artifact, config: Config, out_dir: Path) -> Artifact:
         model, tok, names = load_reference(inp.path)

@@ -31,11 +31,11 @@ import json
 import logging
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..bundle import Variant
 from ..errors import (
     BackendError,
     InvalidModelError,
@@ -43,7 +43,10 @@ from ..errors import (
     UnsupportedArchitectureError,
     UsageError,
 )
-from ..stages import Artifact, Kind, Stage
+from ..options import given as is_given
+from ..options import number, option
+from ..plan import Format, Planner, VariantJob
+from ..stages import Artifact, Kind, Planned, Stage
 from . import gptq
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -52,11 +55,6 @@ INT4_METHODS = ("gptq", "rtn")
 GENAI_CONFIG = "genai_config.json"
 GPTQ_DEFAULTS = {"mixed": True, "desc_act": False}  # calibrated INT4's own GPTQ defaults (see the module docstring)
 _GGUF_HINT = "Convert it to GGUF instead (--to gguf:Q4_K_M), which llama.cpp runs."
-
-
-def validate(arg: str) -> None:
-    """Check ``PRECISION[-EP]`` and that the provider is installed; raises UsageError, MissingDependencyError."""
-    parse_arg(arg)
 
 
 def parse_arg(arg: str) -> tuple[str, str]:
@@ -113,7 +111,7 @@ def check_architecture(model_dir: Path) -> str:
     return arch
 
 
-@dataclass
+@dataclass(frozen=True)
 class OnnxConfig:
     precision: str = "int4"  # fp32 | fp16 | int8 | int4
     execution_provider: str = "cpu"  # cpu | cuda
@@ -127,13 +125,13 @@ class OnnxStage(Stage):
     """HF or GPTQ checkpoint -> onnxruntime-genai folder."""
 
     name: ClassVar[str] = "onnx"
-    version: ClassVar[int] = 2
-    input_kind: ClassVar[Kind] = Kind.HF
+    version: ClassVar[int] = 3
+    input_kinds: ClassVar[tuple[Kind, ...]] = (Kind.HF, Kind.GPTQ)
     output_kind: ClassVar[Kind] = Kind.ONNX
     Config = OnnxConfig
 
-    def plan(self, inp: Artifact, config: OnnxConfig) -> list[str]:
-        return [GENAI_CONFIG, "model.onnx", "model.onnx.data", "tokenizer.json"]
+    def plan(self, inp: Artifact | None, config: OnnxConfig) -> list[Planned]:
+        return [Planned(n) for n in (GENAI_CONFIG, "model.onnx", "model.onnx.data", "tokenizer.json")]
 
     def run(self, inp: Artifact, config: OnnxConfig, out_dir: Path) -> Artifact:
         from onnxruntime_genai.models.builder import create_model, parse_extra_options
@@ -161,7 +159,9 @@ class OnnxStage(Stage):
                 tail = " | ".join(log.getvalue().strip().splitlines()[-3:])[-400:]
                 raise BackendError(f"onnxruntime-genai's builder failed on {inp.path.name}: {type(e).__name__}: {e} [{tail}]") from e
         check_folder(out_dir)
-        meta = {"precision": config.precision, "execution_provider": config.execution_provider}
+        meta: dict[str, Any] = {"precision": config.precision, "execution_provider": config.execution_provider}
+        if inp.kind == Kind.GPTQ:  # the calibrated weights it repacked
+            meta["gptq"] = {k: inp.meta[k] for k in ("bits", "group_size", "mixed", "rows", "dropped_short_rows") if k in inp.meta}
         return Artifact(Kind.ONNX, out_dir, meta)
 
 
@@ -175,62 +175,96 @@ def _quiet_logging():
         logging.disable(logging.NOTSET)
 
 
-def stage_config(arg: str, options: dict[str, Any]) -> tuple[OnnxConfig, str]:
-    """The builder config for ``arg`` and the INT4 method from the shared options; raises UsageError."""
+# -- the onnx:PRECISION[-EP] format ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    """An ``onnx:PRECISION[-EP]`` variant; a calibrated ``onnx:int4`` carries the GPTQ run it repacks."""
+
+    precision: str
+    provider: str = "cpu"
+    int4_method: str = option(
+        "gptq", metavar="METHOD", panel=gptq._PANEL, help="onnx:int4 weights: gptq (calibrated, default) or rtn (the builder's round-to-nearest)."
+    )
+    block_size: int = option(32, metavar="N", panel=gptq._PANEL, help="MatMulNBits block (and GPTQ group) of int4/int8 ONNX weights (default 32).")
+    accuracy_level: int = option(4, metavar="N", panel=gptq._PANEL, help="MatMulNBits compute precision: 4 int8 activations (default, fastest on CPU), 1 fp32.")
+    lm_head_bits: int | None = option(None, metavar="BITS", panel=gptq._PANEL, help="Bits of the int4 model's LM head: 8 (default when calibrated) or 4.")
+    lm_head_block: int = option(64, metavar="N", panel=gptq._PANEL, help="Block of an 8-bit LM head over GPTQ weights (default 64).")
+    gptq: gptq.Options | None = None  # the GPTQ run a calibrated int4 repacks
+
+    @property
+    def arg(self) -> str:
+        return self.precision + ("" if self.provider == "cpu" else f"-{self.provider}")
+
+    def config(self) -> OnnxConfig:
+        return OnnxConfig(self.precision, self.provider, self.block_size, self.accuracy_level, self.head_bits, self.lm_head_block)
+
+    @property
+    def head_bits(self) -> int:
+        return self.lm_head_bits or (8 if self.gptq else 4)
+
+
+_ONNX_OPTIONS = ("int4_method", "block_size", "accuracy_level", "lm_head_bits", "lm_head_block")
+
+
+def parse(arg: str, options: Mapping[str, Any]) -> tuple[Options, set[str]]:
+    """The typed options of ``onnx:ARG``; raises UsageError, MissingDependencyError (no CUDA build), CalibrationError."""
     precision, provider = parse_arg(arg)
-    method = str(options.get("int4_method", "gptq"))
+    given = dict(options)
+    method = str(given.get("int4_method") or "gptq")
     if method not in INT4_METHODS:
-        raise UsageError(f"int4_method {method!r}: choose one of {', '.join(INT4_METHODS)}")
-    try:
-        cfg = OnnxConfig(
-            precision=precision,
-            execution_provider=provider,
-            block_size=int(options.get("block_size", OnnxConfig.block_size)),
-            accuracy_level=int(options.get("accuracy_level", OnnxConfig.accuracy_level)),
-            lm_head_bits=int(options.get("lm_head_bits", 8 if method == "gptq" else 4)),
-            lm_head_block=int(options.get("lm_head_block", OnnxConfig.lm_head_block)),
-        )
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"block_size, accuracy_level, lm_head_bits and lm_head_block take whole numbers ({e})") from e
+        raise UsageError(f"`int4_method` {method!r}: choose one of {', '.join(INT4_METHODS)}", option="int4_method")
+    got = {k: number(given, k, None) for k in ("block_size", "accuracy_level", "lm_head_bits", "lm_head_block")}
+    got = {k: v for k, v in got.items() if v is not None}
     for key in ("block_size", "lm_head_block"):
-        if getattr(cfg, key) not in (16, 32, 64, 128, 256):
-            raise UsageError(f"{key} {getattr(cfg, key)}: MatMulNBits takes 16, 32, 64, 128 or 256")
-    if cfg.accuracy_level not in (0, 1, 2, 3, 4):
-        raise UsageError(f"accuracy_level {cfg.accuracy_level}: choose 0-4 (4 = int8 activations, 1 = fp32)")
-    if cfg.lm_head_bits not in (4, 8):
-        raise UsageError(f"lm_head_bits {cfg.lm_head_bits}: choose 4 or 8")
-    if precision == "int4" and method == "gptq" and gptq.parse_options(options, GPTQ_DEFAULTS)["desc_act"]:
-        # Measured: onnxruntime 1.32's CPU MatMulNBits computes wrong products whenever its g_idx input is
-        # present (even g_idx = k // block), and the builder passes act-order checkpoints' g_idx through.
-        raise UsageError("desc_act with onnx:int4: onnxruntime's MatMulNBits gives wrong results with GPTQ's act-order g_idx; drop desc_act (--no-desc-act)")
-    return cfg, method
-
-
-def validate_options(options: dict[str, Any], args: list[str]) -> None:
-    """Check the ONNX options, and the GPTQ ones when an INT4 variant is calibrated, before any work.
-
-    Raises UsageError, CalibrationError.
-    """
-    methods = [stage_config(arg, options) for arg in args]
-    if any(cfg.precision == "int4" and method == "gptq" for cfg, method in methods):
-        gptq.validate_options(options, [])
-
-
-def build(arg: str, source: Artifact, ctx) -> Variant:
-    cfg, method = stage_config(arg, ctx.options)
-    check_architecture(source.path)
-    inp = source
-    meta: dict[str, Any] = {"precision": cfg.precision, "execution_provider": cfg.execution_provider}
-    if cfg.precision in ("int4", "int8"):
-        meta.update(block_size=cfg.block_size, accuracy_level=cfg.accuracy_level)
-    if cfg.precision == "int4":
-        meta.update(int4_method=method, lm_head_bits=cfg.lm_head_bits)
+        if key in got and got[key] not in (16, 32, 64, 128, 256):
+            raise UsageError(f"`{key}` {got[key]}: MatMulNBits takes 16, 32, 64, 128 or 256", option=key)
+    if got.get("accuracy_level", 4) not in (0, 1, 2, 3, 4):
+        raise UsageError(f"`accuracy_level` {got['accuracy_level']}: choose 0-4 (4 = int8 activations, 1 = fp32)", option="accuracy_level")
+    if got.get("lm_head_bits", 8) not in (4, 8):
+        raise UsageError(f"`lm_head_bits` {got['lm_head_bits']}: choose 4 or 8", option="lm_head_bits")
+    used = {"int4_method"} if precision == "int4" and "int4_method" in given else set()
+    if precision in ("int4", "int8"):
+        used |= {k for k in ("block_size", "accuracy_level") if k in got}
+    calibrated = None
+    if precision == "int4":
+        used |= {k for k in ("lm_head_bits", "lm_head_block") if k in got}
         if method == "gptq":
-            meta["lm_head_block"] = cfg.lm_head_block
-            gptq.choose_group_size(source.path, cfg.block_size)  # the GPTQ group is the MatMulNBits block
-            inp = gptq.quantize(f"4g{cfg.block_size}", source, ctx, **GPTQ_DEFAULTS)
-            meta["gptq"] = {k: inp.meta[k] for k in ("bits", "group_size", "mixed", "rows", "dropped_short_rows")}
-    art = ctx.run(OnnxStage(), inp, cfg)
-    var = gptq.variant(ctx, art, source, f"onnx-{arg.lower()}", ("onnx", "onnx"), ".onnx", meta)
-    check_folder(ctx.bundle.resolve(var.path))
-    return var
+            calibrated = gptq.parse_options(given, bits=4, group=got.get("block_size", 32), defaults=GPTQ_DEFAULTS)
+            if calibrated.desc_act:
+                # Measured: onnxruntime 1.32's CPU MatMulNBits computes wrong products whenever its g_idx input is
+                # present (even g_idx = k // block), and the builder passes act-order checkpoints' g_idx through.
+                raise UsageError(
+                    "`desc_act` with onnx:int4: onnxruntime's MatMulNBits gives wrong results with GPTQ's act-order g_idx; drop `desc_act`",
+                    option="desc_act",
+                )
+            used |= {k for k in gptq.OPTIONS if is_given(given.get(k))}
+    return Options(precision, provider, method, gptq=calibrated, **got), used
+
+
+def check(opts: Options, model_dir: Path) -> None:
+    """The builder must export the architecture, and GPTQ's groups must fit the widths: checked before GPTQ runs."""
+    check_architecture(model_dir)
+    if opts.gptq:
+        gptq.choose_group_size(model_dir, opts.block_size)  # the GPTQ group is the MatMulNBits block
+
+
+def plan(opts: Options, p: Planner) -> VariantJob:
+    inp = p.stage(gptq.GPTQStage(), opts.gptq.config()) if opts.gptq else None
+    job = p.stage(OnnxStage(), opts.config(), input=inp)
+    meta: dict[str, Any] = {"precision": opts.precision, "execution_provider": opts.provider}
+    if opts.precision in ("int4", "int8"):
+        meta.update(block_size=opts.block_size, accuracy_level=opts.accuracy_level)
+    if opts.precision == "int4":
+        meta.update(int4_method=opts.int4_method, lm_head_bits=opts.head_bits)
+        if opts.gptq:
+            meta["lm_head_block"] = opts.lm_head_block
+
+    def describe(art: Artifact, model_dir: Path) -> tuple[dict[str, Any], float | None]:
+        return {**meta, **({"gptq": art.meta["gptq"]} if "gptq" in art.meta else {})}, gptq.bits_per_weight(art, model_dir, ".onnx")
+
+    return p.variant(f"onnx-{opts.arg}", job, format="onnx", backend="onnx", spec=f"onnx:{opts.arg}", describe=describe)
+
+
+FORMAT = Format("onnx", parse, plan, options=(Options, gptq.Options), check=check)

@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidModelError, UnsupportedArchitectureError, UsageError
-from ..stages import Artifact, Kind, Stage, side_input
+from ..options import given as is_given
+from ..options import listed, number, option
+from ..stages import Artifact, Kind, Planned, Stage, side_input
 from . import calibration
 from .prune_width import apply_width, check_width, count_params, forward_all, plan_width
 
@@ -48,7 +51,7 @@ METHODS = ("influence", "span")
 CHECKPOINT_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """What to cut: set ``layers`` or ``drop`` (depth), and/or ``target_params``, ``heads`` or ``intermediate_size`` (width)."""
 
@@ -67,33 +70,89 @@ class Config:
 def validate(config: Config) -> None:
     """Check a config on its own, before any model is read; raises UsageError."""
     if config.layers < 0 or config.target_params < 0:
-        raise UsageError("--prune-layers and --target-params must be positive numbers")
+        raise UsageError("`prune_layers` and `target_params` must be positive numbers", option="prune_layers")
     if config.layers and config.drop:
-        raise UsageError("give either --prune-layers N (the N least important blocks) or --drop i,j,k, not both")
+        raise UsageError("give either `prune_layers` N (the N least important blocks) or `drop` i,j,k, not both", option="drop")
     if config.method not in METHODS:
-        raise UsageError(f"--prune-method {config.method!r}: choose {' or '.join(METHODS)}")
+        raise UsageError(f"`prune_method` {config.method!r}: choose {' or '.join(METHODS)}", option="prune_method")
     if config.method != "influence" and not config.layers:
-        raise UsageError(f"--prune-method {config.method} ranks the blocks that --prune-layers N drops: add --prune-layers N")
+        raise UsageError(f"`prune_method` {config.method} ranks the blocks that `prune_layers` N drops: add `prune_layers` N", option="prune_method")
     if not (config.layers or config.drop or config.target_params or config.heads or config.intermediate_size):
-        raise UsageError("pruning needs --prune-layers N, --drop i,j,k, --heads N, --intermediate-size N or --target-params N")
+        raise UsageError("pruning needs `prune_layers` N, `drop` i,j,k, `heads` N, `intermediate_size` N or `target_params` N", option="prune_layers")
     if config.target_params and config.intermediate_size:
-        raise UsageError("give either --target-params or an explicit intermediate_size, not both")
+        raise UsageError("give either `target_params` or an explicit `intermediate_size`, not both", option="target_params")
     if config.heads < 0 or config.intermediate_size < 0:
-        raise UsageError("--heads and --intermediate-size must be positive numbers")
+        raise UsageError("`heads` and `intermediate_size` must be positive numbers", option="heads")
     if len(set(config.drop)) != len(config.drop) or any(i < 0 for i in config.drop):
-        raise UsageError(f"--drop {','.join(map(str, config.drop))}: give distinct block indices counted from 0")
+        raise UsageError(f"`drop` {','.join(map(str, config.drop))}: give distinct block indices counted from 0", option="drop")
     if config.multiple_of < 1 or config.samples < 1 or config.seq_len < 2:
         raise UsageError("multiple_of, samples and seq_len must be positive (seq_len at least 2)")
+
+
+_PANEL = "Prune and distill"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What ``convert`` takes from the user for pruning; ``parse`` makes the stage's ``Config`` of them."""
+
+    prune_layers: int = option(0, metavar="N", panel=_PANEL, help="Drop the N least important decoder blocks first.")
+    drop: tuple[int, ...] = option((), metavar="I,J", panel=_PANEL, help="Drop exactly these blocks, e.g. 12,13,14.")
+    prune_method: str = option(
+        "influence", metavar="METHOD", panel=_PANEL,
+        help="How --prune-layers picks blocks: influence (each block alone) or span (the most redundant run of consecutive blocks).",
+    )  # fmt: skip
+    heads: int = option(0, metavar="N", panel=_PANEL, help="Attention heads to keep per layer, in whole KV groups (e.g. 6 of SmolLM2's 9).")
+    intermediate_size: int = option(0, metavar="N", panel=_PANEL, help="MLP channels to keep per layer, a multiple of 64.")
+    target_params: int = option(0, metavar="N", panel=_PANEL, help="Narrow MLPs and attention down to N parameters, e.g. 90M.")
+    calibration: str = calibration.option_field()
+
+
+OPTIONS = ("prune_layers", "drop", "prune_method", "heads", "intermediate_size", "target_params")
+
+
+def parse(options: Mapping[str, Any]) -> tuple[Config | None, set[str]]:
+    """The pruning ``options`` ask for as a stage config (None: no pruning), checked without a model; raises UsageError."""
+    given = {k: options[k] for k in OPTIONS if is_given(options.get(k)) and options[k] != 0}
+    if not given:
+        return None, set()
+    try:
+        drop = tuple(int(i) for i in listed(given.get("drop", ())))
+    except ValueError as e:
+        raise UsageError(f"`drop` {given['drop']!r}: give block indices separated by commas, e.g. 12,13,14", option="drop") from e
+    config = Config(
+        layers=number(given, "prune_layers", 0),
+        drop=drop,
+        method=str(given.get("prune_method", "influence")),
+        target_params=count(given.get("target_params", 0), option="target_params"),
+        heads=number(given, "heads", 0),
+        intermediate_size=number(given, "intermediate_size", 0),
+        calibration=calibration.check_preset(str(options.get("calibration") or "builtin")),
+    )
+    validate(config)
+    return config, set(given) | ({"calibration"} if options.get("calibration") else set())
+
+
+def count(text: Any, *, option: str) -> int:
+    """``90M`` -> 90_000_000, ``1.5B`` -> 1_500_000_000; plain digits pass through. Raises UsageError."""
+    if isinstance(text, int):
+        return text
+    text = str(text).strip()
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(text[-1:].upper(), 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError as e:
+        raise UsageError(f"`{option}` {text!r}: give a parameter count such as 90000000 or 90M", option=option) from e
 
 
 class CheckpointStage(Stage):
     """A stage from one HF checkpoint to a changed one (prune, distill): same files, same storage dtype."""
 
-    input_kind = Kind.HF
+    input_kinds = (Kind.HF,)
     output_kind = Kind.HF
 
-    def plan(self, inp: Artifact, config: Any) -> list[str]:
-        return list(CHECKPOINT_FILES)
+    def plan(self, inp: Artifact | None, config: Any) -> list[Planned]:
+        return [Planned(n) for n in CHECKPOINT_FILES]
 
 
 def load_model(path: Path, dtype=None):
@@ -184,9 +243,9 @@ def _check_depth(config: Config, n_layers: int) -> list[int]:
         raise UsageError(f"cannot drop {config.layers} of {n_layers} decoder blocks: drop at most {n_layers - 1}")
     bad = [i for i in config.drop if i >= n_layers]
     if bad:
-        raise UsageError(f"--drop names block {bad[0]} but the model has blocks 0..{n_layers - 1}")
+        raise UsageError(f"`drop` names block {bad[0]} but the model has blocks 0..{n_layers - 1}", option="drop")
     if len(config.drop) >= n_layers:
-        raise UsageError(f"--drop names all {n_layers} decoder blocks: keep at least one")
+        raise UsageError(f"`drop` names all {n_layers} decoder blocks: keep at least one", option="drop")
     return sorted(config.drop)
 
 

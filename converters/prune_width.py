@@ -27,12 +27,12 @@ def check_width(config: Config, heads: int, kv: int, inter: int | None) -> None:
     if config.heads and (config.heads % q_per_kv or not q_per_kv <= config.heads <= heads):
         raise UsageError(
             f"cannot keep {config.heads} attention heads: this model groups {q_per_kv} query heads per KV head, "
-            f"so keep a multiple of {q_per_kv} between {q_per_kv} and {heads}"
+            f"so keep a multiple of {q_per_kv} between {q_per_kv} and {heads}", option="heads",
         )
     if config.intermediate_size and (config.intermediate_size % config.multiple_of or config.intermediate_size > (inter or math.inf)):
         raise UsageError(
-            f"--intermediate-size {config.intermediate_size}: keep a multiple of {config.multiple_of}"
-            + (f" no larger than the current {inter}" if inter else "")
+            f"`intermediate_size` {config.intermediate_size}: keep a multiple of {config.multiple_of}"
+            + (f" no larger than the current {inter}" if inter else ""), option="intermediate_size",
         )
 
 
@@ -45,7 +45,7 @@ def _attn_mlp(layer):
         raise UnsupportedArchitectureError(
             type(layer).__name__,
             ["llama-style blocks (self_attn.q/k/v/o_proj, mlp.gate/up/down_proj)"],
-            "Use depth pruning (--prune-layers) for this model.",
+            "Use depth pruning (`prune_layers`) for this model.",
         )
     return attn, mlp
 
@@ -75,8 +75,8 @@ def plan_width(model, layers, n_after: int, config: Config) -> tuple[int, int]:
     target = config.target_params
     if target >= fixed + prunable:
         raise UsageError(
-            f"--target-params {target:,} is not below the model's {fixed + prunable:,} parameters"
-            f"{' after depth pruning' if n_after < len(layers) else ''}: choose a smaller target"
+            f"`target_params` {target:,} is not below the model's {fixed + prunable:,} parameters"
+            f"{' after depth pruning' if n_after < len(layers) else ''}: choose a smaller target", option="target_params",
         )
     if not config.heads:
         # Cut attention in proportion to the MLP, rounded up to whole KV groups (Minitron prunes both).
@@ -86,8 +86,8 @@ def plan_width(model, layers, n_after: int, config: Config) -> tuple[int, int]:
     if new_inter < config.multiple_of:
         least = fixed + n_after * ((config.heads // q_per_kv or 1) * per_group + config.multiple_of * per_channel)
         raise UsageError(
-            f"--target-params {target:,} is below what width pruning can reach ({least:,}): "
-            "drop more layers or choose a larger target"
+            f"`target_params` {target:,} is below what width pruning can reach ({least:,}): "
+            "drop more layers or choose a larger target", option="target_params",
         )
     return groups, new_inter
 

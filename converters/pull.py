@@ -78,6 +78,56 @@ def pull(ref: str, *, allow_pickle: bool = False, log=print) -> Artifact:
     )
 
 
+def resolve(ref: str, *, allow_pickle: bool = False) -> Artifact | None:
+    """``ref`` as ``pull`` gives it when that needs no download and no dequantizing, else None (for ``convert --dry-run``).
+
+    Raises what ``pull`` raises for a reference that names nothing.
+    """
+    recipe = recipes.find(ref)
+    if recipe is not None:
+        art = _cached_hub(recipe.hub_id, allow_pickle)
+        if art is None and recipe.fallback_gguf:
+            art = _dequantized(constants.sources_dir() / "pypi" / recipe.name / recipe.fallback_gguf, f"pypi:{' '.join(recipe.fallback_pypi)}")
+        if art is not None:
+            art.meta["recipe"] = recipe.name
+        return art
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _dequantized(path.resolve(), f"gguf:{path.resolve()}")
+    if path.is_dir():
+        return from_folder(path, allow_pickle=allow_pickle)
+    if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        return _cached_hub(ref, allow_pickle)
+    return pull(ref, allow_pickle=allow_pickle)  # raises what pull raises for it
+
+
+def _cached_hub(ref: str, allow_pickle: bool) -> Artifact | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hf_errors
+
+    repo, _, revision = ref.partition("@")
+    try:
+        folder = Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_PATTERNS + PICKLE_PATTERNS, local_files_only=True))
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled, OSError):
+        return None
+    art = from_folder(folder, allow_pickle=allow_pickle)
+    art.meta.update(origin=f"hub:{repo}", revision=folder.name)
+    return art
+
+
+def _dequantized(gguf: Path, origin: str) -> Artifact | None:
+    """The checkpoint a GGUF was already dequantized into, if it was."""
+    if not gguf.is_file():
+        return None
+    digest = sha256_file(gguf)
+    out = _dequant_dir(digest)
+    if not (out / "config.json").is_file():
+        return None
+    art = from_folder(out)
+    art.meta.update(origin=origin, revision=f"sha256:{digest}", gguf=gguf.name)
+    return art
+
+
 def _pull_recipe(recipe: recipes.Recipe, *, allow_pickle: bool, log) -> Artifact:
     try:
         art = from_hub(recipe.hub_id, allow_pickle=allow_pickle)
@@ -208,7 +258,7 @@ def from_gguf(path: Path, *, origin: str, log=print) -> Artifact:
     path = path.resolve()
     _read_gguf(path)  # fail on a damaged header before any work
     digest = sha256_file(path)
-    out = constants.sources_dir() / f"gguf-{digest[:16]}-{_DEQUANT_VERSION}"
+    out = _dequant_dir(digest)
     if not (out / "config.json").is_file():
         log(f"dequantizing {path.name} into a float32 checkpoint (once; cached in {out})")
         with atomic_dir(out) as tmp:
@@ -219,6 +269,10 @@ def from_gguf(path: Path, *, origin: str, log=print) -> Artifact:
 
 
 _DEQUANT_VERSION = "v2"  # bump when the checkpoint written from a GGUF changes
+
+
+def _dequant_dir(digest: str) -> Path:
+    return constants.sources_dir() / f"gguf-{digest[:16]}-{_DEQUANT_VERSION}"
 
 
 def _read_gguf(path: Path):

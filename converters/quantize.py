@@ -29,8 +29,11 @@ import numpy as np
 
 from ..errors import BackendError, DiskFullError, InvalidModelError, UsageError
 from ..fsutil import atomic_path
-from ..stages import Artifact, Kind, Stage, side_input
-from .ggml import ggml
+from ..stages import Artifact, Kind, Planned, Stage, side_input
+from .ggml import HEADER_SLACK, TENSOR_NEEDS_IMATRIX, TENSOR_TYPES, TensorInfo, ggml, tensor_type
+from .imatrix import ImatrixFile
+from .sensitivity import check_target as _check_target
+from .sensitivity import plan_target
 
 # llama.cpp file types (enum llama_ftype in llama.h); llama-quantize's names.
 QUANT_TYPES: dict[str, int] = {
@@ -48,17 +51,8 @@ ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # as llama-qua
 # matrix (tensor_requires_imatrix in llama-quant.cpp: IQ1/IQ2/IQ3_XXS, and Q2_K inside Q2_K_S).
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
 
-# Tensor types (enum ggml_type in ggml.h) for per-tensor, output and token-embedding overrides.
-TENSOR_TYPES: dict[str, int] = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
-    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ2_XXS": 16, "IQ2_XS": 17,
-    "IQ3_XXS": 18, "IQ1_S": 19, "IQ4_NL": 20, "IQ3_S": 21, "IQ2_S": 22, "IQ4_XS": 23,
-    "IQ1_M": 29, "BF16": 30, "TQ1_0": 34, "TQ2_0": 35, "MXFP4": 39, "Q1_0": 41,
-}  # fmt: skip
-TENSOR_NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
 _GGML_NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ2_XXS", "IQ2_XS"})  # ggml_quantize_requires_imatrix: asserts without one
 _FLOAT_TYPES = {0, 1, 30}  # f32, f16, bf16: what llama.cpp quantizes from
-HEADER_SLACK = 4096  # bytes the quantizer's metadata may add to the input's header
 _KV_INT, _KV_STR = 0, 3  # llama_model_kv_override_type
 
 
@@ -70,29 +64,21 @@ def file_type(name: str) -> str:
     return key
 
 
-def tensor_type(name: str) -> str:
-    """Canonical ggml tensor type name for ``name`` (any case); raises UsageError."""
-    key = name.upper()
-    if key not in TENSOR_TYPES:
-        raise UsageError(f"unknown tensor type {name!r}: choose one of {', '.join(TENSOR_TYPES)}")
-    return key
-
-
-def parse_tensor_types(items: list[str]) -> list[tuple[str, str]]:
+def parse_tensor_types(items: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
     """``["PATTERN=TYPE", ...]`` as (regex, tensor type) pairs; raises UsageError."""
     out = []
     for item in items:
         pattern, sep, kind = item.rpartition("=")
         if not sep or not pattern:
-            raise UsageError(f"--tensor-type {item!r}: write PATTERN=TYPE, e.g. 'attn_v=q8_0' or 'blk\\.[0-3]\\.ffn_down=q6_k'")
+            raise UsageError(f"`tensor_types` {item!r}: write PATTERN=TYPE, e.g. 'attn_v=q8_0' or 'blk\\.[0-3]\\.ffn_down=q6_k'", option="tensor_types")
         try:
             re.compile(pattern)
         except re.error as e:
-            raise UsageError(f"--tensor-type {item!r}: {pattern!r} is not a regular expression ({e})") from e
+            raise UsageError(f"`tensor_types` {item!r}: {pattern!r} is not a regular expression ({e})", option="tensor_types") from e
         try:
             out.append((pattern, tensor_type(kind)))
         except UsageError as e:
-            raise UsageError(f"--tensor-type {item!r}: {e}") from e
+            raise UsageError(f"`tensor_types` {item!r}: {e}", option="tensor_types") from e
     return out
 
 
@@ -101,39 +87,7 @@ def imatrix_needed(ftype: str, tensor_types: list[str]) -> list[str]:
     return sorted(set(tensor_types) & TENSOR_NEEDS_IMATRIX | {ftype} & NEEDS_IMATRIX)
 
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes in ``"105.5MB"``, ``"98MiB"``, ``"1.2G"`` or a plain number; raises UsageError."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE.match(text)
-    if not m:
-        raise UsageError(f"size {text!r} not understood: write e.g. 105MB, 98.5MiB, 1.2GB or a number of bytes")
-    power = " kmgt".index(m.group(2).lower() or " ")
-    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
-
-
 # -- reading the input ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]  # ggml order: shape[0] is the row length (input columns)
-    type: int  # ggml_type
-    nbytes: int
-
-    @property
-    def quantizable(self) -> bool:
-        """A weight llama.cpp would quantize (2-D+, not a norm)."""
-        return len(self.shape) >= 2 and self.name.endswith("weight") and not self.name.endswith("_norm.weight")
-
-    @property
-    def columns(self) -> int:
-        """Importance-matrix length: input columns, once per expert."""
-        return self.shape[0] * (self.shape[2] if len(self.shape) > 2 else 1)
 
 
 def read_tensors(path: Path) -> tuple[dict[str, TensorInfo], int]:
@@ -267,24 +221,31 @@ class Quantize(Stage):
 
     name = "quantize"
     version = 1
-    input_kind = Kind.GGUF
+    input_kinds = (Kind.GGUF,)
     output_kind = Kind.GGUF
 
-    @dataclass
+    @dataclass(frozen=True)
     class Config:
         type: str = "Q4_K_M"  # llama.cpp file type (QUANT_TYPES); with a target, the file type it is labelled
         imatrix: str | None = side_input()  # importance matrix (llama.cpp imatrix.dat) from the Imatrix stage or llama-imatrix
-        tensor_types: list[str] = field(default_factory=list)  # "REGEX=TYPE" per-tensor overrides; first match wins
+        tensor_types: tuple[str, ...] = ()  # "REGEX=TYPE" per-tensor overrides; first match wins
         output_type: str | None = None  # tensor type of output.weight (and of a tied token_embd)
         token_embedding_type: str | None = None  # tensor type of token_embd.weight
         target_size: int | None = None  # bytes of the whole file: choose each weight's type to fit (needs sensitivity)
         target_bpw: float | None = None  # or bits per weight of the tensor data
         sensitivity: str | None = side_input()  # sensitivity.json from the Sensitivity stage, for target_size/target_bpw
-        target_types: list[str] = field(default_factory=list)  # tensor types a target mix may use (default: all measured)
+        target_types: tuple[str, ...] = ()  # tensor types a target mix may use (default: all measured)
         threads: int = 0  # 0: all cores
 
-    def plan(self, inp: Artifact, config: Config) -> list[str]:
-        return [self._out_name(inp.path, config)]
+    def plan(self, inp: Artifact | None, config: Config) -> list[Planned]:
+        """The file; its size from llama.cpp's own dry run once the f16 file exists (not for a size target: it fills it)."""
+        name = self._out_name(inp.path if inp else Path("model-f16.gguf"), config)
+        if inp is None or config.target_size or config.target_bpw:
+            return [Planned(name, config.target_size)]
+        params = self._params(config, parse_tensor_types(config.tensor_types))
+        if config.imatrix:
+            params.imatrix = ImatrixFile.load(Path(config.imatrix)).entries
+        return [Planned(name, _planned_bytes(inp.path, inp.path, params, read_tensors(inp.path)[1]))]
 
     @staticmethod
     def _out_name(src: Path, config: Config) -> str:
@@ -296,6 +257,14 @@ class Quantize(Stage):
             label += f"-{config.target_bpw:g}bpw"
         return f"{stem}-{label}.gguf"
 
+    @staticmethod
+    def _params(config: Config, overrides: list[tuple[str, str]]) -> _Params:
+        params = _Params(QUANT_TYPES[file_type(config.type)], threads=config.threads)
+        params.output_type = TENSOR_TYPES[tensor_type(config.output_type)] if config.output_type else None
+        params.token_embedding_type = TENSOR_TYPES[tensor_type(config.token_embedding_type)] if config.token_embedding_type else None
+        params.overrides = [(pattern, TENSOR_TYPES[kind]) for pattern, kind in overrides]
+        return params
+
     def run(self, inp: Artifact, config: Config, out_dir: Path) -> Artifact:
         ftype = file_type(config.type)
         overrides = parse_tensor_types(config.tensor_types)
@@ -306,7 +275,7 @@ class Quantize(Stage):
             if needs:
                 raise UsageError(
                     f"{', '.join(needs)} needs an importance matrix (llama.cpp refuses to make it without one): "
-                    "pass --imatrix FILE or let edgepack compute one from calibration text"
+                    "give `imatrix` FILE or let edgepack compute one from calibration text", option="no_imatrix"
                 )
         tensors, data_offset = read_tensors(inp.path)
         quantized = sorted(t.name for t in tensors.values() if t.quantizable and t.type not in _FLOAT_TYPES)
@@ -315,10 +284,7 @@ class Quantize(Stage):
                 f"{inp.path.name} is already quantized ({quantized[0]} is {ggml().name(tensors[quantized[0]].type)}): "
                 "quantize from the f32/f16/bf16 GGUF the gguf-write stage makes"
             )
-        params = _Params(QUANT_TYPES[ftype], threads=config.threads)
-        params.output_type = TENSOR_TYPES[out_type] if out_type else None
-        params.token_embedding_type = TENSOR_TYPES[embd_type] if embd_type else None
-        params.overrides = [(pattern, TENSOR_TYPES[kind]) for pattern, kind in overrides]
+        params = self._params(config, overrides)
         meta: dict[str, Any] = {"type": ftype}
         if config.imatrix:
             meta["imatrix"] = _use_imatrix(params, Path(config.imatrix), tensors, inp.path.name)
@@ -328,8 +294,6 @@ class Quantize(Stage):
                 # llama.cpp exempts these two from its imatrix check, then ggml aborts the process
                 raise UsageError(f"{name} cannot be {kind}: that type needs importance-matrix data for it; choose Q2_K or larger")
         if config.target_size or config.target_bpw:
-            from .sensitivity import plan_target
-
             meta["target"] = plan_target(config, tensors, data_offset, _fixed_types(tensors, overrides, out_type, embd_type))
             params.overrides += [(f"^{re.escape(n)}$", TENSOR_TYPES[k]) for n, k in sorted(meta["target"]["types"].items())]
         dest = out_dir / self._out_name(inp.path, config)
@@ -346,13 +310,11 @@ def check_target(src: Path, config: Quantize.Config) -> None:
 
     Run before the sensitivity stage, which takes minutes to hours.
     """
-    from .sensitivity import check_target as check
-
     tensors, data_offset = read_tensors(src)
     overrides = parse_tensor_types(config.tensor_types)
     out_type = tensor_type(config.output_type) if config.output_type else None
     embd_type = tensor_type(config.token_embedding_type) if config.token_embedding_type else None
-    check(config, tensors, data_offset, _fixed_types(tensors, overrides, out_type, embd_type))
+    _check_target(config, tensors, data_offset, _fixed_types(tensors, overrides, out_type, embd_type))
 
 
 def _fixed_types(tensors: dict[str, TensorInfo], overrides, out_type: str | None, embd_type: str | None) -> dict[str, str]:
@@ -365,8 +327,6 @@ def _fixed_types(tensors: dict[str, TensorInfo], overrides, out_type: str | None
 
 def _use_imatrix(params: _Params, path: Path, tensors: dict[str, TensorInfo], model: str) -> dict[str, Any]:
     """Check an importance matrix against the model and hand it, with its metadata keys, to ``params``."""
-    from .imatrix import ImatrixFile
-
     imat = ImatrixFile.load(path)
     required = {t.name for t in tensors.values() if t.quantizable and t.name.startswith("blk.")}
     imat.check({t.name: t.columns for t in tensors.values() if t.quantizable}, model=model, required=required)

@@ -25,10 +25,9 @@ import numpy as np
 
 from ..errors import CalibrationError, UsageError
 from ..fsutil import sha256_file, write_json
-from ..stages import Artifact, Kind, Stage, side_input
-from .ggml import ggml
+from ..stages import Artifact, Kind, Planned, Stage, side_input
+from .ggml import HEADER_SLACK, TENSOR_NEEDS_IMATRIX, TENSOR_TYPES, TensorInfo, ggml, tensor_type
 from .imatrix import ImatrixFile, calibration_windows, load_reference
-from .quantize import HEADER_SLACK, TENSOR_NEEDS_IMATRIX, TENSOR_TYPES, TensorInfo, tensor_type
 
 SENSITIVITY_FILE = "sensitivity.json"
 SIZE_MARGIN = 16384  # bytes the dry run's 0.01 MiB rounding may hide
@@ -104,10 +103,10 @@ class Sensitivity(Stage):
 
     name = "sensitivity"
     version = 1
-    input_kind = Kind.HF
+    input_kinds = (Kind.HF,)
     output_kind = Kind.FILE
 
-    @dataclass
+    @dataclass(frozen=True)
     class Config:
         calibration: str = side_input("builtin")  # calibration.load preset
         tokens: int = 8192  # calibration tokens for the gradient pass, rounded down to whole windows
@@ -117,8 +116,8 @@ class Sensitivity(Stage):
         types: tuple[str, ...] = CANDIDATES  # candidate tensor types
         seed: int = 0  # for the sampled labels
 
-    def plan(self, inp: Artifact, config: Config) -> list[str]:
-        return [SENSITIVITY_FILE]
+    def plan(self, inp: Artifact | None, config: Config) -> list[Planned]:
+        return [Planned(SENSITIVITY_FILE)]
 
     def run(self, inp: Artifact, config: Config, out_dir: Path) -> Artifact:
         types = [tensor_type(t) for t in config.types]

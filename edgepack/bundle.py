@@ -1,12 +1,17 @@
 """The bundle: a folder holding a converted model's variants and ``edgepack.json``.
 
-Layout::
+Layout, owned by the methods below (nothing else writes into a bundle's folders)::
 
     <bundle>/
         edgepack.json                 the manifest (schema below)
         variants/<variant-id>/...     one folder per variant (a .gguf, an ONNX folder, a GPTQ checkpoint)
         calibration/                  importance matrices and other calibration outputs
+        reference/                    the float checkpoint eval compares with, hard-linked from the cache
         eval/                         reference distributions and per-variant scores
+
+Files come in as hard links from the stage cache where the file system allows (no space, and they
+outlive a cleaned cache), else as copies. The reference is only linked: where it cannot be, the
+manifest keeps its file hashes and the reference it was pulled from, and eval pulls it again.
 
 Manifest, schema version 1 (all paths relative to the bundle, never escaping it)::
 
@@ -16,7 +21,7 @@ Manifest, schema version 1 (all paths relative to the bundle, never escaping it)
       "name": "smollm2-135m",
       "created": "2026-11-27T10:00:00Z",
       "source": {"ref", "origin", "revision", "architecture", "reference_path", "files": [File]},
-      "steps": [{"stage", "version", "params", "input_sha256", "output_sha256", "edgepack_version", "wall_s", "cached"}],
+      "steps": [{"stage", "version", "params", "input_sha256", "output_sha256", "edgepack_version", "wall_s", "cached", "key"}],
       "calibration": [{"name", "sha256", "tokens"}],
       "variants": [{"id", "format", "backend", "path", "files": [File], "bytes", "bits_per_weight", "meta"}],
       "eval": {...}, "bench": {...}
@@ -28,16 +33,20 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import BundleError
-from .fsutil import sha256_file, write_json
+from .fsutil import link_or_copy, sha256_file, write_json
+from .stages import Artifact
 
 SCHEMA = 1
 MANIFEST = "edgepack.json"
+VARIANTS, CALIBRATION, REFERENCE = "variants", "calibration", "reference"
 
 
 @dataclass
@@ -147,8 +156,49 @@ class Bundle:
     def add_variant(self, variant: Variant) -> None:
         self.data["variants"] = [v for v in self.data["variants"] if v["id"] != variant.id] + [variant.to_json()]
 
+    def place_variant(
+        self, vid: str, art: Artifact, *, format: str, backend: str, meta: dict[str, Any], bits_per_weight: float | None
+    ) -> Variant:
+        """Bring ``art`` (a file or a folder) into ``variants/<vid>/`` and record it, replacing a variant of that id."""
+        dest = self.root / VARIANTS / vid
+        if dest.exists():
+            shutil.rmtree(dest)
+        base = art.path.parent if art.path.is_file() else art.path
+        for src in art.files():
+            link_or_copy(src, dest / src.relative_to(base))
+        loadable = dest / art.path.name if art.path.is_file() else dest
+        files = [self.file_record(p) for p in sorted(x for x in dest.rglob("*") if x.is_file())]
+        variant = Variant(vid, format, backend, loadable.relative_to(self.root).as_posix(), files, bits_per_weight, meta)
+        self.add_variant(variant)
+        return variant
+
+    def keep(self, path: Path, folder: str = CALIBRATION) -> Path:
+        """Bring a file (an importance matrix, a sensitivity table) into ``folder/`` of the bundle."""
+        dest = self.root / folder / path.name
+        link_or_copy(path, dest)
+        return dest
+
+    def keep_reference(self, model_dir: Path) -> None:
+        """Link the float checkpoint eval compares with into ``reference/`` (skipped where links are not possible)."""
+        dest = self.root / REFERENCE
+        if dest.exists():
+            shutil.rmtree(dest)
+        try:
+            for src in sorted(p for p in model_dir.iterdir() if p.is_file()):
+                dest.mkdir(parents=True, exist_ok=True)
+                os.link(src, dest / src.name)
+        except OSError:  # another file system: the manifest's hashes and ref find it again
+            shutil.rmtree(dest, ignore_errors=True)
+
+    def reference(self) -> Path | None:
+        """The float checkpoint kept in the bundle, if it is."""
+        path = self.root / REFERENCE
+        return path if (path / "config.json").is_file() else None
+
     def add_step(self, step: dict[str, Any]) -> None:
-        self.data["steps"].append(step)
+        """Record a stage once: a rerun that reused its cached output leaves the first record as it was."""
+        if not any(s.get("key") and s.get("key") == step.get("key") for s in self.data["steps"]):
+            self.data["steps"].append(step)
 
     def add_calibration(self, record: dict[str, Any]) -> None:
         if record not in self.data["calibration"]:

@@ -1,114 +1,63 @@
-"""``convert``: pull a model, run the stages each requested variant needs, write a bundle.
+"""``convert``: read the request, pull the model, run the plan (``plan.py``), write the bundle.
 
-A variant is named ``FORMAT:ARG`` (``gguf:Q4_K_M``, ``gptq:4``, ``onnx:int4``).
-Each format is one converter module exposing::
-
-    validate(arg: str) -> None                               # raise UsageError early, before any work
-    build(arg: str, source: Artifact, ctx: Context) -> Variant
-    validate_options(options: dict, args: list[str]) -> None  # optional: check ``convert``'s options early
-
-so that every argument is checked before the first byte is written, and the
-core has no special case per format.
+Everything a request can get wrong is checked before the first byte is written: the variant specs and
+their options (``plan.parse_variants``), the prune and distill options, then, once the model is at hand,
+what only the model can tell (its architecture, layer widths, the training text's length). Prune and
+distill run before the bundle is created, so a failure there leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import shutil
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import constants, recipes
-from .bundle import MANIFEST, Bundle, Variant
+from .bundle import MANIFEST, Bundle
 from .errors import UsageError
-from .stages import Artifact, Stage, run_stage
+from .plan import SOURCE, Plan, Runner, Spec, check_model, check_unused, describe, parse_variants, plan, unread
+from .stages import Stage
 
 if TYPE_CHECKING:
     from .converters.distill import Config as DistillConfig
     from .converters.prune import Config as PruneConfig
 
-# format -> module implementing validate/build
-FORMATS: dict[str, str] = {}
-FORMATS["gguf"] = "edgepack.converters.gguf_variant"
-FORMATS["gptq"] = "edgepack.converters.gptq"
-FORMATS["onnx"] = "edgepack.converters.onnx"
 
+def request(
+    ref: str,
+    variants: str | list[str] | None = None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    prune: PruneConfig | None = None,
+    distill: DistillConfig | None = None,
+) -> tuple[list[Spec], Plan]:
+    """The typed variants and the plan a convert of ``ref`` runs; reads no model. Raises UsageError, CalibrationError."""
+    from .converters import distill as distill_mod
+    from .converters import prune as prune_mod
 
-@dataclass(frozen=True)
-class VariantSpec:
-    format: str
-    arg: str
-
-    @property
-    def id(self) -> str:
-        return f"{self.format}-{self.arg.lower()}"
-
-    def __str__(self) -> str:
-        return f"{self.format}:{self.arg}"
-
-
-def parse_variants(text: str | list[str]) -> list[VariantSpec]:
-    items = text if isinstance(text, list) else [t for t in text.split(",")]
-    specs = []
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        fmt, sep, arg = item.partition(":")
-        fmt = fmt.lower()
-        if fmt not in FORMATS:
-            known = ", ".join(sorted(FORMATS)) or "none yet"
-            raise UsageError(f"unknown variant format {fmt!r} in {item!r}: formats are {known} (e.g. gguf:Q4_K_M)")
-        if not sep or not arg:
-            raise UsageError(f"variant {item!r} needs an argument after ':' (e.g. gguf:Q4_K_M)")
-        spec = VariantSpec(fmt, arg)
-        _module(fmt).validate(arg)
-        specs.append(spec)
-    if not specs:
-        raise UsageError("no variants given: pass --to, e.g. --to gguf:Q4_K_M")
-    return specs
-
-
-def _module(fmt: str):
-    return importlib.import_module(FORMATS[fmt])
-
-
-@dataclass
-class Context:
-    """What a format's ``build`` gets: the bundle, shared options, and the cached stage runner."""
-
-    bundle: Bundle
-    options: dict[str, Any] = field(default_factory=dict)
-    log: Callable[[str], None] = print
-
-    def run(self, stage: Stage, inp: Artifact, config: Any) -> Artifact:
-        """Run a stage through the cache and record it in the manifest."""
-        art, step = run_stage(stage, inp, config)
-        self.log(f"{stage.name}: {'cached' if step.cached else f'done in {step.wall_s:.1f} s'}")
-        self.bundle.add_step(step.to_json())
-        return art
-
-    def place(self, art: Artifact, variant_id: str) -> Path:
-        """Link (or copy) a cached artifact into ``variants/<id>/`` and return its path there."""
-        dest_dir = self.bundle.root / "variants" / variant_id
-        if dest_dir.exists():
-            shutil.rmtree(dest_dir)
-        dest_dir.mkdir(parents=True)
-        sources = [art.path] if art.path.is_file() else art.files()
-        base = art.path.parent if art.path.is_file() else art.path
-        for src in sources:
-            dst = dest_dir / src.relative_to(base)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-        return dest_dir / art.path.name if art.path.is_file() else dest_dir
-
-    def files(self, path: Path) -> list[dict[str, Any]]:
-        paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        return [self.bundle.file_record(p) for p in paths]
+    options = dict(options or {})
+    recipe = recipes.find(ref)
+    specs, used = parse_variants(variants if variants else (recipe.variants if recipe else []), options)
+    if prune is None:
+        prune, prune_used = prune_mod.parse(options)
+        used |= prune_used
+    else:
+        prune_mod.validate(prune)
+    if distill is None:
+        distill, distill_used = distill_mod.parse(options)
+        used |= distill_used
+    else:
+        distill_mod.validate(distill)
+    if distill is not None and prune is None:
+        raise UsageError("`distill` heals a pruned student: add `prune_layers` N, `drop` i,j, `heads` N, `intermediate_size` N or `target_params` N", option="distill")
+    check_unused(options, used, specs)
+    transforms: list[tuple[Stage, Any]] = []
+    if prune is not None:
+        transforms.append((prune_mod.Prune(), prune))
+    if distill is not None:
+        transforms.append((distill_mod.Distill(), replace(distill, teacher=distill.teacher or SOURCE)))
+    return specs, plan(specs, transforms=transforms)
 
 
 def convert(
@@ -116,35 +65,37 @@ def convert(
     variants: str | list[str] | None = None,
     out: str | Path | None = None,
     *,
-    options: dict[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
     allow_pickle: bool = False,
     log: Callable[[str], None] = print,
     report: bool = False,
     prune: PruneConfig | None = None,
     distill: DistillConfig | None = None,
 ) -> Bundle:
-    """Convert ``ref`` into a bundle holding each requested variant.
+    """Convert ``ref`` into a bundle holding each requested variant (``gguf:Q4_K_M,onnx:int4``; default: the recipe's).
 
-    With ``report`` (the CLI's default), end with eval, bench and the report (see ``edgepack.report``).
+    ``options`` are the formats' and transforms' options by name (``{"target_size": "100MB", "samples": 64}``,
+    ``{"prune_layers": 6, "distill": True, "time": "15m"}``); ``prune`` and ``distill`` may instead be given as
+    configs. With ``report`` (the CLI's default) it ends with eval, bench and the report.
 
-    ``prune`` and ``distill`` turn the pulled model into a smaller student before
-    any variant is built (see ``prepare``); the bundle's reference stays the original.
-
-    Raises UsageError for bad variants or an output folder that is not a bundle,
-    and whatever pull and the stages raise (all EdgepackError).
+    Raises UsageError (bad variants or options, an output folder that is not a bundle), and whatever the
+    pull and the stages raise (all EdgepackError).
     """
     from .converters.pull import pull
 
-    recipe = recipes.find(ref)
-    specs = parse_variants(variants if variants else (recipe.variants if recipe else []))
-    _check_options(specs, options or {})
-    name = recipe.name if recipe else Path(ref.rstrip("/")).name.removesuffix(".gguf").split("@")[0]
-    root = Path(out) if out else constants.bundles_dir() / name
-    if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
-        raise UsageError(f"{root} exists and is not a bundle: choose an empty or new folder with -o")
-    _check_pre_stages(prune, distill)
+    specs, the_plan = request(ref, variants, options=options, prune=prune, distill=distill)
+    root = output_folder(ref, out)
+    for spec in specs:
+        if names := unread(options or {}, spec):
+            log(f"{spec} does not use {', '.join(f'`{n}`' for n in names)}")
     source = pull(ref, allow_pickle=allow_pickle, log=log)
-    src_meta = {
+    _check_transforms(the_plan, source.path)
+    check_model(specs, source.path)
+    runner = Runner(source, log)
+    for job in the_plan.transforms:
+        runner.run(job)
+    bundle = Bundle.open(root) if (root / MANIFEST).is_file() else Bundle.create(root, _name(ref), {})
+    bundle.data["source"] = {
         "ref": ref,
         "origin": source.meta.get("origin"),
         "revision": source.meta.get("revision"),
@@ -152,33 +103,82 @@ def convert(
         "reference_path": str(source.path),
         "files": source.meta.get("files", []),
     }
-    source, pre_steps, pre_texts = prepare(source, prune=prune, distill=distill, log=log)
-    if pre_steps:
-        src_meta["student_path"] = str(source.path)
-    bundle = Bundle.open(root) if (root / MANIFEST).is_file() else Bundle.create(root, name, src_meta)
-    bundle.data["source"] = src_meta
-    for step in pre_steps:
-        bundle.add_step(step)
-    for text in pre_texts:  # eval keeps its held-out windows clear of what the student was pruned and trained on
-        bundle.add_calibration(text)
-    ctx = Context(bundle, dict(options or {}), log)
-    for spec in specs:
-        variant: Variant = _module(spec.format).build(spec.arg, source, ctx)
-        bundle.add_variant(variant)
-        bundle.save()
-        log(f"variant {variant.id}: {variant.bytes / 1e6:.1f} MB")
+    bundle.keep_reference(source.path)
+    for job in the_plan.transforms:
+        bundle.add_step(runner.steps[job].to_json())
+        text = runner.outputs[job].meta["calibration" if job.stage.name == "prune" else "text"]
+        bundle.add_calibration(text)  # eval keeps its held-out windows clear of what the student was pruned and trained on
+    model = runner.outputs[the_plan.transforms[-1]].path if the_plan.transforms else source.path
+    for job in the_plan.jobs:
+        art = runner.run(job)
+        bundle.add_step(runner.steps[job].to_json())
+        if "calibration" in art.meta:
+            bundle.add_calibration(art.meta["calibration"])
+        if job.keep:
+            bundle.keep(art.path)
+        for v in (v for v in the_plan.variants if v.job is job):
+            meta, bpw = v.describe(art, model)
+            placed = bundle.place_variant(v.id, art, format=v.format, backend=v.backend, meta=meta, bits_per_weight=bpw)
+            bundle.save()
+            log(f"variant {placed.id}: {placed.bytes / 1e6:.1f} MB")
     bundle.save()
     if report:
         _report(bundle, log)
     return bundle
 
 
-def _check_options(specs: list[VariantSpec], options: dict[str, Any]) -> None:
-    """Let each requested format check the options before any work, through its optional ``validate_options``."""
-    for fmt in dict.fromkeys(s.format for s in specs):
-        check = getattr(_module(fmt), "validate_options", None)
-        if check is not None:
-            check(options, [s.arg for s in specs if s.format == fmt])
+def dry_run(
+    ref: str,
+    variants: str | list[str] | None = None,
+    out: str | Path | None = None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    allow_pickle: bool = False,
+    report: bool = False,
+    prune: PruneConfig | None = None,
+    distill: DistillConfig | None = None,
+) -> dict[str, Any]:
+    """What ``convert`` with the same arguments would do, as data: the stages in order, what the cache holds, the
+    files each writes and the variants; writes and downloads nothing. The model is read only if it is already here.
+    """
+    from .converters.pull import resolve
+
+    _, the_plan = request(ref, variants, options=options, prune=prune, distill=distill)
+    root = output_folder(ref, out)
+    source = resolve(ref, allow_pickle=allow_pickle)
+    if source is not None:
+        _check_transforms(the_plan, source.path)
+    return {
+        "ref": ref,
+        "bundle": str(root),
+        "model": str(source.path) if source is not None else None,
+        **describe(the_plan, source),
+        "then": ["eval", "bench", "report"] if report else [],
+    }
+
+
+def output_folder(ref: str, out: str | Path | None) -> Path:
+    """Where the bundle goes; raises UsageError for a folder that holds something else."""
+    root = Path(out) if out else constants.bundles_dir() / _name(ref)
+    if root.exists() and (not root.is_dir() or any(root.iterdir()) and not (root / MANIFEST).is_file()):
+        raise UsageError(f"{root} exists and is not a bundle: choose an empty or new folder", option="out")
+    return root
+
+
+def _name(ref: str) -> str:
+    recipe = recipes.find(ref)
+    return recipe.name if recipe else Path(ref.rstrip("/")).name.removesuffix(".gguf").split("@")[0]
+
+
+def _check_transforms(the_plan: Plan, model: Path) -> None:
+    """Pruning's request against the model's config, and a training text long enough, before any weight is read."""
+    from .converters import distill, prune
+
+    for job in the_plan.transforms:
+        if job.stage.name == "prune":
+            prune.check(job.config, model)
+        elif job.stage.name == "distill":
+            distill.check_text(job.config, model)
 
 
 def _report(bundle: Bundle, log: Callable[[str], None]) -> None:
@@ -195,51 +195,4 @@ def _report(bundle: Bundle, log: Callable[[str], None]) -> None:
     log(f"report: {write_report(bundle)}")
 
 
-def _check_pre_stages(prune: PruneConfig | None, distill: DistillConfig | None) -> None:
-    from .converters import distill as distill_mod
-    from .converters import prune as prune_mod
-
-    if prune is not None:
-        prune_mod.validate(prune)
-    if distill is not None:
-        if prune is None:
-            raise UsageError("--distill heals a pruned student: add --prune-layers N, --drop i,j, --heads N, --intermediate-size N or --target-params N")
-        distill_mod.validate(distill)
-
-
-def prepare(
-    source: Artifact,
-    *,
-    prune: PruneConfig | None = None,
-    distill: DistillConfig | None = None,
-    log: Callable[[str], None] = print,
-) -> tuple[Artifact, list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run the pre-stages (prune, then distill with ``source`` as teacher) through the stage cache.
-
-    Returns the student (``source`` itself when neither is given), the manifest records of the steps and
-    the provenance of the texts they read (pruning calibration, distillation training text).
-    Runs before the bundle is created, and checks the training text is long enough before pruning,
-    so bad options or a failed stage leave nothing behind.
-    """
-    from .converters import distill as distill_mod
-    from .converters import prune as prune_mod
-
-    _check_pre_stages(prune, distill)
-    if prune is not None:
-        prune_mod.check(prune, source.path)
-    if distill is not None:
-        distill_mod.check_text(distill, source.path)
-    planned: list[tuple[Stage, Any]] = []
-    if prune is not None:
-        planned.append((prune_mod.Prune(), prune))
-    if distill is not None:
-        planned.append((distill_mod.Distill(), replace(distill, teacher=distill.teacher or str(source.path))))
-    art, steps, texts = source, [], []
-    for stage, cfg in planned:
-        art, step = run_stage(stage, art, cfg)
-        log(f"{stage.name}: {'cached' if step.cached else f'done in {step.wall_s:.1f} s'}")
-        steps.append(step.to_json())
-        text = art.meta["calibration" if stage.name == "prune" else "text"]
-        if all((text["name"], text["sha256"]) != (t["name"], t["sha256"]) for t in texts):  # eval checks each text once
-            texts.append(text)
-    return art, steps, texts
+__all__ = ["convert", "dry_run", "output_folder", "request"]

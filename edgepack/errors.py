@@ -16,9 +16,17 @@ class EdgepackError(Exception):
 
 
 class UsageError(EdgepackError, ValueError):
-    """A flag or argument is wrong, e.g. ``--to gguf:Q9_X: unknown GGUF type; choose one of ...``."""
+    """An argument or option is wrong, e.g. ``unknown GGUF type 'Q9_X': choose one of ...``.
+
+    Options appear in the message by their Python names in backticks (`` `target_size` ``); ``option``
+    names the one at fault. The CLI shows each as the flag that sets it (``--target-size``).
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        self.option = option
+        super().__init__(message)
 
 
 class SourceNotFoundError(EdgepackError, FileNotFoundError):
@@ -78,10 +86,6 @@ class ContextOverflowError(EdgepackError, ValueError):
             f"prompt plus generation needs {needed} tokens but the context holds {n_ctx}: "
             "raise n_ctx, shorten the prompt or max_tokens, or pass truncate='left'"
         )
-
-
-class CancelledError(EdgepackError):
-    """A generation was stopped by ``session.cancel()``; the text produced so far was delivered."""
 
 
 class DiskFullError(EdgepackError, OSError):

@@ -15,8 +15,6 @@ class Recipe:
     display_name: str
     hub_id: str
     architecture: str
-    instruct: bool
-    calibration: str
     variants: list[str]
     notes: str = ""
     fallback_pypi: list[str] = field(default_factory=list)
@@ -31,8 +29,6 @@ def _load(text: str) -> Recipe:
         display_name=d.get("display_name", d["name"]),
         hub_id=d["hub_id"],
         architecture=d["architecture"],
-        instruct=bool(d.get("instruct", False)),
-        calibration=d.get("calibration", "builtin"),
         variants=list(d.get("variants", [])),
         notes=d.get("notes", ""),
         fallback_pypi=list(fb.get("pypi", [])),

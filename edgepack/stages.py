@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from . import __version__, constants
 from .fsutil import atomic_dir, sha256_file, write_json
@@ -78,6 +78,7 @@ class Step:
     edgepack_version: str
     wall_s: float
     cached: bool = False
+    key: str = ""  # the stage cache entry holding the output
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,26 +92,31 @@ def side_input(default: Any = None) -> Any:
     return field(default=default, metadata={"side_input": True})
 
 
+class Planned(NamedTuple):
+    """A file a stage will write, and its size where it can be told in advance (None: not known before it runs)."""
+
+    name: str
+    bytes: int | None = None
+
+
 class Stage:
     """Base of every converter stage.
 
     Subclasses set ``name``, ``version`` (bump it when the output for the same
-    input and config changes), ``Config`` (a dataclass) and implement ``plan``
-    and ``run``. ``run`` writes only inside ``out_dir``; the cache renames that
-    directory into place when ``run`` returns.
+    input and config changes), the artifact kinds they take and make, and
+    ``Config`` (a frozen dataclass whose fields document the parameters), and
+    implement ``plan`` and ``run``. ``run`` writes only inside ``out_dir``; the
+    cache renames that directory into place when ``run`` returns.
     """
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
-    input_kind: ClassVar[Kind] = Kind.HF
+    input_kinds: ClassVar[tuple[Kind, ...]] = (Kind.HF,)
     output_kind: ClassVar[Kind]
+    Config: ClassVar[type]
 
-    @dataclass
-    class Config:
-        pass
-
-    def plan(self, inp: Artifact, config: Any) -> list[str]:
-        """Names of the files ``run`` will write, for --dry-run and progress."""
+    def plan(self, inp: Artifact | None, config: Any) -> list[Planned]:
+        """The files ``run`` will write, for ``convert --dry-run``; ``inp`` is None when it does not exist yet."""
         raise NotImplementedError
 
     def run(self, inp: Artifact, config: Any, out_dir: Path) -> Artifact:
@@ -131,19 +137,22 @@ def cache_key(stage: Stage, config: Any, input_digest: str) -> str:
 
 
 def run_stage(stage: Stage, inp: Artifact, config: Any, *, input_digest: str | None = None) -> tuple[Artifact, Step]:
-    """Run ``stage`` on ``inp`` through the cache; reuse a finished output with the same key."""
+    """Run ``stage`` on ``inp`` through the cache; reuse a finished output with the same key.
+
+    Raises TypeError when ``inp`` or the output is not of the kinds the stage declares (a planning bug).
+    """
+    if inp.kind not in stage.input_kinds:
+        raise TypeError(f"stage {stage.name} takes {', '.join(k.value for k in stage.input_kinds)}, not {inp.kind.value}")
     digest = input_digest or inp.digest()
+    if hit := cached(stage, config, digest):
+        return hit
     key = cache_key(stage, config, digest)
     out_dir = constants.stages_dir() / key
-    marker = out_dir / ".complete"
-    if marker.is_file():
-        record = json.loads(marker.read_text())
-        art = Artifact(Kind(record["kind"]), out_dir / record["relpath"], record.get("meta", {}))
-        step = Step(**{**record["step"], "cached": True})
-        return art, step
     start = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         produced = stage.run(inp, config, tmp)
+        if produced.kind != stage.output_kind:
+            raise TypeError(f"stage {stage.name} declares {stage.output_kind.value} output but made {produced.kind.value}")
         rel = produced.path.relative_to(tmp)
         wall = time.perf_counter() - start
         out_digest = Artifact(produced.kind, produced.path).digest()
@@ -155,12 +164,24 @@ def run_stage(stage: Stage, inp: Artifact, config: Any, *, input_digest: str | N
             output_sha256=out_digest,
             edgepack_version=__version__,
             wall_s=round(wall, 3),
+            key=key,
         )
         write_json(
             tmp / ".complete",
             {"kind": produced.kind.value, "relpath": rel.as_posix(), "meta": produced.meta, "step": step.to_json()},
         )
     return Artifact(produced.kind, out_dir / rel, produced.meta), step
+
+
+def cached(stage: Stage, config: Any, input_digest: str) -> tuple[Artifact, Step] | None:
+    """The finished output of ``stage`` for this config and input, if the cache holds one."""
+    out_dir = constants.stages_dir() / cache_key(stage, config, input_digest)
+    marker = out_dir / ".complete"
+    if not marker.is_file():
+        return None
+    record = json.loads(marker.read_text())
+    art = Artifact(Kind(record["kind"]), out_dir / record["relpath"], record.get("meta", {}))
+    return art, Step(**{**record["step"], "cached": True})
 
 
 def params(config: Any) -> Any:

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from edgepack import constants
-from edgepack.stages import Artifact, Kind, Stage, run_stage
+from edgepack.stages import Artifact, Kind, Planned, Stage, run_stage
 
 
 class Upper(Stage):
     name = "upper"
+    input_kinds = (Kind.FILE,)
     output_kind = Kind.FILE
     calls = 0
 
@@ -22,7 +23,7 @@ class Upper(Stage):
         fail: bool = False
 
     def plan(self, inp, config):
-        return ["out.txt"]
+        return [Planned("out.txt")]
 
     def run(self, inp: Artifact, config: Config, out_dir: Path) -> Artifact:
         type(self).calls += 1
@@ -65,3 +66,16 @@ def test_interrupted_stage_leaves_no_complete_output(src):
     assert [p for p in stages.iterdir() if not p.name.startswith(".")] == []
     a, step = run_stage(Upper(), src, Upper.Config())  # the rerun starts clean
     assert not step.cached and a.path.read_text() == "HELLO!"
+
+
+def test_a_stage_is_handed_only_the_kinds_it_declares(src, tmp_path):
+    with pytest.raises(TypeError, match="takes file, not gguf"):
+        run_stage(Upper(), Artifact(Kind.GGUF, src.path), Upper.Config())
+
+    class Liar(Upper):
+        name = "liar"
+        output_kind = Kind.ONNX
+
+    with pytest.raises(TypeError, match="declares onnx output but made file"):
+        run_stage(Liar(), src, Upper.Config())
+    assert not any(constants.stages_dir().glob("liar-*/.complete"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 
 import typer
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .. import __version__, constants
-from ..errors import EdgepackError
+from ..errors import EdgepackError, UsageError
 
 app = typer.Typer(
     name="edgepack",
@@ -40,8 +41,8 @@ COMMANDS = (
 
 
 def info(message: str) -> None:
-    """Progress and notes go to stderr, unwrapped, so stdout stays data."""
-    err.print(escape(message), soft_wrap=True)
+    """Progress and notes go to stderr, unwrapped, so stdout stays data; options are named by their flags."""
+    err.print(escape(_as_flags(message)), soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except EdgepackError as e:
-        _fail(e, str(e), e.exit_code)
+        _fail(e, _as_flags(str(e)) if isinstance(e, UsageError) else str(e), e.exit_code)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         sys.exit(code or 0)
@@ -96,6 +97,16 @@ def main(argv: list[str] | None = None) -> None:
             if isinstance(e, kind):
                 _fail(e, message, 1)
         _fail(e, f"unexpected {type(e).__name__}: {e} (set EDGEPACK_DEBUG=1 for the traceback and please report it)", 1)
+
+
+def _as_flags(message: str) -> str:
+    """The library names options by their Python names in backticks; the command line shows the flags instead."""
+    if "`" not in message:
+        return message
+    from .convert import flag_names
+
+    names = flag_names()
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: names.get(m.group(1), m.group(0)), message)
 
 
 def _fail(exc: BaseException, message: str, code: int) -> None:

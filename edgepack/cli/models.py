@@ -26,8 +26,13 @@ def register(app: typer.Typer) -> None:
         from ..converters.pull import pull as do_pull
 
         if list_recipes:
+            if as_json:
+                print(json.dumps([r.__dict__ for r in recipes.all_recipes().values()], indent=2))
+                return
             for r in recipes.all_recipes().values():
-                print(f"{r.name}\t{r.hub_id}\t{r.architecture}")
+                print(f"{r.name}\t{r.display_name}\t{r.hub_id}\t{r.architecture}\t{', '.join(r.variants)}")
+                if r.notes:
+                    info(f"  {r.name}: {r.notes}")
             return
         if ref is None:
             raise UsageError("give the model to pull: a recipe (see `edgepack pull --list`), a hub id, a checkpoint folder or a .gguf file")

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from edgepack import constants
 from edgepack.bundle import Bundle
 from edgepack.cli import main
-from edgepack.convert import prepare
+from edgepack.convert import request
 from edgepack.converters import calibration, prune
 from edgepack.converters.distill import (
     Config,
@@ -30,6 +30,7 @@ from edgepack.converters.distill import (
 from edgepack.converters.lora import merge_lora, trainable_parameters
 from edgepack.converters.pull import from_folder
 from edgepack.errors import CalibrationError, UsageError
+from edgepack.plan import Runner
 from edgepack.fsutil import sha256_file
 from edgepack.stages import run_stage
 
@@ -187,19 +188,23 @@ def test_config_checks_need_no_model(config):
         validate(config)
 
 
-def test_prepare_prunes_then_heals_through_the_cache(teacher):
+def test_prune_then_distill_run_in_order_through_the_cache(teacher):
     src = from_folder(teacher)
     pcfg, dcfg = prune.Config(layers=1, samples=2, seq_len=32), Config(steps=3, **TINY)
-    art, steps, texts = prepare(src, prune=pcfg, distill=dcfg, log=lambda m: None)
+    _, planned = request(str(teacher), "gguf:f16", prune=pcfg, distill=dcfg)
+    runner = Runner(src, lambda m: None)
+    arts = [runner.run(job) for job in planned.transforms]
+    steps = [runner.steps[job].to_json() for job in planned.transforms]
     assert [s["stage"] for s in steps] == ["prune", "distill"]
-    assert [t["name"] for t in texts] == ["builtin:calibration"]  # pruned and trained on the same text: one record
+    assert arts[0].meta["calibration"]["name"] == arts[1].meta["text"]["name"] == "builtin:calibration"
     # the manifest names the teacher by content (the source the student was pruned from), not by a path on this machine
     assert steps[1]["params"]["teacher"] == {"name": teacher.name, "sha256": steps[0]["input_sha256"]}
-    assert AutoModelForCausalLM.from_pretrained(art.path).config.num_hidden_layers == 3
-    again, steps2, _ = prepare(src, prune=pcfg, distill=dcfg, log=lambda m: None)
-    assert again.path == art.path and all(s["cached"] for s in steps2)
+    assert AutoModelForCausalLM.from_pretrained(arts[1].path).config.num_hidden_layers == 3
+    again = Runner(src, lambda m: None)
+    assert [again.run(job).path for job in planned.transforms] == [a.path for a in arts]
+    assert all(again.steps[job].cached for job in planned.transforms)
     with pytest.raises(UsageError, match="heals a pruned student"):
-        prepare(src, distill=dcfg)
+        request(str(teacher), "gguf:f16", distill=dcfg)
 
 
 @pytest.mark.gpu
@@ -220,7 +225,7 @@ def test_cli_prunes_heals_and_converts_into_one_bundle(teacher, tmp_path):
     assert steps["prune"]["params"]["layers"] == 1
     assert steps["distill"]["params"]["steps"] == 2 and steps["distill"]["params"]["temperature"] == 3.0
     assert bundle.data["source"]["reference_path"] == str(teacher)
-    student = Path(bundle.data["source"]["student_path"])
+    student = constants.stages_dir() / steps["distill"]["key"]
     assert AutoModelForCausalLM.from_pretrained(student).config.num_hidden_layers == 3
     assert [v.id for v in bundle.variants] == ["gguf-f16"]
 

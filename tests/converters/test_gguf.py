@@ -17,10 +17,10 @@ from safetensors.numpy import save_file
 import edgepack
 from edgepack.bundle import Bundle
 from edgepack.convert import convert as convert_bundle
-from edgepack.convert import parse_variants
 from edgepack.converters import gguf_arch
 from edgepack.converters.gguf import WRITER_TYPES, convert
-from edgepack.converters.gguf_variant import validate
+from edgepack.converters.gguf_variant import parse
+from edgepack.plan import parse_variants
 from edgepack.errors import InvalidModelError, UnsupportedArchitectureError, UsageError
 
 # A mixed corpus of our own: prose, code, Chinese, emoji, numbers, whitespace runs, special tokens in text.
@@ -429,15 +429,16 @@ def test_variant_through_the_stage_cache(tiny, tmp_path):
     assert 15.9 < f16.bits_per_weight < 16.1 and bundle.variant("gguf-q8_0").bits_per_weight < 8.6
     assert_logits_match(hf_dir, bundle.root / f16.path, tol=0.05)
     assert [s["stage"] for s in bundle.data["steps"]] == ["gguf-write", "gguf-write"]
+    logs.clear()
     again = convert_bundle(str(hf_dir), "gguf:f16", tmp_path / "bundle", log=logs.append)
-    assert again.data["steps"][-1]["cached"] is True
+    assert logs[0] == "gguf-write: cached"
+    assert again.data["steps"] == bundle.data["steps"]  # a reused stage is recorded once, as it was made
     Bundle.open(tmp_path / "bundle", verify=True)
 
 
 def test_gguf_types_are_checked_before_any_work():
-    validate("Q8_0")
-    validate("bf16")
-    validate("Q4_K_M")  # made by the quantize stage
+    assert parse("Q8_0", {})[0].writer and parse("bf16", {})[0].writer
+    assert parse("q4_k_m", {})[0].type == "Q4_K_M" and not parse("Q4_K_M", {})[0].writer  # made by the quantize stage
     with pytest.raises(UsageError, match="Q4_K_M"):
         parse_variants("gguf:Q9_X")
 

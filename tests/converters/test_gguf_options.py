@@ -45,7 +45,7 @@ def test_quantizer_flags_reach_the_file(wide, tmp_path):
         "--tensor-type", r"blk\.1\.attn_v=q8_0", "--tensor-type", "ffn_down=q5_k", "--output-type", "q8_0", "--token-embedding-type", "q4_0",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "gguf:q8_0 comes straight from the writer, without --calibration-tokens, --tensor-type" in r.stderr
+    assert "gguf:q8_0 does not use --calibration-tokens, --output-type, --tensor-type, --token-embedding-type" in r.stderr
     bundle = Bundle.open(out, verify=True)
     q4 = bundle.variant("gguf-q4_k_m")
     types = types_of(out / q4.path)
@@ -98,7 +98,7 @@ def test_a_target_the_smallest_types_miss_is_refused_before_measuring(wide, tmp_
     "flags, message",
     [
         (["--target-size", "12XB"], "--target-size: size '12XB' not understood"),
-        (["--target-size", "0"], "--target-size '0': give a size above zero"),
+        (["--target-size", "0"], "--target-size: size '0': give a size above zero"),
         (["--target-bpw", "many"], "--target-bpw 'many': give bits per weight"),
         (["--target-size", "100MB", "--target-bpw", "4"], "give --target-size or --target-bpw, not both"),
         (["--target-types", "q4_k"], "--target-types lists the types a size target may use"),
@@ -114,7 +114,7 @@ def test_a_target_the_smallest_types_miss_is_refused_before_measuring(wide, tmp_
         (["--imatrix", "/nonexistent/imatrix.dat"], "--imatrix /nonexistent/imatrix.dat: no such file"),
         (["--imatrix", "x.dat", "--no-imatrix"], "give --imatrix PATH or --no-imatrix, not both"),
         (["--no-imatrix", "--to", "gguf:IQ2_XS"], "--no-imatrix: IQ2_XS cannot be made without an importance matrix"),
-        (["--to", "gguf:q8_0", "--output-type", "f16"], "--output-type: only for types llama.cpp's quantizer makes, and the writer makes gguf:q8_0 directly"),
+        (["--to", "gguf:q8_0", "--output-type", "f16"], "--output-type: none of gguf:q8_0 uses it (options of gguf: variants)"),
         (["--to", "gguf:Q4_K_M,gguf:Q3_K_S", "--target-size", "90MB"], "a size target makes one mix"),
     ],
 )
@@ -137,10 +137,14 @@ def test_an_imatrix_file_that_is_not_one_is_refused_up_front(tmp_path):
 
 
 def test_python_options_are_checked_before_any_work(tmp_path):
-    with pytest.raises(UsageError, match="--target-size: size 'big' not understood"):
+    """Python callers see the option names they passed, not the command line's flags."""
+    with pytest.raises(UsageError, match="`target_size`: size 'big' not understood") as e:
         convert("/nonexistent/model", "gguf:Q4_K_M", tmp_path / "b", options={"target_size": "big"})
-    with pytest.raises(UsageError, match="--calibration-tokens 'lots'"):
+    assert e.value.option == "target_size"
+    with pytest.raises(UsageError, match="`calibration_tokens` 'lots'"):
         convert("/nonexistent/model", "gguf:Q4_K_M", tmp_path / "b", options={"calibration_tokens": "lots"})
+    with pytest.raises(UsageError, match="`colour`: none of gguf:Q4_K_M uses it"):
+        convert("/nonexistent/model", "gguf:Q4_K_M", tmp_path / "b", options={"colour": "blue"})
     assert not (tmp_path / "b").exists()
 
 

@@ -12,7 +12,8 @@ from models import tiny_model
 
 from edgepack import constants
 from edgepack.bundle import Bundle
-from edgepack.convert import convert, parse_variants
+from edgepack.convert import convert
+from edgepack.plan import parse_variants
 from edgepack.converters import calibration, gptq
 from edgepack.errors import CalibrationError, InvalidModelError, MissingDependencyError, UsageError
 
@@ -27,12 +28,12 @@ def narrow(tmp_path_factory):
 
 def test_arguments():
     for ok in ("2", "3", "4", "8", "4g32", "4G128"):
-        gptq.validate(ok)
+        gptq.parse_arg(ok)
     assert gptq.parse_arg("4g64") == (4, 64)
     for bad in ("5", "16", "4g48", "4g8", "int4", ""):
         with pytest.raises(UsageError, match="gptq:"):
-            gptq.validate(bad)
-    specs = parse_variants("gptq:4,gptq:8g64")
+            gptq.parse_arg(bad)
+    specs, _ = parse_variants("gptq:4,gptq:8g64")
     assert [str(s) for s in specs] == ["gptq:4", "gptq:8g64"]
 
 

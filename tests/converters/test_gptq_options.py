@@ -15,33 +15,34 @@ from edgepack.errors import CalibrationError, UsageError
 
 
 def test_options_from_a_command_line_are_parsed():
-    got = gptq.parse_options({"samples": "64", "sym": "true", "desc_act": "no", "damp_percent": "0.05", "mixed": "off"})
-    assert got == {"samples": 64, "sym": True, "desc_act": False, "damp_percent": 0.05, "mixed": False, "device": "cpu"}
-    assert gptq.parse_options({})["mixed"] is False and gptq.parse_options({}, {"mixed": True})["mixed"] is True
+    got, used = gptq.parse("4", {"samples": "64", "sym": "true", "desc_act": "no", "damp_percent": "0.05", "mixed": "off"})
+    assert got == gptq.Options(4, None, samples=64, sym=True, desc_act=False, damp_percent=0.05, mixed=False, device="cpu")
+    assert used == {"samples", "sym", "desc_act", "damp_percent", "mixed"}
+    assert gptq.parse("4g32", {})[0].mixed is False and onnx_conv.parse("int4", {})[0].gptq.mixed is True
 
 
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"samples": "many"}, "take numbers"),
-        ({"samples": 0}, "samples 0"),
-        ({"damp_percent": 1.5}, "damp_percent 1.5"),
-        ({"sym": "maybe"}, "sym 'maybe': give true or false"),
-        ({"device": "tpu"}, "device 'tpu'"),
+        ({"samples": "many"}, "`samples` 'many': give a whole number"),
+        ({"samples": 0}, "`samples` 0"),
+        ({"damp_percent": 1.5}, "`damp_percent` 1.5"),
+        ({"sym": "maybe"}, "`sym` 'maybe': give true or false"),
+        ({"device": "tpu"}, "`device` 'tpu'"),
     ],
 )
 def test_bad_option_values(options, message):
     with pytest.raises(UsageError, match=message):
-        gptq.validate_options(options, ["4"])
+        gptq.parse("4", options)
 
 
 def test_onnx_checks_the_gptq_options_only_when_int4_is_calibrated():
-    with pytest.raises(UsageError, match="whole numbers"):
-        onnx_conv.validate_options({"block_size": "big"}, ["int8"])
-    with pytest.raises(UsageError, match="samples 0"):
-        onnx_conv.validate_options({"samples": 0}, ["int4"])
-    onnx_conv.validate_options({"samples": 0}, ["int8", "fp32"])
-    onnx_conv.validate_options({"samples": 0, "int4_method": "rtn"}, ["int4"])
+    with pytest.raises(UsageError, match="whole number"):
+        onnx_conv.parse("int8", {"block_size": "big"})
+    with pytest.raises(UsageError, match="samples` 0"):
+        onnx_conv.parse("int4", {"samples": 0})
+    assert onnx_conv.parse("int8", {"samples": 0})[1] == onnx_conv.parse("fp32", {"samples": 0})[1] == set()
+    assert "samples" not in onnx_conv.parse("int4", {"samples": 0, "int4_method": "rtn"})[1]
 
 
 @pytest.mark.parametrize("variant", ["gptq:4", "onnx:int4"])
@@ -60,13 +61,13 @@ def edgepack(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--to", "gguf:Q4_K_M", "--sym"], "--sym set up GPTQ and INT4 ONNX, and none of gguf:Q4_K_M uses them: add --to gptq:4"),
-        (["--to", "onnx:int8", "--gptq-samples", "64"], "none of onnx:int8 uses them"),
-        (["--asym"], "none of gguf:Q4_K_M, gguf:Q8_0 uses them"),  # the recipe's variants
+        (["--to", "gguf:Q4_K_M", "--sym"], "--sym: none of gguf:Q4_K_M uses it (options of gptq: and onnx: variants)"),
+        (["--to", "onnx:int8", "--gptq-samples", "64"], "--gptq-samples: none of onnx:int8 uses it"),
+        (["--asym"], "--sym: none of gguf:Q4_K_M, gguf:Q8_0 uses it"),  # the recipe's variants
         (["--to", "gptq:4", "--gptq-samples", "5000"], "but 5000 were requested"),
-        (["--to", "gptq:4", "--damp-percent", "2"], "damp_percent 2.0"),
-        (["--to", "gptq:4", "--gptq-device", "tpu"], "device 'tpu'"),
-        (["--to", "onnx:int4", "--int4-method", "awq"], "int4_method 'awq'"),
+        (["--to", "gptq:4", "--damp-percent", "2"], "--damp-percent 2.0"),
+        (["--to", "gptq:4", "--gptq-device", "tpu"], "--gptq-device 'tpu'"),
+        (["--to", "onnx:int4", "--int4-method", "awq"], "--int4-method 'awq'"),
     ],
 )
 def test_cli_flags_are_checked_before_any_work(args, message, tmp_path):

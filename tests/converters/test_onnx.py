@@ -35,23 +35,23 @@ def narrow(tmp_path_factory):
 
 def test_arguments():
     for ok in ("fp32", "int8", "int4", "INT4", "int4-cpu"):
-        onnx_conv.validate(ok)
+        onnx_conv.parse_arg(ok)
     assert onnx_conv.parse_arg("int4") == ("int4", "cpu")
     for bad in ("int3", "fp64", "int4-tpu", "", "int4-"):
         with pytest.raises(UsageError, match="onnx:PRECISION"):
-            onnx_conv.validate(bad)
+            onnx_conv.parse_arg(bad)
     with pytest.raises(UsageError, match="onnx:fp16-cuda"):
-        onnx_conv.validate("fp16")
+        onnx_conv.parse_arg("fp16")
     with pytest.raises(UsageError, match="int4_method"):
-        onnx_conv.stage_config("int4", {"int4_method": "awq"})
-    with pytest.raises(UsageError, match="block_size 48"):
-        onnx_conv.stage_config("int4", {"block_size": 48})
+        onnx_conv.parse("int4", {"int4_method": "awq"})
+    with pytest.raises(UsageError, match="block_size` 48"):
+        onnx_conv.parse("int4", {"block_size": 48})
 
 
 @pytest.mark.skipif(og.is_cuda_available(), reason="the CUDA build of onnxruntime-genai is installed")
 def test_cuda_without_the_cuda_extra():
     with pytest.raises(MissingDependencyError, match=r"onnxruntime-genai-cuda .*pip install 'edgepack\[cuda\]'"):
-        onnx_conv.validate("int4-cuda")
+        onnx_conv.parse_arg("int4-cuda")
 
 
 def test_folder_without_genai_config(tmp_path):
@@ -168,9 +168,9 @@ def test_int4_takes_gptq_groups_of_16(narrow, tmp_path):
 
 def test_act_order_is_refused_for_int4():
     with pytest.raises(UsageError, match="desc_act.*onnx:int4.*g_idx"):
-        onnx_conv.validate_options({"desc_act": True}, ["int4"])
-    onnx_conv.validate_options({"desc_act": True}, ["int8"])  # no GPTQ there
-    onnx_conv.validate_options({"desc_act": True, "int4_method": "rtn"}, ["int4"])
+        onnx_conv.parse("int4", {"desc_act": True})
+    assert onnx_conv.parse("int8", {"desc_act": True})[1] == set()  # no GPTQ there: the option is not used
+    assert onnx_conv.parse("int4", {"desc_act": True, "int4_method": "rtn"})[1] == {"int4_method"}
 
 
 @pytest.mark.xfail(strict=True, reason="onnxruntime 1.32's CPU MatMulNBits is wrong with any g_idx input: when this passes, allow desc_act for onnx:int4")

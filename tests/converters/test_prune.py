@@ -239,7 +239,7 @@ def test_cli_width_flags_and_span_method_reach_the_student(llama, tmp_path):
     bundle = Bundle.open(out)
     step = next(s for s in bundle.data["steps"] if s["stage"] == "prune")
     assert (step["params"]["method"], step["params"]["heads"], step["params"]["intermediate_size"]) == ("span", 2, 64)
-    cfg = json.loads((Path(bundle.data["source"]["student_path"]) / "config.json").read_text())
+    cfg = json.loads((constants.stages_dir() / step["key"] / "config.json").read_text())
     assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["intermediate_size"]) == (4, 2, 64)
 
 

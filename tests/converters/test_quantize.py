@@ -65,13 +65,7 @@ def test_type_tables_match_llama_cpp():
         qz.file_type("Q9_X")
 
 
-def test_parse_size_and_overrides():
-    assert qz.parse_size("105.5MB") == 105_500_000
-    assert qz.parse_size("98MiB") == 98 * 2**20
-    assert qz.parse_size("1.2g") == 1_200_000_000
-    assert qz.parse_size("4096") == 4096
-    with pytest.raises(UsageError, match="not understood"):
-        qz.parse_size("big")
+def test_tensor_type_overrides():
     assert qz.parse_tensor_types(["attn_v=q8_0", r"blk\.[0-3]\.ffn_down=Q6_K"]) == [("attn_v", "Q8_0"), (r"blk\.[0-3]\.ffn_down", "Q6_K")]
     with pytest.raises(UsageError, match="PATTERN=TYPE"):
         qz.parse_tensor_types(["attn_v"])
