@@ -124,14 +124,14 @@ def side_by_side(ours, raw, prompts: list[list[int]], n: int) -> dict:
 
 
 def runtime_section(gguf: Path, onnx: Path | None, threads: int, reps: int, p_len: int, n: int) -> dict:
-    import llama_cpp
+    from llamacpp_tools import load_llama
 
     from edgepack import runtime
 
     out: dict = {"gguf": str(gguf), "threads": threads, "prompt_tokens": p_len, "decode_tokens": n, "repetitions": reps}
     with runtime.load(gguf, n_ctx=p_len + n + 8, threads=threads, device="cpu") as s:
         prompts = _prompt_ids(s.tokenize, reps + 1, p_len)
-        llm = llama_cpp.Llama(str(gguf), n_ctx=p_len + n + 8, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+        llm = load_llama(gguf, n_ctx=p_len + n + 8, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
         out["llama_cpp"] = side_by_side(lambda p, k: _edgepack_run(s, p, k), lambda p, k: _raw_llama(llm, p, k), prompts, n)
         llm.close()
     if onnx is None:

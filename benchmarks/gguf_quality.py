@@ -51,11 +51,11 @@ def reference_logprobs(ref: Path, windows: list[list[int]]):
 
 def score(path: Path, windows: list[list[int]], ref_lp, threads: int) -> dict:
     """Mean full-vocabulary KL(reference || variant) and top-1 agreement over every position."""
-    import llama_cpp
     import torch
+    from llamacpp_tools import load_llama
 
     n = len(windows[0])
-    llm = llama_cpp.Llama(str(path), n_ctx=n, n_batch=n, n_ubatch=n, logits_all=True, verbose=False, n_threads=threads)
+    llm = load_llama(path, n_ctx=n, n_batch=n, n_ubatch=n, logits_all=True, verbose=False, n_threads=threads)
     klds, agree = [], []
     try:
         for w, lp in zip(windows, ref_lp):

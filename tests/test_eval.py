@@ -237,6 +237,11 @@ def test_a_text_several_stages_recorded_is_checked_once(tmp_path):
     assert [t.sha256 for t in texts] == [calibration.load("builtin").sha256, calibration.load("builtin", split="eval").sha256]
 
 
+# SmolLM2, builtin eval text, 8 windows of 512 (measured: KLD 0.239 / 0.026 / 0.0036, PPL 25.46 / 22.67 / 22.04 against
+# the reference's 21.87, so gaps of 9x and 7x in KLD, 4.5x and 4.6x in PPL excess): a clear margin below both.
+KLD_GAP, PPL_GAP = 3.0, 2.0
+
+
 def assert_ranked(results: dict[str, dict], order: list[str], *, kld_gap: float, ppl_gap: float) -> None:
     """KLD and PPL grow along ``order`` (least faithful variant first reversed: the last is closest to the reference).
 
