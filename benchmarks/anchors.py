@@ -187,7 +187,7 @@ def convert_sections(ref_path: Path, work: Path, result: dict) -> Path:
 
 
 def _convert_all(ref_path: Path, work: Path, root: Path, times: dict, result: dict) -> None:
-    from edgepack.convert import FORMATS, convert
+    from edgepack.convert import convert
     from edgepack.eval import as_bundle
 
     def attempt(name: str, build) -> None:
@@ -201,23 +201,17 @@ def _convert_all(ref_path: Path, work: Path, root: Path, times: dict, result: di
             return
         times[name] = time.perf_counter() - t
 
-    if "gguf" in FORMATS:
-        attempt("gguf-q8_0", lambda: convert(str(ref_path), ["gguf:q8_0"], out=root, log=_log))
-        sys.path.insert(0, str(HERE))
-        from gguf_convert import fetch_llama_cpp_script  # the GGUF benchmark's own fetcher
+    attempt("gguf-q8_0", lambda: convert(str(ref_path), ["gguf:q8_0"], out=root, log=_log))
+    sys.path.insert(0, str(HERE))
+    from gguf_convert import fetch_llama_cpp_script  # the GGUF benchmark's own fetcher
 
-        script, gguf_py = fetch_llama_cpp_script(work / "sdist")
-        dest = work / "llamacpp-q8_0.gguf"
-        env = {**os.environ, "PYTHONPATH": str(gguf_py)}
-        attempt("gguf-llamacpp-q8_0", lambda: _run([sys.executable, str(script), str(ref_path), "--outtype", "q8_0", "--outfile", str(dest)], env))
-        if "gguf-llamacpp-q8_0" in times:
-            as_bundle(dest, out=root, log=_log)
-    else:
-        result["skipped"]["gguf_converter"] = "edgepack's GGUF converter is not registered in edgepack.convert.FORMATS"
-    if "onnx" in FORMATS:
-        attempt("onnx-int4", lambda: convert(str(ref_path), ["onnx:int4"], out=root, log=_log))
-    else:
-        result["skipped"]["onnx_int4_edgepack"] = "edgepack's ONNX converter is not registered in edgepack.convert.FORMATS"
+    script, gguf_py = fetch_llama_cpp_script(work / "sdist")
+    dest = work / "llamacpp-q8_0.gguf"
+    env = {**os.environ, "PYTHONPATH": str(gguf_py)}
+    attempt("gguf-llamacpp-q8_0", lambda: _run([sys.executable, str(script), str(ref_path), "--outtype", "q8_0", "--outfile", str(dest)], env))
+    if "gguf-llamacpp-q8_0" in times:
+        as_bundle(dest, out=root, log=_log)
+    attempt("onnx-int4", lambda: convert(str(ref_path), ["onnx:int4"], out=root, log=_log))
     if importlib.util.find_spec("onnxruntime_genai.models.builder"):
         dest = work / "builder-int4"
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ref_path), "-o", str(dest), "-p", "int4",

@@ -72,11 +72,11 @@ def score(path: Path, windows: list[list[int]], ref_lp, threads: int) -> dict:
 
 # row -> (gguf type, convert options); "@" rows are size-targeted at the size of the row named after it
 ROWS = {
-    "Q4_K_M": ("Q4_K_M", {"imatrix": False}),
+    "Q4_K_M": ("Q4_K_M", {"no_imatrix": True}),
     "Q4_K_M+imatrix": ("Q4_K_M", {}),
-    "Q3_K_S": ("Q3_K_S", {"imatrix": False}),
+    "Q3_K_S": ("Q3_K_S", {"no_imatrix": True}),
     "Q3_K_S+imatrix": ("Q3_K_S", {}),
-    "IQ4_XS": ("IQ4_XS", {"imatrix": False}),
+    "IQ4_XS": ("IQ4_XS", {"no_imatrix": True}),
     "IQ4_XS+imatrix": ("IQ4_XS", {}),
     "target@Q4_K_M": ("Q4_K_M", {"target_size": "Q4_K_M+imatrix"}),
     "target-no-q4_1@Q4_K_M": ("Q4_K_M", {"target_size": "Q4_K_M+imatrix", "target_types": "no-grid"}),
