@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -201,7 +202,7 @@ def _convert_all(ref_path: Path, work: Path, root: Path, times: dict, result: di
             return
         times[name] = time.perf_counter() - t
 
-    attempt("gguf-q8_0", lambda: convert(str(ref_path), ["gguf:q8_0"], out=root, log=_log))
+    attempt("gguf-q8_0", lambda: convert(str(ref_path), ["gguf:q8_0"], out=root))
     sys.path.insert(0, str(HERE))
     from gguf_convert import fetch_llama_cpp_script  # the GGUF benchmark's own fetcher
 
@@ -211,7 +212,7 @@ def _convert_all(ref_path: Path, work: Path, root: Path, times: dict, result: di
     attempt("gguf-llamacpp-q8_0", lambda: _run([sys.executable, str(script), str(ref_path), "--outtype", "q8_0", "--outfile", str(dest)], env))
     if "gguf-llamacpp-q8_0" in times:
         as_bundle(dest, out=root, log=_log)
-    attempt("onnx-int4", lambda: convert(str(ref_path), ["onnx:int4"], out=root, log=_log))
+    attempt("onnx-int4", lambda: convert(str(ref_path), ["onnx:int4"], out=root))
     if importlib.util.find_spec("onnxruntime_genai.models.builder"):
         dest = work / "builder-int4"
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ref_path), "-o", str(dest), "-p", "int4",
@@ -248,7 +249,7 @@ def main() -> int:
     from edgepack.eval import EvalConfig, evaluate
     from edgepack.report import report
 
-    ref = pull(args.reference, log=_log)
+    ref = pull(args.reference)
     result: dict = {"machine": machine(), "reference": {"ref": args.reference, "path": str(ref.path)}, "skipped": {}}
     args.work = args.work or constants.home() / "anchors"
     args.work.mkdir(parents=True, exist_ok=True)
@@ -344,4 +345,5 @@ def summary(result: dict) -> str:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # edgepack's progress on stderr
     sys.exit(main())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
@@ -42,7 +43,7 @@ import json, resource, sys, time
 from pathlib import Path
 from edgepack.converters.gguf import convert
 t = time.perf_counter()
-r = convert(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], log=lambda m: None)
+r = convert(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
 print(json.dumps({"convert_s": time.perf_counter() - t,
                   "self_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "tokenizer_child_peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
@@ -229,7 +230,7 @@ def main() -> int:
         return 0
     if args.model is None:
         pulled = subprocess.run(
-            [sys.executable, "-c", "from edgepack.converters.pull import pull; print(pull('smollm2-135m', log=lambda m: None).path)"],
+            [sys.executable, "-c", "from edgepack.converters.pull import pull; print(pull('smollm2-135m').path)"],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
         args.model = Path(pulled.stdout.strip().splitlines()[-1])
@@ -248,4 +249,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # edgepack's progress on stderr
     sys.exit(main())

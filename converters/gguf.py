@@ -18,11 +18,12 @@ chains the stages in ``gguf_variant.py``.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ml_dtypes  # noqa: F401 - registers bfloat16 so safetensors can hand bf16 tensors to numpy
 import numpy as np
@@ -35,6 +36,7 @@ from ..fsutil import atomic_path
 from ..stages import Artifact, Kind, Planned, Stage
 from . import gguf_arch, gguf_vocab
 
+log = logging.getLogger(__name__)
 Q = GGMLQuantizationType
 WRITER_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "f32": (Q.F32, LlamaFileType.ALL_F32),
@@ -80,7 +82,7 @@ class Result:
 
 
 def convert(
-    src: Path, dest: Path, outtype: str = "f16", *, name: str | None = None, log: Callable[[str], None] = print
+    src: Path, dest: Path, outtype: str = "f16", *, name: str | None = None
 ) -> Result:
     """Write the checkpoint at ``src`` as a GGUF of ``outtype`` at ``dest`` (atomically).
 
@@ -105,9 +107,9 @@ def convert(
     embd = next(t for t in plan if t.name == "token_embd.weight")
     vocab = vocab_job.result(embd.shape[0])
     for w in model.warnings:
-        log(f"warning: {w}")
+        log.warning(w)
     if fallbacks:
-        log(f"q8_0: {len(fallbacks)} tensor(s) kept in f16, their rows are not a multiple of 32: {', '.join(fallbacks)}")
+        log.info(f"q8_0: {len(fallbacks)} tensor(s) kept in f16, their rows are not a multiple of 32: {', '.join(fallbacks)}")
     with atomic_path(dest) as tmp:
         writer = GGUFWriter(tmp, model.spec.name)
         try:
@@ -133,7 +135,7 @@ def convert(
         finally:
             writer.close()
     for w in warnings[len(model.warnings) :]:
-        log(f"warning: {w}")
+        log.warning(w)
     params = sum(t.n_elements for t in plan)
     return Result(dest, outtype, params, sum(t.nbytes for t in plan), fallbacks, warnings)
 

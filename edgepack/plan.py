@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from .options import given as is_given
 from .stages import Artifact, Stage, Step, cached, params, run_stage
 
 # The modules that define a format, one line each: the part before ":" in a spec is its FORMAT.name.
+log = logging.getLogger(__name__)
+
 FORMATS = (
     "edgepack.converters.gguf_variant",
     "edgepack.converters.gptq",
@@ -254,9 +257,8 @@ def check_model(specs: list[Spec], model_dir: Path) -> None:
 class Runner:
     """Runs jobs through the stage cache, resolving each config's ``Output`` and ``SOURCE`` values as it goes."""
 
-    def __init__(self, source: Artifact, log: Callable[[str], None]) -> None:
+    def __init__(self, source: Artifact) -> None:
         self.source = source
-        self.log = log
         self.outputs: dict[Job, Artifact] = {}
         self.steps: dict[Job, Step] = {}
 
@@ -264,7 +266,7 @@ class Runner:
         config = resolve(job.config, lambda j: self.outputs[j].path, self.source.path)
         inp = self.outputs[job.input] if isinstance(job.input, Job) else self.source
         art, step = run_stage(job.stage, inp, config)
-        self.log(f"{job.stage.name}: {'cached' if step.cached else f'done in {step.wall_s:.1f} s'}")
+        log.info(f"{job.stage.name}: {'cached' if step.cached else f'done in {step.wall_s:.1f} s'}")
         for check in job.checks:
             check(art.path)
         self.outputs[job], self.steps[job] = art, step

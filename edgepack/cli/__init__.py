@@ -1,12 +1,15 @@
 """The ``edgepack`` command: one module per command group, each registering on ``app``.
 
 Errors become one line on stderr and a non-zero exit; ``--debug`` (or
-``EDGEPACK_DEBUG=1``) shows the traceback instead.
+``EDGEPACK_DEBUG=1``) shows the traceback instead. The library logs progress and
+warnings to the ``edgepack`` logger; the command shows them on stderr, so stdout
+holds only data (a path, JSON, a table).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 import sys
@@ -45,6 +48,21 @@ def info(message: str) -> None:
     err.print(escape(_as_flags(message)), soft_wrap=True)
 
 
+class _Stderr(logging.Handler):
+    """The ``edgepack`` logger's records, rendered as the command's own lines: warnings marked, nothing else added."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        info(f"warning: {text}" if record.levelno >= logging.WARNING else text)
+
+
+def _log_to_stderr(debug: bool) -> None:
+    logger = logging.getLogger("edgepack")
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"edgepack {__version__}")
@@ -56,6 +74,7 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.", envvar="EDGEPACK_DEBUG"),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
+    _log_to_stderr(debug)
     if debug:
         os.environ["EDGEPACK_DEBUG"] = "1"
     else:

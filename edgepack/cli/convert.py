@@ -16,7 +16,6 @@ from typing import Any
 
 import typer
 
-from . import info
 
 _P = inspect.Parameter
 
@@ -93,7 +92,7 @@ def register(app: typer.Typer) -> None:
             planned = library.dry_run(model, to or None, out, options=options, allow_pickle=allow_pickle, report=report)
             print(json.dumps(planned, indent=2) if as_json else render_plan(planned))
             return
-        bundle = library.convert(model, to or None, out, options=options, allow_pickle=allow_pickle, log=info, report=report)
+        bundle = library.convert(model, to or None, out, options=options, allow_pickle=allow_pickle, report=report)
         print(bundle.root)
         if chat and sys.stdin.isatty() and sys.stdout.isatty():
             from ..tui.app import run_chat

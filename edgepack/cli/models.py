@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
             return
         if ref is None:
             raise UsageError("give the model to pull: a recipe (see `edgepack pull --list`), a hub id, a checkpoint folder or a .gguf file")
-        art = do_pull(ref, allow_pickle=allow_pickle, log=info)
+        art = do_pull(ref, allow_pickle=allow_pickle)
         if as_json:
             print(json.dumps({"path": str(art.path), **art.meta}, indent=2))
         else:

@@ -192,7 +192,7 @@ def test_prune_then_distill_run_in_order_through_the_cache(teacher):
     src = from_folder(teacher)
     pcfg, dcfg = prune.Config(layers=1, samples=2, seq_len=32), Config(steps=3, **TINY)
     _, planned = request(str(teacher), "gguf:f16", prune=pcfg, distill=dcfg)
-    runner = Runner(src, lambda m: None)
+    runner = Runner(src)
     arts = [runner.run(job) for job in planned.transforms]
     steps = [runner.steps[job].to_json() for job in planned.transforms]
     assert [s["stage"] for s in steps] == ["prune", "distill"]
@@ -200,7 +200,7 @@ def test_prune_then_distill_run_in_order_through_the_cache(teacher):
     # the manifest names the teacher by content (the source the student was pruned from), not by a path on this machine
     assert steps[1]["params"]["teacher"] == {"name": teacher.name, "sha256": steps[0]["input_sha256"]}
     assert AutoModelForCausalLM.from_pretrained(arts[1].path).config.num_hidden_layers == 3
-    again = Runner(src, lambda m: None)
+    again = Runner(src)
     assert [again.run(job).path for job in planned.transforms] == [a.path for a in arts]
     assert all(again.steps[job].cached for job in planned.transforms)
     with pytest.raises(UsageError, match="heals a pruned student"):

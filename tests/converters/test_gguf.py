@@ -89,7 +89,7 @@ def tiny(tmp_path_factory):
         if key not in made:
             path = tiny_model(arch, tmp_path_factory.mktemp(key) / "model", **config)
             made[key] = (path, path / "model-f32.gguf")
-            convert(path, made[key][1], "f32", log=lambda m: None)
+            convert(path, made[key][1], "f32")
         return made[key]
 
     return get
@@ -209,7 +209,7 @@ def test_added_tokens_that_strip_whitespace(tmp_path, name):
             added["rstrip"] = added["rstrip"] or added["content"] in ("</s>", "<|im_start|>", "<|im_end|>")
         (tmp_path / "tok" / file).write_text(json.dumps(spec))
     hf_dir = tiny_model("phi3", tmp_path / "m", tokenizer=tmp_path / "tok")
-    convert(hf_dir, tmp_path / "m.gguf", "f16", name=name, log=lambda m: None)
+    convert(hf_dir, tmp_path / "m.gguf", "f16", name=name)
     r = reader(tmp_path / "m.gguf")
     ids = {a["content"]: a["id"] for a in json.loads((hf_dir / "tokenizer.json").read_text())["added_tokens"]}
     assert sorted(field(r, "edgepack.tokenizer.rstrip_tokens")) == sorted(ids[t] for t in ("</s>", "<|im_start|>", "<|im_end|>", "<|end|>"))
@@ -227,7 +227,7 @@ def test_sentencepiece_model_without_tokenizer_json(tmp_path):
     """A checkpoint shipping only tokenizer.model goes through transformers' own conversion."""
     hf_dir = tiny_model("gemma2", tmp_path / "m")
     (hf_dir / "tokenizer.json").unlink()
-    convert(hf_dir, tmp_path / "m.gguf", "f16", log=lambda m: None)
+    convert(hf_dir, tmp_path / "m.gguf", "f16")
     assert_tokenizes_like_hf(hf_dir, tmp_path / "m.gguf", CORPUS)
     r = reader(tmp_path / "m.gguf")
     assert field(r, "tokenizer.ggml.model") == "llama"
@@ -238,7 +238,7 @@ def test_sentencepiece_model_without_tokenizer_json(tmp_path):
 @pytest.mark.slow
 def test_smollm2_f16_logits_tokens_and_metadata(smollm2, tmp_path):
     out = tmp_path / "smollm2-f16.gguf"
-    result = convert(smollm2, out, "f16", log=lambda m: None)
+    result = convert(smollm2, out, "f16")
     assert result.fallbacks == [] and 15.9 < result.bits_per_weight < 16.1
     from transformers import AutoTokenizer
 
@@ -263,7 +263,7 @@ def test_smollm2_f16_logits_tokens_and_metadata(smollm2, tmp_path):
 def test_gemma3_f16_logits_tokens_and_metadata(gemma3, tmp_path):
     """The second real model: Gemma 3 270M, sliding-window layers and a 262,144-piece SentencePiece vocabulary."""
     out = tmp_path / "gemma3-f16.gguf"
-    convert(gemma3, out, "f16", log=lambda m: None)
+    convert(gemma3, out, "f16")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gemma3)
@@ -300,7 +300,7 @@ def test_smollm2_hub_pretokenizer_is_smollm(smollm2, tmp_path):
     }
     (tokdir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
     hf_dir = tiny_model("llama", tmp_path / "m", tokenizer=tokdir)
-    convert(hf_dir, tmp_path / "m.gguf", "f16", log=lambda m: None)
+    convert(hf_dir, tmp_path / "m.gguf", "f16")
     assert field(reader(tmp_path / "m.gguf"), "tokenizer.ggml.pre") == "smollm"
     assert_tokenizes_like_hf(hf_dir, tmp_path / "m.gguf", [*CORPUS, "\n".join(CORPUS)])
 
@@ -328,7 +328,7 @@ def test_writer_types_equal_llama_cpp_quantizer_bit_for_bit(tiny, tmp_path, outt
     """Each writer type holds exactly what llama.cpp's own quantizer makes from the f32 file."""
     hf_dir, f32 = tiny("llama")
     out = tmp_path / f"m-{outtype}.gguf"
-    result = convert(hf_dir, out, outtype, log=lambda m: None)
+    result = convert(hf_dir, out, outtype)
     weight_type, file_type = WRITER_TYPES[outtype]
     llama_cpp_quantize(f32, tmp_path / "theirs.gguf", int(file_type))
     assert_same_tensors(out, tmp_path / "theirs.gguf")
@@ -345,7 +345,7 @@ def test_writer_types_equal_llama_cpp_quantizer_bit_for_bit(tiny, tmp_path, outt
 
 def test_q8_0_keeps_rows_it_cannot_block_in_f16(tmp_path):
     hf_dir = tiny_model("llama", tmp_path / "m", hidden_size=40, head_dim=10)
-    result = convert(hf_dir, tmp_path / "m.gguf", "q8_0", log=lambda m: None)
+    result = convert(hf_dir, tmp_path / "m.gguf", "q8_0")
     assert "blk.0.attn_q.weight" in result.fallbacks and "blk.0.ffn_down.weight" not in result.fallbacks
     types = {t.name: t.tensor_type for t in reader(tmp_path / "m.gguf").tensors}
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
@@ -362,7 +362,7 @@ def test_f16_overflow_is_reported(tiny, tmp_path):
     weights = load_file(hf_dir / "model.safetensors")
     weights["model.layers.1.mlp.down_proj.weight"][0, 0] = 1e6
     save_file(weights, hf_dir / "model.safetensors", metadata={"format": "pt"})
-    result = convert(hf_dir, tmp_path / "m.gguf", "f16", log=lambda m: None)
+    result = convert(hf_dir, tmp_path / "m.gguf", "f16")
     assert [w for w in result.warnings if "float16" in w] == [
         "blk.1.ffn_down.weight has values beyond float16's range (now inf): convert to bf16 or f32 instead"
     ]
@@ -420,18 +420,17 @@ def test_unknown_writer_type(tiny, tmp_path):
 # -- stage and --to gguf:TYPE ----------------------------------------------------------------------
 
 
-def test_variant_through_the_stage_cache(tiny, tmp_path):
+def test_variant_through_the_stage_cache(tiny, tmp_path, logged):
     hf_dir, _ = tiny("qwen3")
-    logs: list[str] = []
-    bundle = convert_bundle(str(hf_dir), "gguf:F16,gguf:q8_0", tmp_path / "bundle", log=logs.append)
+    bundle = convert_bundle(str(hf_dir), "gguf:F16,gguf:q8_0", tmp_path / "bundle")
     f16 = bundle.variant("gguf-f16")
     assert (f16.format, f16.backend, f16.path) == ("gguf", "llama.cpp", "variants/gguf-f16/model-f16.gguf")
     assert 15.9 < f16.bits_per_weight < 16.1 and bundle.variant("gguf-q8_0").bits_per_weight < 8.6
     assert_logits_match(hf_dir, bundle.root / f16.path, tol=0.05)
     assert [s["stage"] for s in bundle.data["steps"]] == ["gguf-write", "gguf-write"]
-    logs.clear()
-    again = convert_bundle(str(hf_dir), "gguf:f16", tmp_path / "bundle", log=logs.append)
-    assert logs[0] == "gguf-write: cached"
+    logged.clear()
+    again = convert_bundle(str(hf_dir), "gguf:f16", tmp_path / "bundle")
+    assert logged.messages[0] == "gguf-write: cached"
     assert again.data["steps"] == bundle.data["steps"]  # a reused stage is recorded once, as it was made
     Bundle.open(tmp_path / "bundle", verify=True)
 
@@ -446,7 +445,7 @@ def test_gguf_types_are_checked_before_any_work():
 def test_quantized_variant_from_the_f16_file_with_an_importance_matrix(tmp_path):
     """gguf:Q4_K_M: the writer's f16 file, an importance matrix from calibration text, llama.cpp's quantizer."""
     hf_dir = tiny_model("llama", tmp_path / "m", max_position_embeddings=1024)
-    bundle = convert_bundle(str(hf_dir), "gguf:Q4_K_M", tmp_path / "bundle", options={"calibration_tokens": 1024}, log=lambda m: None)
+    bundle = convert_bundle(str(hf_dir), "gguf:Q4_K_M", tmp_path / "bundle", options={"calibration_tokens": 1024})
     variant = bundle.variant("gguf-q4_k_m")
     assert [s["stage"] for s in bundle.data["steps"]] == ["gguf-write", "imatrix", "quantize"]
     assert bundle.data["steps"][0]["params"] == {"outtype": "f16"}

@@ -60,8 +60,7 @@ def test_quantizer_flags_reach_the_file(wide, tmp_path):
 
 
 def test_target_size_makes_a_measured_mix_within_the_budget(wide, tmp_path):
-    quiet = dict(log=lambda m: None)
-    plain = convert(str(wide), "gguf:Q4_K_M", tmp_path / "plain", options={"calibration_tokens": 512}, **quiet)
+    plain = convert(str(wide), "gguf:Q4_K_M", tmp_path / "plain", options={"calibration_tokens": 512})
     size = plain.variant("gguf-q4_k_m").meta["bytes"]
     out = tmp_path / "t"
     r = edgepack("convert", str(wide), "--to", "gguf:Q4_K_M", "--target-size", str(size), "--calibration-tokens", "512", "-o", str(out), "--no-report")
@@ -81,17 +80,16 @@ def test_target_size_makes_a_measured_mix_within_the_budget(wide, tmp_path):
 
     # bits per weight, restricted types, and a user's importance matrix (sensitivity is measured under it)
     opts = {"target_bpw": "5.5", "target_types": "q4_k,q6_k,q8_0", "imatrix": str(out / "calibration" / "imatrix.dat")}
-    b = convert(str(wide), "gguf:Q4_K_M", tmp_path / "bpw", options=opts, **quiet)
+    b = convert(str(wide), "gguf:Q4_K_M", tmp_path / "bpw", options=opts)
     v = b.variant("gguf-q4_k_m-5.5bpw")
     assert v.meta["bits_per_weight"] <= 5.5 and set(v.meta["target"]["types"].values()) <= {"Q4_K", "Q6_K", "Q8_0"}
     assert [s["stage"] for s in b.data["steps"]] == ["gguf-write", "sensitivity", "quantize"]
 
 
-def test_a_target_the_smallest_types_miss_is_refused_before_measuring(wide, tmp_path):
-    logs: list[str] = []
+def test_a_target_the_smallest_types_miss_is_refused_before_measuring(wide, tmp_path, logged):
     with pytest.raises(UsageError, match="the smallest types allowed still need .* raise the target size"):
-        convert(str(wide), "gguf:Q4_K_M", tmp_path / "b", options={"target_size": "300KB"}, log=logs.append)
-    assert [m.split(":")[0] for m in logs if ": done in" in m] == ["gguf-write"]  # no imatrix, no sensitivity
+        convert(str(wide), "gguf:Q4_K_M", tmp_path / "b", options={"target_size": "300KB"})
+    assert [m.split(":")[0] for m in logged.messages if ": done in" in m] == ["gguf-write"]  # no imatrix, no sensitivity
 
 
 @pytest.mark.parametrize(

@@ -101,7 +101,7 @@ def round_to_nearest(w, group: int):
 
 
 @pytest.mark.slow
-def test_gptq_checkpoint_loads_in_transformers(narrow, tmp_path):
+def test_gptq_checkpoint_loads_in_transformers(narrow, tmp_path, logged):
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -145,6 +145,6 @@ def test_gptq_checkpoint_loads_in_transformers(narrow, tmp_path):
     kld = lambda q: (ref.exp() * (ref - q)).sum(-1).mean().item()  # noqa: E731
     assert kld(calibrated) < 0.9 * kld(rtn), (kld(calibrated), kld(rtn))
 
-    again: list[str] = []  # the same options through the API: the same stage
-    convert(str(narrow), "gptq:4", tmp_path / "b", options={"samples": 32, "mixed": False}, log=again.append)
-    assert "gptq: cached" in again
+    logged.clear()  # the same options through the API: the same stage
+    convert(str(narrow), "gptq:4", tmp_path / "b", options={"samples": 32, "mixed": False})
+    assert "gptq: cached" in logged.messages

@@ -50,7 +50,7 @@ def test_too_few_calibration_samples_fail_before_the_model_is_pulled(variant, tm
     short = tmp_path / "short.txt"
     short.write_text("One paragraph about caching.\n\nAnother one about bundles.")
     with pytest.raises(CalibrationError, match="has 2 samples but 256 were requested"):
-        convert(str(tmp_path / "no-such-model"), variant, tmp_path / "b", options={"calibration": str(short)}, log=lambda m: None)
+        convert(str(tmp_path / "no-such-model"), variant, tmp_path / "b", options={"calibration": str(short)})
     assert not constants.stages_dir().exists() and not (tmp_path / "b").exists()
 
 

@@ -109,7 +109,7 @@ def test_untied_head_gets_an_entry(tmp_path):
     assert (im.entries["output.weight"] > 0).all()
 
 
-def test_files_a_stage_reads_key_its_cache_by_content(tmp_path):
+def test_files_a_stage_reads_key_its_cache_by_content(tmp_path, logged):
     """A calibration file or an imatrix file edited in place makes the stages that read it run again; unchanged, they are reused."""
     from edgepack.convert import convert
 
@@ -120,9 +120,9 @@ def test_files_a_stage_reads_key_its_cache_by_content(tmp_path):
     options = {"calibration": str(notes), "calibration_tokens": "512"}
 
     def stages(**opts) -> dict[str, bool]:
-        lines: list[str] = []
-        convert(str(hf), "gguf:Q4_K_M", tmp_path / "b", options={**options, **opts}, log=lines.append)
-        return {ln.split(":")[0]: ln.endswith("cached") for ln in lines if ln.split(":")[0] in ("imatrix", "quantize")}
+        logged.clear()
+        convert(str(hf), "gguf:Q4_K_M", tmp_path / "b", options={**options, **opts})
+        return {ln.split(":")[0]: ln.endswith("cached") for ln in logged.messages if ln.split(":")[0] in ("imatrix", "quantize")}
 
     assert stages() == {"imatrix": False, "quantize": False}
     assert stages() == {"imatrix": True, "quantize": True}

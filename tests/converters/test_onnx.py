@@ -71,7 +71,7 @@ def test_unsupported_architecture_names_the_gguf_route(narrow, tmp_path):
     cfg = json.loads((odd / "config.json").read_text())
     (odd / "config.json").write_text(json.dumps({**cfg, "architectures": ["FalconMambaForCausalLM"]}))
     with pytest.raises(UnsupportedArchitectureError, match=r"'FalconMambaForCausalLM' is not supported.*gguf:Q4_K_M"):
-        convert(str(odd), "onnx:int4", tmp_path / "b", log=lambda m: None)
+        convert(str(odd), "onnx:int4", tmp_path / "b")
     assert not constants.stages_dir().exists()  # refused before any stage ran
 
 
@@ -110,7 +110,7 @@ def eval_ids(folder) -> list[int]:
 
 @pytest.mark.slow
 def test_fp32_matches_transformers(narrow, tmp_path):
-    bundle = convert(str(narrow), "onnx:fp32", tmp_path / "b", log=lambda m: None)
+    bundle = convert(str(narrow), "onnx:fp32", tmp_path / "b")
     v = bundle.variant("onnx-fp32")
     assert (v.format, v.backend, v.meta["precision"]) == ("onnx", "onnx", "fp32")
     folder = onnx_conv.check_folder(bundle.resolve(v.path))
@@ -120,11 +120,10 @@ def test_fp32_matches_transformers(narrow, tmp_path):
 
 
 @pytest.mark.slow
-def test_int4_repacks_the_gptq_weights(narrow, tmp_path):
-    logs: list[str] = []
+def test_int4_repacks_the_gptq_weights(narrow, tmp_path, logged):
     opts = {"samples": 32, "mixed": False, "desc_act": False}  # one GPTQ stage for both: uniform bits, no act-order
-    bundle = convert(str(narrow), "gptq:4g32,onnx:int4", tmp_path / "b", options=opts, log=logs.append)
-    assert sum("gptq: cached" in m for m in logs) == 1  # onnx:int4 reused the gptq:4g32 stage
+    bundle = convert(str(narrow), "gptq:4g32,onnx:int4", tmp_path / "b", options=opts)
+    assert [m for m in logged.messages if m.startswith("gptq:")] == [next(m for m in logged.messages if m.startswith("gptq: done"))]  # one run, shared
     v = bundle.variant("onnx-int4")
     assert v.meta["int4_method"] == "gptq" and v.meta["gptq"]["group_size"] == 32 and v.meta["lm_head_bits"] == 8
     folder = bundle.resolve(v.path)
@@ -151,11 +150,10 @@ def test_int4_repacks_the_gptq_weights(narrow, tmp_path):
 
 
 @pytest.mark.slow
-def test_int4_takes_gptq_groups_of_16(narrow, tmp_path):
-    logs: list[str] = []
+def test_int4_takes_gptq_groups_of_16(narrow, tmp_path, logged):
     opts = {"samples": 16, "block_size": 16, "mixed": False, "desc_act": False}
-    bundle = convert(str(narrow), "gptq:4,onnx:int4", tmp_path / "b", options=opts, log=logs.append)
-    assert sum("gptq: cached" in m for m in logs) == 1  # onnx:int4 repacked the gptq:4 checkpoint
+    bundle = convert(str(narrow), "gptq:4,onnx:int4", tmp_path / "b", options=opts)
+    assert [m for m in logged.messages if m.startswith("gptq:")] == [next(m for m in logged.messages if m.startswith("gptq: done"))]  # one run, shared
     folder = bundle.resolve(bundle.variant("onnx-int4").path)
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     blocks = {next(a.i for a in n.attribute if a.name == "block_size") for n in graph.node if n.op_type == "MatMulNBits" and "lm_head" not in n.name}
@@ -209,7 +207,7 @@ def quantized_bits(folder) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_int4_keeps_sensitive_layers_at_8_bits(narrow, tmp_path):
-    bundle = convert(str(narrow), "onnx:int4", tmp_path / "b", options={"samples": 16}, log=lambda m: None)
+    bundle = convert(str(narrow), "onnx:int4", tmp_path / "b", options={"samples": 16})
     v = bundle.variant("onnx-int4")
     assert v.meta["gptq"]["mixed"] is True and v.meta["lm_head_block"] == 64
     bits = quantized_bits(bundle.resolve(v.path))
@@ -220,7 +218,7 @@ def test_int4_keeps_sensitive_layers_at_8_bits(narrow, tmp_path):
 
 @pytest.mark.slow
 def test_int4_rtn_and_int8_need_no_calibration(narrow, tmp_path):
-    bundle = convert(str(narrow), "onnx:int4,onnx:int8", tmp_path / "b", options={"int4_method": "rtn"}, log=lambda m: None)
+    bundle = convert(str(narrow), "onnx:int4,onnx:int8", tmp_path / "b", options={"int4_method": "rtn"})
     ids = eval_ids(narrow)
     ref = hf_logprobs(narrow, ids)
     int8 = onnx_logprobs(bundle.resolve(bundle.variant("onnx-int8").path), ids)
@@ -235,14 +233,14 @@ def test_calibration_too_short_fails_before_any_stage(narrow, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("One paragraph about caching.\n\nAnother one about bundles.")
     with pytest.raises(CalibrationError, match="but 256 were requested"):
-        convert(str(narrow), "onnx:int4", tmp_path / "b", options={"calibration": str(short)}, log=lambda m: None)
+        convert(str(narrow), "onnx:int4", tmp_path / "b", options={"calibration": str(short)})
     assert not constants.stages_dir().exists()
 
 
 @pytest.mark.slow
 def test_real_smollm2_int4(smollm2, tmp_path):
     """The real 576-wide SmolLM2 through the builder (round-to-nearest: GPTQ on it takes minutes, see benchmarks/onnx_int4.py)."""
-    bundle = convert(str(smollm2), "onnx:int4", tmp_path / "b", options={"int4_method": "rtn"}, log=lambda m: None)
+    bundle = convert(str(smollm2), "onnx:int4", tmp_path / "b", options={"int4_method": "rtn"})
     v = bundle.variant("onnx-int4")
     assert v.bytes < 95e6 and v.meta["lm_head_bits"] == 4
     ids = eval_ids(smollm2)

@@ -179,7 +179,7 @@ def test_pruned_model_converts_to_gguf_and_llama_cpp_loads_it(llama, tmp_path):
     from edgepack.converters.gguf import convert
 
     art, _ = run_stage(Prune(), from_folder(llama), Config(layers=2, heads=2, intermediate_size=64, **FAST))
-    out = convert(art.path, tmp_path / "pruned.gguf", "f32", log=lambda m: None)
+    out = convert(art.path, tmp_path / "pruned.gguf", "f32")
     reader = gguf.GGUFReader(out.path)
     assert reader.get_field("llama.block_count").contents() == 4
     assert reader.get_field("llama.feed_forward_length").contents() == 64

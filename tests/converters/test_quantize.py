@@ -29,7 +29,7 @@ def wide(tmp_path_factory):
     """(HF folder, f32 GGUF) of a tiny llama whose weights take every block size."""
     root = tmp_path_factory.mktemp("wide")
     hf = tiny_model("llama", root / "hf", **WIDE)
-    return hf, convert(hf, root / "model-f32.gguf", "f32", log=lambda m: None).path
+    return hf, convert(hf, root / "model-f32.gguf", "f32").path
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_bad_inputs(wide, tmp_path):
 
 def test_overrides_and_fallbacks_are_reported(tmp_path):
     hf = tiny_model("llama", tmp_path / "hf")  # 64-wide rows: no 256-wide K-quant block fits
-    src = convert(hf, tmp_path / "model-f16.gguf", "f16", log=lambda m: None).path
+    src = convert(hf, tmp_path / "model-f16.gguf", "f16").path
     art = quantize(src, tmp_path / "q", type="Q4_K_M", tensor_types=["ffn_down=q8_0"], token_embedding_type="q8_0")
     types = types_of(art.path)
     assert art.path.name == "model-Q4_K_M.gguf"
@@ -181,7 +181,7 @@ def test_a_failed_write_leaves_no_file(wide, tmp_path):
 def test_own_imatrix_matches_the_writers_tensors(arch, tmp_path):
     hf = tiny_model(arch, tmp_path / "hf", tokenizer=None if arch == "qwen2" else "bpe-llama3")
     imat = Imatrix().run(Artifact(Kind.HF, hf), Imatrix.Config(tokens=128, window=64), tmp_path / "im").path
-    src = convert(hf, tmp_path / "model-f16.gguf", "f16", log=lambda m: None).path
+    src = convert(hf, tmp_path / "model-f16.gguf", "f16").path
     art = quantize(src, tmp_path / "q", type="Q4_K_M", imatrix=str(imat))
     assert kv(art.path, "quantize.imatrix.entries_count") == len(ImatrixFile.load(imat).entries)
     assert np.isfinite(llama_logits(art.path, [1, 2, 3])).all()

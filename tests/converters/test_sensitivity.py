@@ -26,7 +26,7 @@ def wide(tmp_path_factory):
     """(HF folder, f32 GGUF, imatrix) of a tiny llama whose rows take 256-wide blocks."""
     root = tmp_path_factory.mktemp("wide")
     hf = tiny_model("llama", root / "hf", hidden_size=256, intermediate_size=512, head_dim=64)
-    src = convert(hf, root / "model-f32.gguf", "f32", log=lambda m: None).path
+    src = convert(hf, root / "model-f32.gguf", "f32").path
     imat = Imatrix().run(Artifact(Kind.HF, hf), Imatrix.Config(tokens=512, window=128), root / "im").path
     return hf, src, imat
 
@@ -119,7 +119,7 @@ def test_target_refusals(wide, table, tmp_path):
     with pytest.raises(UsageError, match="allow more --target-types"):
         quantize(src, tmp_path / "t", type="Q4_K_M", imatrix=str(imat), target_size=10**6, sensitivity=str(table), target_types=["q4_0"])
     other = tiny_model("llama", tmp_path / "other")  # 64-wide: another model's tensors
-    other_src = convert(other, tmp_path / "other.gguf", "f32", log=lambda m: None).path
+    other_src = convert(other, tmp_path / "other.gguf", "f32").path
     plain = json.loads(table.read_text())
     plain["imatrix_sha256"] = None
     (tmp_path / "plain.json").write_text(json.dumps(plain))

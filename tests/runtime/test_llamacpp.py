@@ -61,7 +61,7 @@ def test_chat_ids_equal_transformers_on_tiny_models(arch, tmp_path):
 
     ckpt = tiny_model(arch, tmp_path / arch)
     gguf = tmp_path / f"{arch}.gguf"
-    convert(ckpt, gguf, "f16", log=lambda m: None)
+    convert(ckpt, gguf, "f16")
     hf = AutoTokenizer.from_pretrained(ckpt)
     with edgepack.load(gguf, threads=1, n_ctx=256) as s:
         for conv in (CHAT, CHAT[1:2]):

@@ -99,7 +99,7 @@ def test_a_model_without_chat_template_says_how_to_prompt_it(tmp_path):
     config.pop("chat_template", None)
     (hf_dir / "tokenizer_config.json").write_text(json.dumps(config))
     (hf_dir / "chat_template.jinja").unlink(missing_ok=True)
-    gguf = convert(hf_dir, tmp_path / "base.gguf", "f16", log=lambda m: None).path
+    gguf = convert(hf_dir, tmp_path / "base.gguf", "f16").path
     r = _run(gguf, QUESTION, "-n", 2, *FAST)
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and "has no chat template" in r.stderr and "--raw" in r.stderr
