@@ -148,7 +148,7 @@ def _hf(preset: str, split: Split) -> Text:
     try:
         ds = datasets.load_dataset(dataset, config, split=hf_split)
     except (ConnectionError, OSError) as e:
-        raise OfflineError(f"cannot load dataset {dataset} ({e}): go online or use --calibration builtin") from e
+        raise OfflineError(f"cannot load dataset {dataset} ({e}): go online or use `calibration` builtin") from e
     if column not in ds.column_names:
         raise CalibrationError(f"dataset {dataset} has no column {column!r}; it has {', '.join(ds.column_names)}")
     rows = [(f"{dataset}#{i}", str(t).strip()) for i, t in enumerate(ds[column]) if str(t).strip()]

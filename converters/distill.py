@@ -280,7 +280,7 @@ def _train(student, teacher, trainable, opt, state, windows, steps: int, lr: flo
                 state.save(step, time.perf_counter() - started, loss_ema)
             raise
     if step == 0:
-        raise UsageError(f"the time budget ({config.time_s:.0f} s) ran out before the first step: give a longer --time")
+        raise UsageError(f"the time budget ({config.time_s:.0f} s) ran out before the first step: give a longer `time`", option="time")
     return {
         "steps": step,
         "resumed_from": resumed_from,

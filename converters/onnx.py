@@ -54,7 +54,7 @@ PROVIDERS = ("cpu", "cuda")
 INT4_METHODS = ("gptq", "rtn")
 GENAI_CONFIG = "genai_config.json"
 GPTQ_DEFAULTS = {"mixed": True, "desc_act": False}  # calibrated INT4's own GPTQ defaults (see the module docstring)
-_GGUF_HINT = "Convert it to GGUF instead (--to gguf:Q4_K_M), which llama.cpp runs."
+_GGUF_HINT = "Convert it to GGUF instead (gguf:Q4_K_M), which llama.cpp runs."
 
 
 def parse_arg(arg: str) -> tuple[str, str]:
@@ -79,7 +79,7 @@ def check_folder(path: Path) -> Path:
     """Raise InvalidModelError unless ``path`` is an onnxruntime-genai folder (genai_config.json + its model file)."""
     cfg = path / GENAI_CONFIG
     if not cfg.is_file():
-        raise InvalidModelError(f"{path} has no {GENAI_CONFIG}, so onnxruntime-genai cannot load it: re-convert with --to onnx:int4")
+        raise InvalidModelError(f"{path} has no {GENAI_CONFIG}, so onnxruntime-genai cannot load it: convert the model to onnx:int4 again")
     try:
         decoder = json.loads(cfg.read_text())["model"]["decoder"]
         model = path / decoder["filename"]

@@ -165,7 +165,7 @@ def from_hub(ref: str, *, allow_pickle: bool = False) -> Artifact:
                     if not allow_pickle:
                         raise InvalidModelError(
                             f"{repo} has only pickle weights (.bin/.pt), which can run code when loaded: "
-                            "pass --allow-pickle if you trust it, or pick a repo with safetensors"
+                            "pass `allow_pickle` if you trust it, or pick a repo with safetensors"
                         )
                     patterns += PICKLE_PATTERNS
                 else:
@@ -220,7 +220,7 @@ def from_folder(path: Path, *, allow_pickle: bool = False) -> Artifact:
         if pickles and not allow_pickle:
             raise InvalidModelError(
                 f"{path} has only pickle weights ({pickles[0].name}), which can run code when loaded: "
-                "pass --allow-pickle if you trust it"
+                "pass `allow_pickle` if you trust it"
             )
         if not pickles:
             raise InvalidModelError(f"{path} has no weights (*.safetensors)")

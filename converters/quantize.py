@@ -206,7 +206,7 @@ def _run_llama_quantize(src: Path, dest: Path, params: _Params) -> str:
         m = re.search(r"failed to quantize: (.*)", log)
         reason = m.group(1).strip() if m else f"return code {rc}"
         if "requires an imatrix" in reason or "Missing importance matrix" in reason:
-            raise UsageError(f"llama.cpp: {reason}: give an importance matrix (--imatrix, or let edgepack compute one)")
+            raise UsageError(f"llama.cpp: {reason}: give an importance matrix (`imatrix`, or let edgepack compute one)", option="imatrix")
         if "iostream error" in reason:
             raise BackendError(f"llama.cpp failed writing {dest.name} ({reason}): check free space and write permission in {dest.parent}, then re-run")
         raise BackendError(f"llama.cpp could not quantize {src.name}: {reason}: check that the file loads (edgepack inspect {src})")
@@ -318,7 +318,7 @@ def check_target(src: Path, config: Quantize.Config) -> None:
 
 
 def _fixed_types(tensors: dict[str, TensorInfo], overrides, out_type: str | None, embd_type: str | None) -> dict[str, str]:
-    """Types the user set, which a size target does not choose; --output-type/--token-embedding-type beat patterns in llama.cpp."""
+    """Types the user set, which a size target does not choose; output_type/token_embedding_type beat patterns in llama.cpp."""
     fixed = {n: k for n, k in (("token_embd.weight", embd_type), ("output.weight", out_type)) if k and n in tensors}
     for name in (n for n, t in tensors.items() if t.quantizable):
         fixed.setdefault(name, next((k for p, k in overrides if re.search(p, name)), None))

@@ -168,7 +168,7 @@ def plan_mix(options: dict[str, list[tuple[str, int, float]]], budget: int) -> d
     if used > budget:
         raise UsageError(
             f"the smallest types allowed still need {used / 1e6:.2f} MB of weights, over the {budget / 1e6:.2f} MB left for them: "
-            "raise the target size, or allow smaller --target-types"
+            "raise the target size, or allow smaller `target_types`"
         )
     heap = [(-_gain(h, 0), name) for name, h in hulls.items() if len(h) > 1]
     heapq.heapify(heap)
@@ -272,7 +272,7 @@ def _problem(config, tensors, data_offset, fixed, table: dict[str, Any] | None):
             loss = entry["loss"]
         allowed = [(k, v) for k, v in loss.items() if k in usable and (config.imatrix or k not in TENSOR_NEEDS_IMATRIX)]
         if not allowed:
-            raise UsageError(f"no measured type allowed for the size target fits {name} ({t.shape[0]} columns): allow more --target-types")
+            raise UsageError(f"no measured type allowed for the size target fits {name} ({t.shape[0]} columns): allow more `target_types`", option="target_types")
         options[name] = [(k, g.nbytes(TENSOR_TYPES[k], t.shape), v) for k, v in allowed]
     if config.target_size:
         budget = config.target_size - data_offset - HEADER_SLACK - SIZE_MARGIN - rest

@@ -63,8 +63,10 @@ def test_folder_without_config(tmp_path):
 def test_pickle_only_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
-    with pytest.raises(InvalidModelError, match="--allow-pickle"):
+    with pytest.raises(InvalidModelError, match="pass `allow_pickle` if you trust it"):
         pull(str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "edgepack", "pull", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and "pass --allow-pickle if you trust it" in r.stderr  # the command line names its flag
 
 
 def test_truncated_safetensors(tmp_path):

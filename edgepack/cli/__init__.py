@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .. import __version__, constants
-from ..errors import EdgepackError, UsageError
+from ..errors import EdgepackError
 
 app = typer.Typer(
     name="edgepack",
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except EdgepackError as e:
-        _fail(e, _as_flags(str(e)) if isinstance(e, UsageError) else str(e), e.exit_code)
+        _fail(e, _as_flags(str(e)), e.exit_code)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         sys.exit(code or 0)

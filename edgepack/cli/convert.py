@@ -46,7 +46,7 @@ def declared_options() -> dict[str, tuple[Any, type]]:
 def flag_names() -> dict[str, str]:
     """Option name -> the flag that sets it, for error messages."""
     names = {name: flag.name_for(name) for name, (flag, _) in declared_options().items()}
-    return {**names, "to": "--to", "out": "--out"}
+    return {**names, "to": "--to", "out": "--out", "allow_pickle": "--allow-pickle"}
 
 
 def _parameter(name: str, flag, kind: type) -> _P:
