@@ -84,10 +84,11 @@ def _lone(p: Path, backend: str) -> Backend:
             raise UsageError(f"{p} is a {claimant.name} model; it cannot be loaded with backend={backend!r}")
     if not p.exists():
         raise SourceNotFoundError(f"no model at {str(p)!r}: give {_what()}")
-    if p.is_dir() and (p / "config.json").is_file():
+    takers = [b.name for b in registry.backends() if b.accepts(p)]
+    if takers:
         raise UsageError(
-            f"{p} is a Hugging Face checkpoint, which edgepack does not run directly: "
-            f"convert it first, e.g. `edgepack convert {p} --to gguf:Q4_K_M`"
+            f"{p} is run only by a backend named for it: pass backend={takers[0]!r} (`--backend {takers[0]}`), "
+            f"or convert it first, e.g. `edgepack convert {p} --to gguf:Q4_K_M`"
         )
     raise UsageError(f"{p} is not {_what()}")
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 MODULES = (
     "edgepack.runtime.llamacpp",
     "edgepack.runtime.onnx",
+    "edgepack.runtime.transformers",
 )
 
 

@@ -148,18 +148,20 @@ def test_a_backend_registered_in_a_test_is_seen_everywhere(echo, tmp_path, monke
 def test_names_are_unique_and_unknown_ones_listed(echo):
     with pytest.raises(UsageError, match="registered already"):
         registry.register(EchoBackend())
-    with pytest.raises(UsageError, match="unknown backend 'vllm': choose auto, llama.cpp, onnx, echo"):
+    with pytest.raises(UsageError, match="unknown backend 'vllm': choose auto, llama.cpp, onnx, transformers, echo"):
         edgepack.load("model.gguf", backend="vllm")
-    assert [b.name for b in registry.backends()] == ["llama.cpp", "onnx", "echo"]
+    assert [b.name for b in registry.backends()] == ["llama.cpp", "onnx", "transformers", "echo"]
     assert registry.capabilities("echo") == {"stream": True, "score": False, "chat": True, "cancel": True}
 
 
 def test_the_built_in_backends_claim_their_formats(tmp_path):
-    gguf, onnx, ckpt = tmp_path / "m.gguf", tmp_path / "onnx", tmp_path / "ckpt"
+    gguf, onnx, gptq, ckpt = tmp_path / "m.gguf", tmp_path / "onnx", tmp_path / "gptq", tmp_path / "ckpt"
     gguf.write_bytes(b"GGUF")
-    for folder in (onnx, ckpt):
+    for folder in (onnx, gptq, ckpt):
         folder.mkdir()
     (onnx / "genai_config.json").write_text("{}")
+    (gptq / "config.json").write_text('{"quantization_config": {"quant_method": "gptq"}}')
     (ckpt / "config.json").write_text("{}")
-    assert [getattr(registry.claiming(p), "name", None) for p in (gguf, onnx, ckpt)] == ["llama.cpp", "onnx", None]
-    assert [registry.for_format(f).name for f in ("gguf", "onnx")] == ["llama.cpp", "onnx"] and registry.for_format("gptq") is None
+    assert [getattr(registry.claiming(p), "name", None) for p in (gguf, onnx, gptq, ckpt)] == ["llama.cpp", "onnx", "transformers", None]
+    assert registry.get("transformers").accepts(ckpt)  # a float checkpoint runs when transformers is asked for by name
+    assert [registry.for_format(f).name for f in ("gguf", "onnx", "gptq")] == ["llama.cpp", "onnx", "transformers"]
