@@ -127,6 +127,12 @@ def test_a_backend_registered_in_a_test_is_seen_everywhere(echo, tmp_path, monke
     assert runs["echo-1@cpu"]["backend"] == "echo" and runs["echo-1@cpu"]["completion_tokens"]["median"] == 4
     assert "echo" in bench_mod.RUNNABLE
 
+    # eval asks for its capabilities: it cannot score
+    from edgepack.eval import evaluate
+
+    with pytest.raises(UsageError, match="cannot score"):
+        evaluate(b, log=lambda m: None)
+
     # doctor probes it, inspect and the report name it
     report = diagnose()
     assert report["backends"]["echo"] == {"cpu": True, "cuda": False, "metal": False}
