@@ -183,9 +183,7 @@ class OnnxSession(Session):
         gen = self._generator(None, self.n_ctx)
         # One append: genai's chunked prefill runs other int4 kernels, so chunks would shift the numbers.
         gen.append_tokens(np.asarray(tokens[:-1], dtype=np.int32))
-        scores = Scores.empty(len(tokens) - 1, min(top_k, self._vocab))
-        scores.fill(0, gen.get_output("logits")[0], tokens[1:])
-        return scores
+        return Scores.of(gen.get_output("logits")[0], tokens[1:], top_k)
 
     def _check_open(self) -> None:
         if self._model is None:

@@ -186,9 +186,7 @@ class TransformersSession(Session):
         with torch.inference_mode():
             # every token in, the last row dropped: the very forward the float reference was always scored with
             logits = self._model(input_ids=torch.tensor([tokens], device=self._device)).logits[0, :-1]
-        scores = Scores.empty(len(tokens) - 1, min(top_k, logits.shape[-1]))
-        scores.fill(0, logits.float().cpu().numpy(), tokens[1:])
-        return scores
+        return Scores.of(logits.float().cpu().numpy(), tokens[1:], top_k)
 
     def _check_open(self) -> None:
         if self._model is None:

@@ -141,6 +141,21 @@ def test_a_backend_registered_in_a_test_is_seen_everywhere(echo, tmp_path, monke
     assert inspect_path(b.root)["variants"][0]["runs_on"] == "echo"
     assert "run `edgepack bench`" in render({**Bundle.open(b.root).data, "bench": {}})["report.md"]
 
+    # the server says what the backend can do
+    from starlette.testclient import TestClient
+
+    from edgepack.runtime.server import create_app
+
+    with edgepack.load(model) as s:
+        app = create_app(s)
+        try:
+            with TestClient(app) as client:
+                assert client.get("/health").json()["capabilities"] == {"stream": True, "score": False, "chat": True, "cancel": True}
+                answer = client.post("/v1/completions", json={"prompt": "to be or not", "max_tokens": 8}).json()
+                assert answer["choices"][0]["text"] == "to be or not"
+        finally:
+            app.state.gate.close()
+
     # gone once unregistered
     registry.unregister("echo")
     with pytest.raises(UsageError, match="is not a bundle folder, a .gguf file"):
