@@ -63,7 +63,7 @@ def _init():
         if ll is None:
             try:
                 import llama_cpp
-            except ImportError as e:  # pragma: no cover - llama-cpp-python is a core dependency
+            except ImportError as e:  # a core dependency, but doctor reports a broken install
                 raise MissingDependencyError("llama-cpp-python", purpose="running GGUF models") from e
             _log_callback = llama_cpp.llama_log_callback(_log)
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))

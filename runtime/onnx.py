@@ -33,7 +33,7 @@ def _og():
     if og is None:
         try:
             import onnxruntime_genai
-        except ImportError as e:  # pragma: no cover - onnxruntime-genai is a core dependency
+        except ImportError as e:  # a core dependency, but doctor reports a broken install
             raise MissingDependencyError("onnxruntime-genai", purpose="running ONNX models") from e
         og = onnxruntime_genai
     return og

@@ -36,11 +36,13 @@ def _torch():
     return torch
 
 
-def _quantized(path: Path) -> bool:
+def _quant_method(path: Path) -> str | None:
+    """``quantization_config.quant_method`` of a checkpoint folder ("gptq"), None for a float one."""
     try:
-        return "quantization_config" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
+        qcfg = json.loads((path / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(qcfg.get("quant_method", "unknown")) if isinstance(qcfg, dict) else None
 
 
 class TransformersBackend(Backend):
@@ -48,10 +50,10 @@ class TransformersBackend(Backend):
     formats = ("gptq",)
     what = "a GPTQ checkpoint folder"
     install = "install a CUDA build of torch (pytorch.org lists the command for each CUDA version)"
-    overhead = 2**30  # torch and transformers: bench measured 790 MiB for SmolLM2 in float32
+    overhead = 1200 * 2**20  # torch, transformers, GPTQModel: bench measured 1,012 MiB for SmolLM2 gptq:4, 790 MiB in float32
 
     def claims(self, path: Path) -> bool:
-        return path.is_dir() and _quantized(path)
+        return path.is_dir() and _quant_method(path) == "gptq"
 
     def accepts(self, path: Path) -> bool:
         return path.is_dir() and (path / "config.json").is_file()
@@ -95,19 +97,21 @@ class TransformersSession(Session):
         torch = _torch()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        quantized = _quantized(path)
+        method = _quant_method(path)
         if threads:
             torch.set_num_threads(threads)
         # GPTQModel prints its banner and kernel choices to stdout, where `edgepack run` writes the answer
         with contextlib.redirect_stdout(sys.stderr):
-            if quantized:  # GPTQ kernels, imported as the GPTQ stage does (its CPU-worker setting)
+            if method == "gptq":  # GPTQ kernels, imported as the GPTQ stage does (its CPU-worker setting)
                 _import_gptqmodel(path)
             try:
                 self._tok = AutoTokenizer.from_pretrained(path)
                 # float checkpoints in float32 whatever they were saved in; quantized kernels want their own dtype
-                model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if quantized else torch.float32).to(device).eval()
-            except ImportError as e:  # a quantized checkpoint whose kernels are not installed
-                raise MissingDependencyError("gptqmodel", extra="gptq", purpose=f"running {path.name} with transformers") from e
+                model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if method else torch.float32).to(device).eval()
+            except ImportError as e:  # a quantized checkpoint whose loader is not installed (optimum, for GPTQ)
+                if method == "gptq":
+                    raise MissingDependencyError(e.name or "optimum", extra="gptq", purpose=f"running the GPTQ checkpoint {path.name}") from e
+                raise BackendError(f"transformers could not load {path}: {e}") from e
             except (OSError, ValueError) as e:
                 raise InvalidModelError(f"transformers cannot load {path} ({e}): re-pull or re-convert it") from e
             except Exception as e:  # noqa: BLE001 - loaders and kernels raise many types
