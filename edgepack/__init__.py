@@ -3,7 +3,7 @@
 The public API is small::
 
     import edgepack
-    with edgepack.load("bundle-dir") as session:   # or a .gguf file, or an ONNX folder
+    with edgepack.load("bundle-dir") as session:   # or a .gguf file, an ONNX folder, a GPTQ checkpoint
         print(session.chat([{"role": "user", "content": "Hi"}]))
 
 ``import edgepack`` imports no backend library; ``load`` imports the one it needs.
@@ -33,13 +33,41 @@ class _TorchaoEnumNotice(logging.Filter):
 logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())
 
 
-def __getattr__(name: str):
-    # Lazy so that importing edgepack stays cheap and backend-free.
-    if name == "load":
-        from .runtime import load
+def load(
+    path,
+    *,
+    backend: str = "auto",
+    device: str = "auto",
+    n_ctx: int | None = None,
+    threads: int | None = None,
+    variant: str | None = None,
+    ram: str | int | None = None,
+):
+    """Load a bundle or a lone model (a .gguf file, an ONNX folder, a GPTQ checkpoint) and return a ``Session``.
 
-        return load
-    raise AttributeError(f"module 'edgepack' has no attribute {name!r}")
+    The arguments but ``ram`` are ``edgepack.runtime.load``'s. ``ram`` (``"4GB"``; GPU memory
+    when ``device="cuda"``) picks the bundle variant and n_ctx that fit it, lowest KLD first,
+    by the rule of ``edgepack recommend``. Raises what ``runtime.load`` raises, and
+    UsageError when ``ram`` is given for a lone model or nothing fits it.
+    """
+    # Imports inside, so that importing edgepack stays cheap and backend-free.
+    from pathlib import Path
+
+    from .runtime import load as load_session
+
+    if ram is not None:
+        from .bundle import MANIFEST
+        from .errors import UsageError
+
+        p = Path(path).expanduser()
+        if not (p / MANIFEST).is_file():
+            raise UsageError(f"ram={ram!r} chooses among a bundle's variants, but {p} is not a bundle: pass n_ctx instead")
+        if variant is None:
+            from .recommend import pick
+
+            variant, fitting_ctx = pick(p, ram, device="cpu" if device == "auto" else device)
+            n_ctx = n_ctx or fitting_ctx
+    return load_session(path, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant)
 
 
 __all__ = ["EdgepackError", "__version__", "load"]

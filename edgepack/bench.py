@@ -28,8 +28,14 @@ from typing import Any, Callable
 from . import __version__
 from .bundle import Bundle
 from .errors import BackendError, BundleError, EdgepackError, UsageError
+from .runtime import registry
 
-RUNNABLE = ("llama.cpp", "onnx")  # backends edgepack's runtime loads
+
+def __getattr__(name: str):
+    # ``RUNNABLE``: the registered backends' names, asked of the registry each time (convert's report step reads it).
+    if name == "RUNNABLE":
+        return tuple(registry.names())
+    raise AttributeError(f"module 'edgepack.bench' has no attribute {name!r}")
 
 
 @dataclass
@@ -55,19 +61,20 @@ def bench(
     variants: list[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Benchmark ``variants`` (default: every one the runtime can load); write the manifest's "bench" slot.
+    """Benchmark ``variants`` (default: every one a registered backend runs with what is installed); write the manifest's "bench" slot.
 
     Raises UsageError, BundleError, and BackendError when a variant's process fails.
     """
     cfg = cfg or BenchConfig()
     cfg.check()
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-    chosen = [b.variant(v) for v in variants] if variants else [v for v in b.variants if v.backend in RUNNABLE]
+    chosen = [b.variant(v) for v in variants] if variants else [v for v in b.variants if registry.runs(v.format)]
     for v in chosen:
-        if v.backend not in RUNNABLE:
-            raise UsageError(f"variant {v.id} runs on {v.backend}, which edgepack's runtime does not load: bench one of {RUNNABLE}")
+        if registry.for_format(v.format) is None:
+            formats = ", ".join(f for x in registry.backends() for f in x.formats)
+            raise UsageError(f"variant {v.id} is {v.format} (on {v.backend}), which edgepack's runtime does not load: bench a variant in {formats}")
     if not chosen:
-        raise BundleError(f"bundle {b.root} has no variant edgepack's runtime can run: convert one with --to gguf:Q4_K_M")
+        raise BundleError(f"bundle {b.root} has no variant edgepack's runtime can run here: convert one with --to gguf:Q4_K_M")
     text = _prompt_text(cfg)
     slot = b.data.setdefault("bench", {})
     slot["machine"] = machine()

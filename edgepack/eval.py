@@ -1,11 +1,11 @@
 """``eval``: score every variant of a bundle against its float reference, on the same tokens.
 
-Every variant is fed the same token ids (from the reference tokenizer) through
-edgepack's runtime (``Session.score``), so GGUF, ONNX and GPTQ are comparable.
-The pieces: ``eval_reference`` computes and stores the reference distributions
-(and checks the eval text against the calibration text), ``eval_metrics`` scores
-a variant against them, ``eval_hf`` runs transformers models (the reference,
-GPTQ variants). Results land in the bundle::
+Every variant, and the float reference, is fed the same token ids (from the
+reference tokenizer) through edgepack's runtime (``Session.score``), so GGUF, ONNX
+and GPTQ are comparable; the reference and GPTQ variants run on the transformers
+backend. The pieces: ``eval_reference`` computes and stores the reference
+distributions (and checks the eval text against the calibration text),
+``eval_metrics`` scores a variant against them. Results land in the bundle::
 
     eval/reference.npz, eval/reference.json   the reference (see ``eval_reference``)
     eval/<variant>.json                       one variant's metrics and answers
@@ -22,13 +22,13 @@ from typing import Any, Callable
 
 from .bundle import Bundle
 from .errors import BundleError, SourceNotFoundError, UsageError
-from .eval_hf import HFModel
 from .eval_metrics import generation_agreement, kl_topk, score_variant
 from .eval_reference import EVAL_DIR, PROMPTS, REF_JSON, REF_NPZ, EvalConfig, Reference, reference
 from .fsutil import write_json
+from .runtime import load, registry
 
 __all__ = [
-    "EVAL_DIR", "PROMPTS", "REF_JSON", "REF_NPZ", "EvalConfig", "HFModel", "Reference", "as_bundle", "evaluate",
+    "EVAL_DIR", "PROMPTS", "REF_JSON", "REF_NPZ", "EvalConfig", "Reference", "as_bundle", "evaluate",
     "generation_agreement", "kl_topk", "reference", "score_variant",
 ]
 
@@ -55,8 +55,6 @@ def evaluate(
 
     Raises UsageError, BundleError, CalibrationError and whatever loading a variant raises.
     """
-    from . import runtime
-
     cfg = cfg or EvalConfig()
     cfg.check()
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
@@ -65,6 +63,10 @@ def evaluate(
         log(f"eval windows shortened from {cfg.window_len} to the model's {trained}-token context")
         cfg = replace(cfg, window_len=trained)
     chosen = [b.variant(v) for v in variants] if variants else b.variants
+    for v in chosen:
+        runner = registry.for_format(v.format)
+        if runner is not None and not runner.can_score:
+            raise UsageError(f"variant {v.id} runs on {runner.name}, which cannot score tokens: eval the other variants with --variant")
     if not chosen:
         raise BundleError(f"bundle {b.root} has no variants to evaluate: convert some with `edgepack convert --to ...`")
     ref = reference(b, cfg, device=device, threads=threads, log=log)
@@ -72,15 +74,9 @@ def evaluate(
     n_ctx = max(cfg.window_len, max((len(p) for p in ref.meta.get("prompt_ids", [])), default=0) + cfg.max_new_tokens)
     for v in chosen:
         start = time.perf_counter()
-        if v.backend == "transformers":
-            model = HFModel(b.resolve(v.path), device=device, threads=threads, quantized=True)
-        else:
-            model = runtime.load(b.root, variant=v.id, device=device, n_ctx=n_ctx, threads=threads)
-        try:
+        with load(b.root, variant=v.id, device=device, n_ctx=n_ctx, threads=threads) as model:
             res = score_variant(model, ref, cfg)
-            used = model.info.device if hasattr(model, "info") else model.device
-        finally:
-            model.close()
+            used = model.info.device
         res = {"variant": v.id, "format": v.format, "backend": v.backend, "device": used, **res}
         res["wall_s"] = round(time.perf_counter() - start, 2)
         write_json(b.root / EVAL_DIR / f"{v.id}.json", res)
@@ -95,7 +91,7 @@ def evaluate(
 def as_bundle(target: str | Path, *, reference: str | None = None, out: str | Path | None = None, log: Callable[[str], None] = print) -> Bundle:
     """``target`` itself if it is a bundle; else a bundle at ``out`` holding that one model, linked in.
 
-    A lone model (a .gguf file, an ONNX folder, a GPTQ checkpoint folder) gets an
+    A lone model a backend claims (a .gguf file, an ONNX folder, a GPTQ checkpoint folder) gets an
     eval-and-bench bundle (default ``$EDGEPACK_HOME/bundles/<name>``) whose source is
     ``reference`` (anything ``edgepack pull`` takes), so eval has its float reference.
     Raises SourceNotFoundError, UsageError, and what pulling the reference raises.
@@ -109,16 +105,12 @@ def as_bundle(target: str | Path, *, reference: str | None = None, out: str | Pa
     p = Path(target).expanduser()
     if (p / MANIFEST).is_file():
         return Bundle.open(p)
-    if p.is_file() and p.suffix.lower() == ".gguf":
-        fmt, backend = "gguf", "llama.cpp"
-    elif (p / "genai_config.json").is_file():
-        fmt, backend = "onnx", "onnx"
-    elif (p / "config.json").is_file() and "quantization_config" in json.loads((p / "config.json").read_text()):
-        fmt, backend = "gptq", "transformers"
-    elif not p.exists():
-        raise SourceNotFoundError(f"no bundle or model at {str(p)!r}: give a bundle folder, a .gguf file or an ONNX folder")
-    else:
-        raise UsageError(f"{p} is not a bundle, a .gguf file, an ONNX folder or a quantized checkpoint")
+    runner = registry.claiming(p)
+    if runner is None and not p.exists():
+        raise SourceNotFoundError(f"no bundle or model at {str(p)!r}: give a bundle folder or {_claimed()}")
+    if runner is None:
+        raise UsageError(f"{p} is not a bundle or {_claimed()}")
+    fmt, backend = runner.formats[0], runner.name
     name = p.stem if p.is_file() else p.name
     root = Path(out) if out else constants.bundles_dir() / name
     if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
@@ -149,3 +141,7 @@ def as_bundle(target: str | Path, *, reference: str | None = None, out: str | Pa
     b.add_variant(Variant(vid, fmt, backend, loadable.relative_to(root).as_posix(), files))
     b.save()
     return b
+
+
+def _claimed() -> str:
+    return " or ".join(b.what for b in registry.backends())

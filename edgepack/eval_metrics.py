@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .eval_hf import HFModel
-from .eval_reference import EvalConfig, Reference
+from .eval_reference import EvalConfig, Reference, greedy
+from .runtime.base import Session
 
 def kl_topk(p_ids, p_logp, p_rest, q_ids, q_logp, q_rest) -> tuple[np.ndarray, np.ndarray]:
     """Per-position KL(P || Q) over shared top-k buckets plus one rest bucket, and the P mass covered.
@@ -52,8 +52,8 @@ def _stats(x: np.ndarray) -> dict[str, float]:
     }
 
 
-def score_variant(model, ref: Reference, cfg: EvalConfig) -> dict[str, Any]:
-    """Token-level and generation metrics of ``model`` (a Session or HFModel) against ``ref``."""
+def score_variant(model: Session, ref: Reference, cfg: EvalConfig) -> dict[str, Any]:
+    """Token-level and generation metrics of ``model`` against ``ref``."""
     kls, cover, lq, top1 = [], [], [], []
     for w in range(len(ref.tokens)):
         s = model.score(ref.tokens[w].tolist(), top_k=cfg.variant_top_k)
@@ -75,16 +75,10 @@ def score_variant(model, ref: Reference, cfg: EvalConfig) -> dict[str, Any]:
     }
     prompt_ids, refs = ref.meta.get("prompt_ids", []), ref.meta.get("answers", [])
     if prompt_ids:
-        answers = [_greedy(model, ids, cfg.max_new_tokens) for ids in prompt_ids]
+        answers = [greedy(model, ids, cfg.max_new_tokens) for ids in prompt_ids]
         out["generation"] = generation_agreement(answers, refs)
         out["answers"] = answers
     return out
-
-
-def _greedy(model, ids: list[int], n: int) -> str:
-    if isinstance(model, HFModel):
-        return model.greedy(ids, n)
-    return model.generate(ids, max_tokens=n, temperature=0.0).text.strip()
 
 
 def generation_agreement(answers: list[str], references: list[str]) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The reference of ``eval``: the float checkpoint's next-token distributions on the eval text, kept in the bundle.
 
 The reference (the float checkpoint the bundle was converted from) is run once
-with transformers; what the metrics need is kept in the bundle, so later evals
+with the transformers backend, in float32; what the metrics need is kept in the bundle, so later evals
 need neither the checkpoint nor full logits (a float32 row of a 49,152-token
 vocabulary is 192 KB per position)::
 
@@ -29,8 +29,9 @@ import numpy as np
 from .bundle import Bundle
 from .converters import calibration
 from .errors import BundleError, CalibrationError, EdgepackError, UsageError
-from .eval_hf import HFModel
 from .fsutil import atomic_path, write_json
+from .runtime import load
+from .runtime.base import Session
 
 EVAL_DIR = "eval"
 REF_NPZ = "reference.npz"
@@ -106,16 +107,17 @@ def reference(
             if meta.get("key") == key and "key" in z.files and str(z["key"]) == key:  # both files of the same run (each is written atomically)
                 return Reference(z["tokens"], z["top_ids"], z["top_logp"], z["rest_logp"], z["target_logp"], meta)
     log(f"computing reference distributions on {text.name} with transformers (once per bundle)")
-    model = HFModel(_reference_path(bundle), device=device, threads=threads)
     start = time.perf_counter()
-    ids = calibration.token_stream(text, model.tokenizer, chat=False)
-    prefix = model.tokenizer("", add_special_tokens=True)["input_ids"]  # BOS, for models that need one (Gemma, Llama 2)
-    wins, skipped = _clean_windows(bundle, ids, cfg, cfg.window_len - len(prefix), model.tokenizer)
-    wins = [prefix + w for w in wins]
-    rows = [model.score(w, top_k=cfg.top_k) for w in wins]
-    prompts = _prompts(cfg)
-    prompt_ids = [model.chat_ids(p) for p in prompts]
-    answers = [model.greedy(p, cfg.max_new_tokens) for p in prompt_ids]
+    with load(_reference_path(bundle), backend="transformers", device=device, threads=threads, n_ctx=_reference_ctx(cfg)) as model:
+        ids = _token_stream(text, model)
+        prefix = model.tokenize("", add_special=True)  # BOS, for models that need one (Gemma, Llama 2)
+        wins, skipped = _clean_windows(bundle, ids, cfg, cfg.window_len - len(prefix), model)
+        wins = [prefix + w for w in wins]
+        rows = [model.score(w, top_k=cfg.top_k) for w in wins]
+        prompts = _prompts(cfg)
+        prompt_ids = [_prompt_ids(model, p) for p in prompts]
+        answers = [greedy(model, p, cfg.max_new_tokens) for p in prompt_ids]
+        used = model.info.device
     ref = Reference(
         tokens=np.asarray(wins, dtype=np.int32),
         top_ids=np.stack([r.top_ids for r in rows]).astype(np.int32),
@@ -130,7 +132,7 @@ def reference(
             "window_len": cfg.window_len,
             "top_k": cfg.top_k,
             "skipped_overlapping_windows": skipped,
-            "device": model.device,
+            "device": used,
             "ppl": float(np.exp(-np.mean([r.logprobs for r in rows]))),
             "prompts": prompts,
             "prompt_ids": prompt_ids,
@@ -143,8 +145,30 @@ def reference(
             f, key=np.array(key), tokens=ref.tokens, top_ids=ref.top_ids, top_logp=ref.top_logp, rest_logp=ref.rest_logp, target_logp=ref.target_logp
         )
     write_json(folder / REF_JSON, ref.meta)
-    model.close()
     return ref
+
+
+def greedy(session: Session, ids: list[int], n: int) -> str:
+    """The greedy answer to prompt ids, as eval compares answers: at most ``n`` tokens, stripped."""
+    return session.generate(ids, max_tokens=n, temperature=0.0).text.strip()
+
+
+def _reference_ctx(cfg: EvalConfig) -> int:
+    """Room for a window and for a chat prompt plus its answer (capped at the trained context by the backend)."""
+    return max(cfg.window_len, 4096)
+
+
+def _token_stream(text: calibration.Text, session: Session) -> list[int]:
+    """The text's samples tokenized and concatenated, no special tokens added (``calibration.token_stream`` without chat)."""
+    return [t for _, body in text.samples for t in session.tokenize(body)]
+
+
+def _prompt_ids(session: Session, prompt: str) -> list[int]:
+    """A prompt as one user message in the model's chat template; a model without one gets the prompt as text, BOS first."""
+    try:
+        return session.chat_tokens([{"role": "user", "content": prompt}])
+    except UsageError:  # no chat template (a base model)
+        return session.tokenize(prompt, add_special=True)
 
 
 def _reference_path(bundle: Bundle) -> Path:
@@ -200,7 +224,7 @@ def _prompts(cfg: EvalConfig) -> list[str]:
 # -- disjointness from calibration ---------------------------------------------------------------
 
 
-def _clean_windows(bundle: Bundle, ids: list[int], cfg: EvalConfig, length: int, tokenizer) -> tuple[list[list[int]], int]:
+def _clean_windows(bundle: Bundle, ids: list[int], cfg: EvalConfig, length: int, session: Session) -> tuple[list[list[int]], int]:
     """The first ``cfg.windows`` windows sharing no 64-token span with any calibration text.
 
     Windows that overlap are skipped (the stdlib repeats some docstring passages);
@@ -208,7 +232,7 @@ def _clean_windows(bundle: Bundle, ids: list[int], cfg: EvalConfig, length: int,
     cannot be found again to check against.
     """
     texts = _calibration_texts(bundle, cfg.calibration_files)
-    cal_hashes = [_span_hashes(np.asarray(calibration.token_stream(t, tokenizer, chat=False))) for t in texts]
+    cal_hashes = [_span_hashes(np.asarray(_token_stream(t, session))) for t in texts]
     out, skipped = [], 0
     for w in calibration.windows(ids, len(ids) // length, length, what="eval"):
         h = _span_hashes(np.asarray(w))

@@ -1,4 +1,4 @@
-"""What is in a checkpoint folder, a GGUF file, an ONNX folder or a bundle, as plain data."""
+"""What is in a checkpoint folder, a GGUF file, an ONNX folder or a bundle, and which backend runs it, as plain data."""
 
 from __future__ import annotations
 
@@ -11,24 +11,37 @@ from typing import Any
 
 from .bundle import MANIFEST, Bundle
 from .errors import InvalidModelError, SourceNotFoundError
+from .runtime import registry
 
 
 def inspect_path(path: str | Path) -> dict[str, Any]:
-    """Describe ``path``; raises SourceNotFoundError or InvalidModelError."""
+    """Describe ``path``, with ``backend``: the registered backend that runs it (None for a float checkpoint).
+
+    Raises SourceNotFoundError or InvalidModelError.
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise SourceNotFoundError(f"{path} does not exist")
-    if p.is_file() and p.suffix == ".gguf":
-        return inspect_gguf(p)
     if p.is_dir() and (p / MANIFEST).is_file():
         return inspect_bundle(p)
-    if p.is_dir() and (p / "genai_config.json").is_file():
-        return inspect_onnx(p)
-    if p.is_dir() and (p / "config.json").is_file():
-        return inspect_checkpoint(p)
-    raise InvalidModelError(
-        f"{path} is not a checkpoint folder (config.json), a .gguf file, an ONNX folder (genai_config.json) or a bundle ({MANIFEST})"
-    )
+    runner = registry.claiming(p)
+    if p.is_file() and p.suffix == ".gguf":
+        info = inspect_gguf(p)
+    elif p.is_dir() and (p / "genai_config.json").is_file():
+        info = inspect_onnx(p)
+    elif p.is_dir() and (p / "config.json").is_file():
+        info = inspect_checkpoint(p)
+    elif runner is not None:  # a format only its backend knows
+        info = {"kind": runner.formats[0], "path": str(p), "bytes": _bytes(p)}
+    else:
+        raise InvalidModelError(
+            f"{path} is not a checkpoint folder (config.json), a .gguf file, an ONNX folder (genai_config.json) or a bundle ({MANIFEST})"
+        )
+    return {**info, "backend": runner.name if runner else None}
+
+
+def _bytes(p: Path) -> int:
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
 def _tokenizer_info(folder: Path) -> dict[str, Any]:
@@ -156,6 +169,7 @@ def inspect_bundle(folder: Path) -> dict[str, Any]:
                 "id": v.id,
                 "format": v.format,
                 "backend": v.backend,
+                "runs_on": runner.name if (runner := registry.for_format(v.format)) else None,
                 "bytes": v.bytes,
                 "bits_per_weight": v.bits_per_weight,
                 "files": [f["path"] for f in v.files],

@@ -10,7 +10,7 @@ Memory of a running variant = weights (its files) + KV cache + runtime overhead:
 - Overhead = what ``bench`` measured beyond weights and its own KV cache (peak RSS on
   CPU, peak device memory on CUDA): interpreter, libraries, compute buffers. Without a
   measurement of the variant, the largest one measured for its backend is used, else
-  ``DEFAULT_OVERHEAD``.
+  what its backend declares (``Backend.overhead``), else ``DEFAULT_OVERHEAD``.
 
 Among the variants that fit with at least ``MIN_CTX`` tokens, the lowest mean KLD
 wins (from ``eval``; unevaluated variants rank after, larger first), with the
@@ -28,6 +28,7 @@ from typing import Any
 from .bundle import Bundle, Variant
 from .errors import BundleError, InvalidModelError, UsageError
 from .gguf_header import gguf_metadata
+from .runtime import registry
 
 MIN_CTX = 512
 DEFAULT_OVERHEAD = 300 * 2**20  # bytes; above what bench measured for SmolLM2 on llama.cpp and ONNX Runtime
@@ -143,18 +144,16 @@ def _overhead(bundle: Bundle, variant: Variant, arch: dict[str, int], device: st
         return max(own), "measured"
     if same_backend:
         return max(same_backend), f"measured on another {variant.backend} variant"
-    return DEFAULT_OVERHEAD, "default (run `edgepack bench` to measure)"
+    return registry.for_format(variant.format).overhead or DEFAULT_OVERHEAD, "default (run `edgepack bench` to measure)"
 
 
 def recommend(bundle: Bundle | str | Path, ram: str | int, *, device: str = "cpu") -> dict[str, Any]:
-    """Every runnable variant with the longest context that fits ``ram``, ranked; ``choice`` is the best or None.
+    """Every variant a registered backend runs here, with the longest context that fits ``ram``, ranked; ``choice`` is the best or None.
 
     On ``cuda`` the budget is GPU memory and overhead comes from peak device memory.
 
     Raises UsageError for a bad size or device, BundleError for a bad bundle.
     """
-    from . import runtime
-
     if device not in ("cpu", "cuda", "metal"):
         raise UsageError(f"unknown device {device!r}: choose cpu, cuda (the budget is GPU memory) or metal")
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
@@ -162,7 +161,7 @@ def recommend(bundle: Bundle | str | Path, ram: str | int, *, device: str = "cpu
     evals = b.data.get("eval", {}).get("variants", {})
     options = []
     for v in b.variants:
-        if v.backend not in runtime.BACKENDS:
+        if not registry.runs(v.format):
             continue
         arch = architecture(b, v)
         overhead, source = _overhead(b, v, arch, device)

@@ -21,6 +21,7 @@ from typing import Any
 
 from .bundle import Bundle
 from .fsutil import atomic_dir
+from .runtime import registry
 
 REPORT_DIR = "report"
 _DASH = "—"
@@ -300,20 +301,19 @@ def render(data: dict[str, Any]) -> dict[str, str]:
 
 
 def _no_bench(data: dict[str, Any]) -> str:
-    """What to do about a missing speed table: run bench, or, when bench cannot run any variant, say why."""
-    from .bench import RUNNABLE
-
+    """What to do about a missing speed table: run bench, or, when no registered backend runs any variant, say why."""
     variants = data.get("variants", [])
-    if any(v["backend"] in RUNNABLE for v in variants) or not variants:
+    if any(registry.for_format(v["format"]) for v in variants) or not variants:
         return "No bench results yet: run `edgepack bench`."
     return unbenchable(variants)
 
 
 def unbenchable(variants: list[dict[str, Any]]) -> str:
-    """Why a bundle of only transformers-run variants (GPTQ) has no speed figures, and what gives it some."""
+    """Why a bundle whose variants no registered backend runs has no speed figures, and what gives it some."""
     ids = ", ".join(f"{v['id']} ({v['backend']})" for v in variants)
+    formats = ", ".join(f for b in registry.backends() for f in b.formats)
     return (
-        f"No speed figures: bench measures the variants edgepack's runtime loads (GGUF, ONNX), and this bundle has only {ids}. "
+        f"No speed figures: bench measures the variants edgepack's runtime backends load ({formats}), and this bundle has only {ids}. "
         "Convert a GGUF or ONNX variant too (e.g. --to gguf:Q4_K_M) to measure speed."
     )
 

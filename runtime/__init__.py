@@ -1,33 +1,25 @@
 """Run a model: ``load`` picks the backend and device and returns a ``Session`` (see ``base``).
 
-Each backend is one module exposing::
-
-    devices() -> list[str]                         # devices this install can use, best first ("cuda", "cpu")
-    open_session(path, *, device, n_ctx, threads) -> Session
-
-and is registered in ``BACKENDS``; nothing here imports a backend library
-until ``load`` needs it.
+Which backends there are, what each runs and what it can do, is the registry's
+(``registry``): a backend is one module defining ``BACKEND`` plus its line in
+``registry.MODULES``. Nothing here imports a backend library until ``load`` needs it.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
-from ..bundle import MANIFEST, Bundle
+from ..bundle import MANIFEST, Bundle, Variant
 from ..errors import BundleError, SourceNotFoundError, UsageError
+from . import registry
 from .base import Completion, Message, ModelInfo, SamplingParams, Scores, Session, Stream
 from .loader import Loader
+from .registry import Backend
 
-# backend name -> module implementing devices/open_session
-BACKENDS: dict[str, str] = {
-    "llama.cpp": "edgepack.runtime.llamacpp",
-    "onnx": "edgepack.runtime.onnx",
-}
 DEVICES = ("auto", "cpu", "cuda", "metal")
 
-__all__ = ["BACKENDS", "Completion", "Loader", "Message", "ModelInfo", "SamplingParams", "Scores", "Session", "Stream", "load"]
+__all__ = ["Backend", "Completion", "Loader", "Message", "ModelInfo", "SamplingParams", "Scores", "Session", "Stream", "load", "registry"]
 
 
 def load(
@@ -38,24 +30,23 @@ def load(
     n_ctx: int | None = None,
     threads: int | None = None,
     variant: str | None = None,
-    ram: str | int | None = None,
 ) -> Session:
-    """Load a bundle, a ``.gguf`` file or an ONNX folder (with ``genai_config.json``) and return a Session.
+    """Load a bundle or a lone model a backend claims (a ``.gguf`` file, an ONNX folder, a GPTQ checkpoint) and return a Session.
 
     From a bundle, ``variant`` picks a variant by id; without it the first variant in the
-    manifest whose backend runs on ``device`` is used (so the order of ``convert --to`` is
-    the order of preference). ``device="auto"`` takes the backend's best device (CUDA or
-    Metal when the build has it, else CPU). ``n_ctx=None`` means 4096; either way it is
-    capped at the model's trained context (``session.n_ctx`` says what was given).
-    ``threads=None`` uses the physical cores. ``ram`` (``"4GB"``; GPU memory
-    when ``device="cuda"``) picks the bundle variant and n_ctx that fit it, lowest KLD first,
-    by the rule of ``edgepack recommend``.
+    manifest that a backend runs on ``device`` with what is installed is used (so the order
+    of ``convert --to`` is the order of preference). ``backend`` names a registered backend
+    (``registry.names()``); a named backend may take more than it claims (transformers runs
+    any checkpoint folder). ``device="auto"`` takes the backend's best device (CUDA or Metal
+    when the build has it, else CPU). ``n_ctx=None`` means 4096; either way it is capped at
+    the model's trained context (``session.n_ctx`` says what was given). ``threads=None``
+    uses the physical cores.
 
     Raises SourceNotFoundError, BundleError, UsageError (bad backend/device/variant),
     MissingDependencyError and BackendError (the library refused the model).
     """
-    if backend not in ("auto", *BACKENDS):
-        raise UsageError(f"unknown backend {backend!r}: choose auto, {', '.join(BACKENDS)}")
+    if backend != "auto":
+        registry.get(backend)  # UsageError naming the registered ones
     if device not in DEVICES:
         raise UsageError(f"unknown device {device!r}: choose {', '.join(DEVICES)}")
     if n_ctx is not None and n_ctx < 16:
@@ -63,79 +54,80 @@ def load(
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}")
     p = Path(path).expanduser()
-    bundle_root = None
     if (p / MANIFEST).is_file():
         bundle = Bundle.open(p)
-        bundle_root = p
-        if ram is not None and variant is None:
-            from ..recommend import pick
-
-            variant, fitting_ctx = pick(bundle, ram, device="cpu" if device == "auto" else device)
-            n_ctx = n_ctx or fitting_ctx
-        v = _pick_variant(bundle, backend, device, variant)
-        backend, model_path, name, vid = v.backend, bundle.resolve(v.path), bundle.name, v.id
+        v, runner = _pick_variant(bundle, backend, device, variant)
+        model_path, name, vid, root = bundle.resolve(v.path), bundle.name, v.id, p
     else:
-        if ram is not None:
-            raise UsageError(f"ram={ram!r} chooses among a bundle's variants, but {p} is not a bundle: pass n_ctx instead")
         if variant is not None:
             raise UsageError(f"variant={variant!r} needs a bundle, but {p} is not one (no {MANIFEST})")
-        detected = _detect(p)
-        if backend not in ("auto", detected):
-            raise UsageError(f"{p} is a {detected} model; it cannot be loaded with backend={backend!r}")
-        backend, model_path, name, vid = detected, p, p.stem if p.is_file() else p.name, None
-    mod = _backend(backend)
-    dev = _pick_device(backend, mod.devices(), device)
-    session = mod.open_session(model_path, device=dev, n_ctx=n_ctx, threads=threads or _physical_cores())
+        runner = _lone(p, backend)
+        model_path, name, vid, root = p, p.stem if p.is_file() else p.name, None, None
+    dev = _pick_device(runner, device)
+    session = runner.open(model_path, device=dev, n_ctx=n_ctx, threads=threads or _physical_cores())
     session.info.name = name
     session.info.variant = vid
-    session.info.bundle = bundle_root
+    session.info.bundle = root
     return session
 
 
-def _detect(p: Path) -> str:
-    if p.is_file() and p.suffix.lower() == ".gguf":
-        return "llama.cpp"
-    if p.is_dir() and (p / "genai_config.json").is_file():
-        return "onnx"
+def _lone(p: Path, backend: str) -> Backend:
+    """The backend that runs the lone file or folder ``p``: the one claiming it, or the one named that accepts it."""
+    claimant = registry.claiming(p)
+    if backend == "auto" and claimant is not None:
+        return claimant
+    if backend != "auto":
+        named = registry.get(backend)
+        if claimant is named or (claimant is None and named.accepts(p)):
+            return named
+        if claimant is not None:
+            raise UsageError(f"{p} is a {claimant.name} model; it cannot be loaded with backend={backend!r}")
     if not p.exists():
-        raise SourceNotFoundError(f"no model at {str(p)!r}: give a bundle folder, a .gguf file or an ONNX folder")
-    if p.is_dir() and (p / "config.json").is_file():
+        raise SourceNotFoundError(f"no model at {str(p)!r}: give {_what()}")
+    takers = [b.name for b in registry.backends() if b.accepts(p)]
+    if takers:
         raise UsageError(
-            f"{p} is a Hugging Face checkpoint, which edgepack does not run directly: "
-            f"convert it first, e.g. `edgepack convert {p} --to gguf:Q4_K_M`"
+            f"{p} is run only by a backend named for it: pass backend={takers[0]!r} (`--backend {takers[0]}`), "
+            f"or convert it first, e.g. `edgepack convert {p} --to gguf:Q4_K_M`"
         )
-    raise UsageError(f"{p} is not a bundle, a .gguf file or an ONNX folder with genai_config.json")
+    raise UsageError(f"{p} is not {_what()}")
 
 
-def _backend(name: str):
-    return importlib.import_module(BACKENDS[name])
+def _what() -> str:
+    *rest, last = ["a bundle folder", *(b.what for b in registry.backends())]
+    return f"{', '.join(rest)} or {last}"
 
 
-def _pick_device(backend: str, available: list[str], wanted: str) -> str:
+def _pick_device(runner: Backend, wanted: str) -> str:
+    available = runner.devices()
     if wanted == "auto":
         return available[0]
     if wanted not in available:
-        hint = {
-            "llama.cpp": "install a GPU build of llama-cpp-python (see `edgepack doctor`)",
-            "onnx": "install the CUDA extra: pip install 'edgepack[cuda]'",
-        }[backend]
-        raise UsageError(f"the {backend} backend here runs on {', '.join(available)}, not {wanted}: {hint}, or pass device='cpu'")
+        raise UsageError(f"the {runner.name} backend here runs on {', '.join(available)}, not {wanted}: {runner.install}, or pass device='cpu'")
     return wanted
 
 
-def _pick_variant(bundle: Bundle, backend: str, device: str, variant: str | None):
+def _runner(v: Variant, backend: str) -> Backend | None:
+    """The backend that runs ``v``: the one named if it runs the format, else the format's own."""
+    b = registry.for_format(v.format) if backend == "auto" else registry.get(backend)
+    return b if b is not None and v.format in b.formats else None
+
+
+def _pick_variant(bundle: Bundle, backend: str, device: str, variant: str | None) -> tuple[Variant, Backend]:
     if variant is not None:
         v = bundle.variant(variant)
-        if v.backend not in BACKENDS:
+        runner = _runner(v, backend)
+        if registry.for_format(v.format) is None:
             raise UsageError(f"variant {v.id} runs on {v.backend}, which `load` does not support: pick one of {_runnable(bundle)}")
-        if backend not in ("auto", v.backend):
-            raise UsageError(f"variant {v.id} is a {v.backend} variant; it cannot be loaded with backend={backend!r}")
-        return v
+        if runner is None:
+            raise UsageError(f"variant {v.id} is a {v.format} variant; it cannot be loaded with backend={backend!r}")
+        return v, runner
     for v in bundle.variants:
-        if v.backend not in BACKENDS or backend not in ("auto", v.backend):
+        runner = _runner(v, backend)
+        if runner is None or not runner.ready(v.format):
             continue
-        if device == "auto" or device in _backend(v.backend).devices():
-            return v
+        if device == "auto" or device in runner.devices():
+            return v, runner
     raise BundleError(
         f"bundle {bundle.root} has no variant for backend={backend}, device={device}; it has: {_runnable(bundle) or 'none'}: "
         "pass variant=..., another device, or convert one with `edgepack convert --to gguf:Q4_K_M`"
@@ -150,4 +142,3 @@ def _physical_cores() -> int:
     import psutil
 
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-

@@ -125,6 +125,13 @@ class Scores:
             np.empty(rows) if k else None,
         )
 
+    @classmethod
+    def of(cls, logits: np.ndarray, next_ids: Sequence[int], top_k: int) -> Scores:
+        """Scores of one forward's logits [n, vocab] for the ``n`` next tokens (see ``fill``)."""
+        scores = cls.empty(len(next_ids), min(top_k, logits.shape[-1]))
+        scores.fill(0, logits, next_ids)
+        return scores
+
     def fill(self, start: int, logits: np.ndarray, next_ids: Sequence[int], block: int = 64) -> None:
         """Store rows ``start..`` from raw logits [m, vocab], log-softmaxed in float64 ``block`` rows at a time."""
         import numpy as np

@@ -36,22 +36,18 @@ from .. import constants
 from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
 from ..gguf_header import LSTRIP_TOKENS, PREPEND_SCHEME, RSTRIP_TOKENS, VOCAB_START, gguf_metadata
 from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
+from .registry import Backend
 
-try:
-    import llama_cpp as ll
-except ImportError as e:  # pragma: no cover - llama-cpp-python is a core dependency
-    raise MissingDependencyError("llama-cpp-python", purpose="running GGUF models") from e
-
+# llama_cpp itself, imported by _init() on first use: importing this module (as the registry does) loads no library.
+ll = None
 _LOG = collections.deque(maxlen=20)
-_SPECIAL = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED | ll.LLAMA_TOKEN_ATTR_UNKNOWN
 # What Rust's char::is_whitespace (the tokenizers library's lstrip/rstrip) counts, as UTF-8.
 _WS = rb"(?:[\t\n\v\f\r ]|\xc2[\x85\xa0]|\xe1\x9a\x80|\xe2\x80[\x80-\x8a\xa8\xa9\xaf]|\xe2\x81\x9f|\xe3\x80\x80)+"
 _LEADING_WS, _TRAILING_WS = re.compile(b"^" + _WS), re.compile(_WS + rb"\Z")
 _init_lock = threading.Lock()
-_initialised = False
+_log_callback = None  # kept alive here: llama.cpp holds a pointer to it
 
 
-@ll.llama_log_callback
 def _log(level: int, text: bytes, _data: ctypes.c_void_p) -> None:
     line = text.decode("utf-8", "replace")
     if level in (2, 3):  # warn, error
@@ -60,13 +56,20 @@ def _log(level: int, text: bytes, _data: ctypes.c_void_p) -> None:
         print(line, end="", file=sys.stderr, flush=True)
 
 
-def _init() -> None:
-    global _initialised
+def _init():
+    """Import llama_cpp, route its log through ``_log`` and start its backend, once; raises MissingDependencyError."""
+    global ll, _log_callback
     with _init_lock:
-        if not _initialised:
-            ll.llama_log_set(_log, ctypes.c_void_p(0))
-            ll.llama_backend_init()
-            _initialised = True
+        if ll is None:
+            try:
+                import llama_cpp
+            except ImportError as e:  # a core dependency, but doctor reports a broken install
+                raise MissingDependencyError("llama-cpp-python", purpose="running GGUF models") from e
+            _log_callback = llama_cpp.llama_log_callback(_log)
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            ll = llama_cpp
+    return ll
 
 
 def _recent_log() -> str:
@@ -119,10 +122,6 @@ def _kv_overrides(*parts: dict[str, bool | str]):
         else:
             entry.tag, entry.value.val_str = ll.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()
     return array
-
-
-def open_session(path: Path, *, device: str, n_ctx: int | None, threads: int | None) -> LlamaCppSession:
-    return LlamaCppSession(path, device=device, n_ctx=n_ctx, threads=threads)
 
 
 class LlamaCppSession(Session):
@@ -180,9 +179,10 @@ class LlamaCppSession(Session):
 
     def _as_transformers(self, data: bytes) -> bytes:
         """``data`` with transformers' whitespace stripping and Metaspace prefixes applied (module docstring)."""
+        special = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED | ll.LLAMA_TOKEN_ATTR_UNKNOWN
         specials, cursor = [], 0  # (start, end, id) of each special token, from a first, prefix-free split
         for tok in self._tokenize(data, False):
-            if ll.llama_vocab_get_attr(self._vocab, tok) & _SPECIAL:
+            if ll.llama_vocab_get_attr(self._vocab, tok) & special:
                 text = ll.llama_vocab_get_text(self._vocab, tok)
                 start = data.find(text, cursor)  # by search: llama.cpp's own lstrip/rstrip rules skip whitespace
                 specials.append((start, start + len(text), tok))
@@ -355,3 +355,64 @@ class LlamaCppSession(Session):
         if not _finalizing() and (getattr(self, "_ctx", None) is not None or getattr(self, "_model", None) is not None):
             self._close()
 
+
+
+class LlamaCppBackend(Backend):
+    name = "llama.cpp"
+    formats = ("gguf",)
+    what = "a .gguf file"
+    install = "install a GPU build of llama-cpp-python (CUDA: CMAKE_ARGS='-DGGML_CUDA=on' pip install --force-reinstall --no-cache-dir llama-cpp-python)"
+
+    def claims(self, path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() == ".gguf"
+
+    def devices(self) -> list[str]:
+        return devices()
+
+    def open(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None) -> LlamaCppSession:
+        return LlamaCppSession(path, device=device, n_ctx=n_ctx, threads=threads)
+
+    def probe(self, device: str, folder: Path) -> bool:
+        """Load a tiny model on ``device`` and decode two tokens."""
+        path = folder / "probe.gguf"
+        if not path.is_file():
+            write_probe_gguf(path)
+        with LlamaCppSession(path, device=device, n_ctx=16, threads=1) as session:
+            return session.generate([1], max_tokens=2, temperature=0).completion_tokens > 0
+
+
+BACKEND = LlamaCppBackend()
+
+
+def write_probe_gguf(path: Path) -> None:
+    """A one-block llama with random weights and a byte-level SentencePiece vocabulary: what every llama.cpp build loads."""
+    import gguf
+
+    embd, ff, vocab = 32, 64, 259
+    tokens = [b"<unk>", b"<s>", b"</s>", *(f"<0x{i:02X}>".encode() for i in range(256))]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(embd)
+    w.add_block_count(1)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([2, 3, 3] + [6] * 256)  # unknown, control, control, then bytes
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd": (vocab, embd), "blk.0.attn_q": (embd, embd), "blk.0.attn_k": (embd, embd),
+              "blk.0.attn_v": (embd, embd), "blk.0.attn_output": (embd, embd), "blk.0.ffn_gate": (ff, embd),
+              "blk.0.ffn_up": (ff, embd), "blk.0.ffn_down": (embd, ff)}  # fmt: skip
+    for name, shape in shapes.items():
+        w.add_tensor(f"{name}.weight", (rng.standard_normal(shape) * 0.02).astype(np.float32))
+    for name in ("output_norm", "blk.0.attn_norm", "blk.0.ffn_norm"):
+        w.add_tensor(f"{name}.weight", np.ones(embd, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from ..bundle import MANIFEST, Bundle, Variant
 from ..errors import EdgepackError
+from . import registry
 from .base import Session
 
 
 class Loader:
-    """Loads ``path`` (a bundle, a .gguf file or an ONNX folder) by variant id, always with the same device, context and threads.
+    """Loads ``path`` (a bundle or a lone model) by variant id, always with the same device, context and threads.
 
-    ``variants`` lists a bundle's variants (empty for a single model); ``first`` is the
+    ``variants`` lists the bundle's variants a registered backend runs (empty for a lone model); ``first`` is the
     variant asked for at start (None: ``load``'s own pick). Raises BundleError when
     ``path`` is a bundle whose manifest does not open.
     """
@@ -38,7 +39,8 @@ class Loader:
         self.path = Path(path).expanduser()
         self.first = variant
         self.backend, self.device, self.n_ctx, self.threads = backend, device, n_ctx, threads
-        self.variants: list[Variant] = Bundle.open(self.path).variants if (self.path / MANIFEST).is_file() else []
+        listed = Bundle.open(self.path).variants if (self.path / MANIFEST).is_file() else []
+        self.variants: list[Variant] = [v for v in listed if registry.for_format(v.format) is not None]
 
     def open(self, variant: str | None) -> Session:
         """Load ``variant``; raises what ``edgepack.load`` raises."""

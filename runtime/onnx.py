@@ -21,24 +21,66 @@ import numpy as np
 
 from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
 from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
+from .registry import Backend
 
-try:
-    import onnxruntime_genai as og
-except ImportError as e:  # pragma: no cover - onnxruntime-genai is a core dependency
-    raise MissingDependencyError("onnxruntime-genai", purpose="running ONNX models") from e
+# onnxruntime_genai, imported by _og() on first use: importing this module (as the registry does) loads no library.
+og = None
+
+
+def _og():
+    """Import onnxruntime-genai once; raises MissingDependencyError."""
+    global og
+    if og is None:
+        try:
+            import onnxruntime_genai
+        except ImportError as e:  # a core dependency, but doctor reports a broken install
+            raise MissingDependencyError("onnxruntime-genai", purpose="running ONNX models") from e
+        og = onnxruntime_genai
+    return og
 
 
 def devices() -> list[str]:
     """CUDA first when the CUDA build of onnxruntime-genai is installed (the ``cuda`` extra), then CPU."""
-    return ["cuda", "cpu"] if og.is_cuda_available() else ["cpu"]
+    return ["cuda", "cpu"] if _og().is_cuda_available() else ["cpu"]
 
 
-def open_session(path: Path, *, device: str, n_ctx: int | None, threads: int | None) -> OnnxSession:
-    return OnnxSession(path, device=device, n_ctx=n_ctx, threads=threads)
+class OnnxBackend(Backend):
+    name = "onnx"
+    formats = ("onnx",)
+    what = "an ONNX folder (with genai_config.json)"
+    install = "install the CUDA extra: pip install 'edgepack[cuda]'"
+
+    def claims(self, path: Path) -> bool:
+        return path.is_dir() and (path / "genai_config.json").is_file()
+
+    def devices(self) -> list[str]:
+        return devices()
+
+    def open(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None) -> OnnxSession:
+        return OnnxSession(path, device=device, n_ctx=n_ctx, threads=threads)
+
+    def probe(self, device: str, folder: Path) -> bool:
+        """ONNX Runtime adds one and one on ``device`` (a one-node graph; onnxruntime-genai, which runs the models, must import too)."""
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        _og()
+        x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy")
+        graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe", [x], [y])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+        provider = {"cuda": "CUDAExecutionProvider"}.get(device, "CPUExecutionProvider")
+        session = ort.InferenceSession(model.SerializeToString(), providers=[provider])
+        if provider not in session.get_providers():  # ONNX Runtime falls back to the CPU quietly
+            raise BackendError(f"ONNX Runtime has no {provider} here: {self.install}")
+        return float(session.run(None, {"x": np.ones(1, np.float32)})[0][0]) == 2.0
+
+
+BACKEND = OnnxBackend()
 
 
 class OnnxSession(Session):
     def __init__(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None) -> None:
+        _og()
         try:
             genai = json.loads((path / "genai_config.json").read_text())
             trained = int(genai["model"]["context_length"])
@@ -141,9 +183,7 @@ class OnnxSession(Session):
         gen = self._generator(None, self.n_ctx)
         # One append: genai's chunked prefill runs other int4 kernels, so chunks would shift the numbers.
         gen.append_tokens(np.asarray(tokens[:-1], dtype=np.int32))
-        scores = Scores.empty(len(tokens) - 1, min(top_k, self._vocab))
-        scores.fill(0, gen.get_output("logits")[0], tokens[1:])
-        return scores
+        return Scores.of(gen.get_output("logits")[0], tokens[1:], top_k)
 
     def _check_open(self) -> None:
         if self._model is None:

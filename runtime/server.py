@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import ContextOverflowError, EdgepackError, UsageError
+from . import registry
 from .base import Session, Stream
 from .server_protocol import ApiError, Limits, Reply, from_exception, parse_common, parse_messages, parse_prompt, read_json
 from .server_queue import Gate, Job
@@ -100,6 +101,7 @@ def create_app(
                                      allow_headers=["*"], allow_private_network=True, max_age=600))
     gate = Gate(limits.max_queue)
     created = int(time.time())
+    can = registry.capabilities(session.info.backend)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -162,6 +164,8 @@ def create_app(
 
     async def chat_completions(request: Request) -> Response:
         authorize(request)
+        if not can["chat"]:
+            raise ApiError(400, f"the {session.info.backend} backend cannot format chats: send a prompt to /v1/completions instead", code="unsupported")
         body = await read_json(request, limits.max_body_bytes)
         req = parse_common(body, limits)
         messages = parse_messages(body, limits)
@@ -194,7 +198,7 @@ def create_app(
         i = session.info
         return JSONResponse(
             {"status": "ok", "model": model_id, "backend": i.backend, "device": i.device, "variant": i.variant, "n_ctx": i.n_ctx,
-             "queued": gate.pending, "finished": dict(gate.finished)}
+             "capabilities": can, "queued": gate.pending, "finished": dict(gate.finished)}
         )
 
     async def on_api_error(request: Request, e: ApiError) -> Response:

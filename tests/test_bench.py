@@ -61,12 +61,12 @@ def test_bench_reports_a_variant_the_backend_refuses(tmp_path, smollm2, smollm2_
     b.save()
     with pytest.raises(BackendError, match="benchmarking broken failed: llama.cpp could not load"):
         bench(b, BenchConfig(prompt_tokens=16, decode_tokens=2, repetitions=1, warmup=0, threads=1), variants=["broken"], log=lambda m: None)
-    hf = tmp_path / "b" / "variants" / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text("{}")
-    b.add_variant(Variant("gptq-4", "gptq", "transformers", "variants/hf", [b.file_record(hf / "config.json")]))
+    mlx = tmp_path / "b" / "variants" / "mlx"
+    mlx.mkdir()
+    (mlx / "config.json").write_text("{}")
+    b.add_variant(Variant("mlx-4", "mlx", "mlx", "variants/mlx", [b.file_record(mlx / "config.json")]))  # no backend runs mlx
     with pytest.raises(UsageError, match="does not load"):
-        bench(b, variants=["gptq-4"], log=lambda m: None)
+        bench(b, variants=["mlx-4"], log=lambda m: None)
 
 
 @pytest.mark.gpu

@@ -42,9 +42,9 @@ def test_doctor_json():
 def test_doctor_probes_each_backend_and_says_why_one_fails():
     """The llama.cpp figures come from loading a model, not from a literal: a broken probe or library shows, with its error."""
     code = (
-        "import json, sys, edgepack.doctor as d\n"
+        "import json, sys, edgepack.doctor as d, edgepack.runtime.llamacpp as llamacpp\n"
         "if sys.argv[1] == 'bad-model':\n"
-        "    d._write_probe_gguf = lambda path: path.write_bytes(b'GGUF' + bytes(64))\n"
+        "    llamacpp.write_probe_gguf = lambda path: path.write_bytes(b'GGUF' + bytes(64))\n"
         "else:\n"
         "    sys.modules['llama_cpp'] = sys.modules['onnxruntime_genai'] = None  # import fails\n"
         "print(json.dumps(d.diagnose()['backends']))\n"

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import edgepack
 from edgepack.bundle import Bundle, Variant
 from edgepack.converters import calibration
 from edgepack.errors import CalibrationError, UsageError
-from edgepack.eval import EVAL_DIR, REF_JSON, REF_NPZ, EvalConfig, HFModel, evaluate, generation_agreement, kl_topk, reference, score_variant
+from edgepack.eval import EVAL_DIR, REF_JSON, REF_NPZ, EvalConfig, evaluate, generation_agreement, kl_topk, reference, score_variant
 
 TINY = dict(text="builtin", windows=2, window_len=64, top_k=8, variant_top_k=32, prompts=2, max_new_tokens=8)
 
@@ -144,8 +145,8 @@ def test_reference_scored_against_itself_diverges_by_nothing(evaluated, smollm2)
     b = Bundle.open(root)
     cfg = EvalConfig(**TINY)
     ref = reference(b, cfg, device="cpu", log=lambda m: pytest.fail(f"reference recomputed: {m}"))
-    model = HFModel(smollm2, device="cpu", threads=1)
-    r = score_variant(model, ref, cfg)
+    with edgepack.load(smollm2, backend="transformers", device="cpu", threads=1) as model:
+        r = score_variant(model, ref, cfg)
     assert r["kld"]["max"] < 1e-4 and r["top1_agreement"] == 1.0
     assert r["generation"]["exact_match"] == 1.0
 

@@ -47,10 +47,16 @@ def test_render_without_eval_or_bench_says_what_to_run():
 
 
 def test_a_bundle_bench_cannot_run_says_why_instead_of_sending_the_user_to_bench():
-    gptq = [{"id": "gptq-4", "format": "gptq", "backend": "transformers", "bytes": 127_000_000, "bits_per_weight": 4.6}]
-    files = render(_manifest(variants=gptq))
+    mlx = [{"id": "mlx-4", "format": "mlx", "backend": "mlx", "bytes": 127_000_000, "bits_per_weight": 4.6}]  # no backend runs mlx
+    files = render(_manifest(variants=mlx))
     assert "run `edgepack bench`" not in files["report.md"] and "run <code>edgepack bench</code>" not in files["report.html"]
-    assert "only gptq-4 (transformers)" in files["report.md"] and "--to gguf:Q4_K_M" in files["report.md"]
+    assert "only mlx-4 (mlx)" in files["report.md"] and "(gguf, onnx, gptq)" in files["report.md"] and "--to gguf:Q4_K_M" in files["report.md"]
+
+
+def test_a_gptq_only_bundle_is_sent_to_bench():
+    """The transformers backend runs GPTQ checkpoints, so bench measures them: no excuse in the report."""
+    gptq = [{"id": "gptq-4", "format": "gptq", "backend": "transformers", "bytes": 127_000_000, "bits_per_weight": 4.6}]
+    assert "run `edgepack bench`" in render(_manifest(variants=gptq))["report.md"]
 
 
 def test_rows_join_eval_and_the_cpu_bench_run():

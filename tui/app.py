@@ -42,7 +42,7 @@ def run_chat(
     sampling: SamplingParams | None = None,
     truncate: Truncate = "error",
 ) -> None:
-    """Chat with a bundle, a .gguf file or an ONNX folder in the terminal until the user quits.
+    """Chat with a bundle or a lone model (see ``edgepack.load``) in the terminal until the user quits.
 
     Raises UsageError without a terminal, and whatever ``edgepack.load`` raises when the
     model does not load (SourceNotFoundError, BundleError, BackendError, ...).

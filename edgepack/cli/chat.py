@@ -6,10 +6,10 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def chat(
-        model: str = typer.Argument(..., help="A bundle folder, a .gguf file or an ONNX model folder."),
+        model: str = typer.Argument(..., help="A bundle folder or a model a backend runs: a .gguf file, an ONNX folder, a GPTQ checkpoint."),
         system: str = typer.Option("", "--system", help="System prompt (change it later with /system)."),
         variant: str | None = typer.Option(None, "--variant", help="Bundle variant to start with (default: the best for the device); F2 switches."),
-        backend: str = typer.Option("auto", "--backend", help="auto, llama.cpp or onnx (for the first variant)."),
+        backend: str = typer.Option("auto", "--backend", help="auto, or a backend `edgepack doctor` lists (for the first variant)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
         n_ctx: int | None = typer.Option(None, "--n-ctx", help="Context window in tokens (default: the model's, at most 4096)."),
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),

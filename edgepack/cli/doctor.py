@@ -36,4 +36,4 @@ def register(app: typer.Typer) -> None:
             for where, why in ({"import": devs["error"]} if "error" in devs else devs.get("errors", {})).items():
                 c.print(f"[red]{name} {where}:[/] {escape(why)}")
         if not any(d.get("cuda") for d in report["backends"].values()):
-            c.print("No CUDA backend: for llama.cpp on CUDA rebuild llama-cpp-python with CMAKE_ARGS='-DGGML_CUDA=on'; for ONNX install 'edgepack[cuda]'.")
+            c.print("No CUDA backend. " + " ".join(f"For {name} on CUDA, {escape(how)}." for name, how in report["gpu_install"].items()))

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         path: str = typer.Argument(..., help="A checkpoint folder, a .gguf file, an ONNX folder or a bundle."),
         as_json: bool = typer.Option(False, "--json", help="Print the description as JSON."),
     ) -> None:
-        """Describe a model: architecture, parameters, dtypes, tensors, bytes, context, tokenizer, variants.
+        """Describe a model: architecture, parameters, dtypes, tensors, bytes, context, tokenizer, the backend that runs it, variants.
 
         Example: edgepack inspect ~/.cache/edgepack/bundles/smollm2-135m --json
         """
@@ -64,4 +64,5 @@ def register(app: typer.Typer) -> None:
             t.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
         Console().print(t)
         for v in info.get("variants", []):
-            Console().print(f"  {v['id']}: {v['format']} via {v['backend']}, {v['bytes'] / 1e6:.1f} MB, {', '.join(v['files'])}")
+            via = v["runs_on"] or f"{v['backend']}, which no registered backend is"
+            Console().print(f"  {v['id']}: {v['format']} via {via}, {v['bytes'] / 1e6:.1f} MB, {', '.join(v['files'])}")

@@ -9,7 +9,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def run(
-        model: str = typer.Argument(..., help="A bundle folder, a .gguf file or an ONNX model folder."),
+        model: str = typer.Argument(..., help="A bundle folder or a model a backend runs: a .gguf file, an ONNX folder, a GPTQ checkpoint."),
         prompt: str | None = typer.Argument(None, help="The prompt; omit it (or give '-') to read stdin."),
         system: str = typer.Option("", "--system", help="System prompt for the chat template."),
         raw: bool = typer.Option(False, "--raw", help="Complete PROMPT as plain text, without the chat template."),
@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         stop: list[str] = typer.Option([], "--stop", help="Stop before this text (repeatable)."),
         truncate: str = typer.Option("error", "--truncate", help="If a --raw prompt does not fit: 'error' or 'left' (drop its start)."),
         variant: str | None = typer.Option(None, "--variant", help="Bundle variant id (default: the first that runs on the device)."),
-        backend: str = typer.Option("auto", "--backend", help="auto, llama.cpp or onnx."),
+        backend: str = typer.Option("auto", "--backend", help="auto, or a backend `edgepack doctor` lists."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
         n_ctx: int | None = typer.Option(None, "--n-ctx", help="Context window in tokens (default: the model's, at most 4096)."),
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),

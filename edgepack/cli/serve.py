@@ -8,7 +8,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
-        model: str = typer.Argument(..., help="A bundle folder, a .gguf file or an ONNX model folder."),
+        model: str = typer.Argument(..., help="A bundle folder or a model a backend runs: a .gguf file, an ONNX folder, a GPTQ checkpoint."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 lets other machines in (set --api-key then)."),
         port: int = typer.Option(8000, "--port", help="Port to listen on (0 picks a free one)."),
         api_key: str | None = typer.Option(
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
             [], "--cors-origin", help="Let web pages from ORIGIN (scheme://host[:port], or * for any) call the API from a browser; repeatable. Off by default."
         ),
         name: str | None = typer.Option(None, "--name", help="Model id reported by /v1/models (default: the model's name)."),
-        backend: str = typer.Option("auto", "--backend", help="auto, llama.cpp or onnx."),
+        backend: str = typer.Option("auto", "--backend", help="auto, or a backend `edgepack doctor` lists."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
         variant: str | None = typer.Option(None, "--variant", help="Bundle variant id (default: the best for the device)."),
         n_ctx: int | None = typer.Option(None, "--n-ctx", help="Context window in tokens (default: the model's, at most 4096)."),

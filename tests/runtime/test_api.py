@@ -112,11 +112,11 @@ def test_bundle_picks_first_runnable_variant_or_the_named_one(smollm2_gguf, tmp_
         target.parent.mkdir(parents=True)
         _link_or_copy(smollm2_gguf, target)
         b.add_variant(Variant(vid, "gguf", "llama.cpp", target.relative_to(root).as_posix(), [b.file_record(target)], 5.0))
-    gptq = root / "variants" / "gptq-4" / "config.json"
-    gptq.parent.mkdir(parents=True)
-    gptq.write_text("{}")
-    # A variant no runtime backend runs comes first: `load` must skip it.
-    b.data["variants"].insert(0, Variant("gptq-4", "gptq", "transformers", "variants/gptq-4", [b.file_record(gptq)]).to_json())
+    mlx = root / "variants" / "mlx-4" / "config.json"
+    mlx.parent.mkdir(parents=True)
+    mlx.write_text("{}")
+    # A variant no registered backend runs comes first: `load` must skip it.
+    b.data["variants"].insert(0, Variant("mlx-4", "mlx", "mlx", "variants/mlx-4", [b.file_record(mlx)]).to_json())
     b.save()
 
     with edgepack.load(root, threads=1, n_ctx=256) as s:
@@ -127,7 +127,7 @@ def test_bundle_picks_first_runnable_variant_or_the_named_one(smollm2_gguf, tmp_
     with pytest.raises(BundleError, match="no variant 'nope'"):
         edgepack.load(root, variant="nope")
     with pytest.raises(UsageError, match="does not support"):
-        edgepack.load(root, variant="gptq-4")
+        edgepack.load(root, variant="mlx-4")
     with pytest.raises(BundleError, match="no variant for backend=onnx"):
         edgepack.load(root, backend="onnx")
 
