@@ -211,7 +211,7 @@ def _convert_all(ref_path: Path, work: Path, root: Path, times: dict, result: di
     env = {**os.environ, "PYTHONPATH": str(gguf_py)}
     attempt("gguf-llamacpp-q8_0", lambda: _run([sys.executable, str(script), str(ref_path), "--outtype", "q8_0", "--outfile", str(dest)], env))
     if "gguf-llamacpp-q8_0" in times:
-        as_bundle(dest, out=root, log=_log)
+        as_bundle(dest, out=root)
     attempt("onnx-int4", lambda: convert(str(ref_path), ["onnx:int4"], out=root))
     if importlib.util.find_spec("onnxruntime_genai.models.builder"):
         dest = work / "builder-int4"
@@ -223,7 +223,7 @@ def _convert_all(ref_path: Path, work: Path, root: Path, times: dict, result: di
                 from edgepack.bundle import Bundle
 
                 Bundle.create(root, ref_path.name, {"ref": str(ref_path), "reference_path": str(ref_path), "files": []}).save()
-            as_bundle(dest, out=root, log=_log)
+            as_bundle(dest, out=root)
     else:
         result["skipped"]["onnx_int4_builder"] = "onnxruntime_genai.models.builder is not installed"
 
@@ -242,10 +242,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="JSON result (default: <work>/anchors.json)")
     args = ap.parse_args()
 
+    from edgepack.converters.pull import pull
+
     from edgepack import constants
     from edgepack.bench import BenchConfig, bench, machine
     from edgepack.bundle import Bundle
-    from edgepack.converters.pull import pull
     from edgepack.eval import EvalConfig, evaluate
     from edgepack.report import report
 
@@ -264,9 +265,9 @@ def main() -> int:
         _load_mark(result, "after_convert")
         b = Bundle.open(root)
         _log("eval and bench of every anchor variant")
-        evaluate(b, EvalConfig(text="builtin", windows=args.windows, prompts=4), threads=args.threads, log=_log)
+        evaluate(b, EvalConfig(text="builtin", windows=args.windows, prompts=4), threads=args.threads)
         _load_mark(result, "after_eval")
-        bench(b, BenchConfig(threads=args.threads, repetitions=args.reps), log=_log)
+        bench(b, BenchConfig(threads=args.threads, repetitions=args.reps))
         _load_mark(result, "after_bench")
         result["report"] = str(report(b))
         q = {v.id: {**_quality(b, v.id), **_speed(b, v.id)} for v in b.variants}

@@ -13,6 +13,7 @@ prefix and report an impossibly fast prefill. Results go into the manifest's
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import resource
@@ -23,19 +24,14 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__
 from .bundle import Bundle
 from .errors import BackendError, BundleError, EdgepackError, UsageError
 from .runtime import registry
 
-
-def __getattr__(name: str):
-    # ``RUNNABLE``: the registered backends' names, asked of the registry each time (convert's report step reads it).
-    if name == "RUNNABLE":
-        return tuple(registry.names())
-    raise AttributeError(f"module 'edgepack.bench' has no attribute {name!r}")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,7 +55,6 @@ def bench(
     cfg: BenchConfig | None = None,
     *,
     variants: list[str] | None = None,
-    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Benchmark ``variants`` (default: every one a registered backend runs with what is installed); write the manifest's "bench" slot.
 
@@ -80,12 +75,12 @@ def bench(
     slot["machine"] = machine()
     runs = slot.setdefault("runs", {})
     for v in chosen:
-        log(f"bench {v.id}: {cfg.warmup} warm-up + {cfg.repetitions} runs of {cfg.prompt_tokens} + {cfg.decode_tokens} tokens")
+        log.info(f"bench {v.id}: {cfg.warmup} warm-up + {cfg.repetitions} runs of {cfg.prompt_tokens} + {cfg.decode_tokens} tokens")
         raw = _run_worker({"bundle": str(b.root), "variant": v.id, "config": asdict(cfg), "text": text})
         run = summarise(raw)
         run.update(variant=v.id, format=v.format, backend=v.backend, bytes=v.bytes, settings=asdict(cfg))
         runs[f"{v.id}@{run['device']}"] = run
-        log(
+        log.info(
             f"bench {v.id} on {run['device']} ({run['prompt_tokens']}-token prompt): prefill {run['prefill_tokens_per_s']['median']:.0f} tok/s, "
             f"decode {run['decode_tokens_per_s']['median']:.1f} tok/s, peak RSS {run['peak_rss_bytes'] / 2**20:.0f} MiB"
         )
@@ -168,9 +163,9 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     # a model trained on a shorter context gets a shorter prompt (the run records what it used)
     prompt_tokens = min(cfg.prompt_tokens, session.n_ctx - cfg.decode_tokens - 1)
     if prompt_tokens < 1:
-        raise UsageError(f"{cfg.decode_tokens} decode tokens leave no room for a prompt in a {session.n_ctx}-token context: lower --decode-tokens")
+        raise UsageError(f"{cfg.decode_tokens} decode tokens leave no room for a prompt in a {session.n_ctx}-token context: lower `decode_tokens`", option="decode_tokens")
     if len(ids) < count * prompt_tokens:
-        raise UsageError(f"the bench text gives {len(ids)} tokens, {count * prompt_tokens} needed: lower --prompt-tokens")
+        raise UsageError(f"the bench text gives {len(ids)} tokens, {count * prompt_tokens} needed: lower `prompt_tokens`", option="prompt_tokens")
     reps = []
     for i in range(count):
         prompt = ids[i * prompt_tokens : (i + 1) * prompt_tokens]

@@ -191,9 +191,12 @@ class Bundle:
             shutil.rmtree(dest, ignore_errors=True)
 
     def reference(self) -> Path | None:
-        """The float checkpoint kept in the bundle, if it is."""
-        path = self.root / REFERENCE
-        return path if (path / "config.json").is_file() else None
+        """The float checkpoint eval compares with, if it is at hand: kept in the bundle, else where it was pulled to."""
+        raw = self.data.get("source", {}).get("reference_path")
+        for path in (self.root / REFERENCE, Path(raw) if raw else None):
+            if path is not None and (path / "config.json").is_file():
+                return path
+        return None
 
     def add_step(self, step: dict[str, Any]) -> None:
         """Record a stage once: a rerun that reused its cached output leaves the first record as it was."""

@@ -185,14 +185,15 @@ def _check_transforms(the_plan: Plan, model: Path) -> None:
 
 
 def _report(bundle: Bundle) -> None:
-    from .bench import RUNNABLE, bench
+    from .bench import bench
     from .eval import evaluate
     from .report import report as write_report
     from .report import unbenchable
+    from .runtime import registry
 
-    evaluate(bundle, log=log.info)
-    if any(v.backend in RUNNABLE for v in bundle.variants):
-        bench(bundle, log=log.info)
+    evaluate(bundle)
+    if any(v.backend in registry.names() for v in bundle.variants):
+        bench(bundle)
     else:
         log.info(f"bench skipped: {unbenchable(bundle.data['variants'])}")
     log.info(f"report: {write_report(bundle)}")

@@ -15,10 +15,11 @@ distributions (and checks the eval text against the calibration text),
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .bundle import Bundle
 from .errors import BundleError, SourceNotFoundError, UsageError
@@ -27,6 +28,8 @@ from .eval_reference import EVAL_DIR, PROMPTS, REF_JSON, REF_NPZ, EvalConfig, Re
 from .fsutil import write_json
 from .runtime import load, registry
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "EVAL_DIR", "PROMPTS", "REF_JSON", "REF_NPZ", "EvalConfig", "Reference", "as_bundle", "evaluate",
     "generation_agreement", "kl_topk", "reference", "score_variant",
@@ -34,11 +37,10 @@ __all__ = [
 
 
 def _trained_context(bundle: Bundle) -> int | None:
-    raw = bundle.data.get("source", {}).get("reference_path")
-    cfg_path = Path(raw) / "config.json" if raw else None
-    if cfg_path is None or not cfg_path.is_file():
+    folder = bundle.reference()
+    if folder is None:
         return None
-    cfg = json.loads(cfg_path.read_text())
+    cfg = json.loads((folder / "config.json").read_text())
     return cfg.get("text_config", cfg).get("max_position_embeddings")
 
 
@@ -49,7 +51,6 @@ def evaluate(
     variants: list[str] | None = None,
     device: str = "auto",
     threads: int | None = None,
-    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Score ``variants`` (default: all) of a bundle; write eval/ and the manifest's "eval" slot.
 
@@ -60,7 +61,7 @@ def evaluate(
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     trained = _trained_context(b)
     if trained and cfg.window_len > trained:
-        log(f"eval windows shortened from {cfg.window_len} to the model's {trained}-token context")
+        log.info(f"eval windows shortened from {cfg.window_len} to the model's {trained}-token context")
         cfg = replace(cfg, window_len=trained)
     chosen = [b.variant(v) for v in variants] if variants else b.variants
     for v in chosen:
@@ -69,7 +70,7 @@ def evaluate(
             raise UsageError(f"variant {v.id} runs on {runner.name}, which cannot score tokens: eval the other variants with --variant")
     if not chosen:
         raise BundleError(f"bundle {b.root} has no variants to evaluate: convert some with `edgepack convert --to ...`")
-    ref = reference(b, cfg, device=device, threads=threads, log=log)
+    ref = reference(b, cfg, device=device, threads=threads)
     results = b.data.setdefault("eval", {}).setdefault("variants", {})
     n_ctx = max(cfg.window_len, max((len(p) for p in ref.meta.get("prompt_ids", [])), default=0) + cfg.max_new_tokens)
     for v in chosen:
@@ -81,14 +82,14 @@ def evaluate(
         res["wall_s"] = round(time.perf_counter() - start, 2)
         write_json(b.root / EVAL_DIR / f"{v.id}.json", res)
         results[v.id] = {k: val for k, val in res.items() if k != "answers"}
-        log(f"eval {v.id}: PPL {res['ppl']:.3f}, KLD {res['kld']['mean']:.5f}, top-1 {res['top1_agreement']:.3f}")
+        log.info(f"eval {v.id}: PPL {res['ppl']:.3f}, KLD {res['kld']['mean']:.5f}, top-1 {res['top1_agreement']:.3f}")
     b.data["eval"]["reference"] = {k: ref.meta[k] for k in ("text", "windows", "window_len", "top_k", "skipped_overlapping_windows", "ppl")}
     b.data["eval"]["reference"]["file"] = f"{EVAL_DIR}/{REF_NPZ}"
     b.save()
     return b.data["eval"]
 
 
-def as_bundle(target: str | Path, *, reference: str | None = None, out: str | Path | None = None, log: Callable[[str], None] = print) -> Bundle:
+def as_bundle(target: str | Path, *, reference: str | None = None, out: str | Path | None = None) -> Bundle:
     """``target`` itself if it is a bundle; else a bundle at ``out`` holding that one model, linked in.
 
     A lone model a backend claims (a .gguf file, an ONNX folder, a GPTQ checkpoint folder) gets an
@@ -119,7 +120,7 @@ def as_bundle(target: str | Path, *, reference: str | None = None, out: str | Pa
     if reference:
         from .converters.pull import pull
 
-        art = pull(reference, log=log)
+        art = pull(reference)
         source.update(ref=reference, origin=art.meta.get("origin"), revision=art.meta.get("revision"),
                       architecture=art.meta.get("architecture"), reference_path=str(art.path), files=art.meta.get("files", []))
     b = Bundle.open(root) if (root / MANIFEST).is_file() else Bundle.create(root, name, source)

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,8 @@ from .errors import BundleError, CalibrationError, EdgepackError, UsageError
 from .fsutil import atomic_path, write_json
 from .runtime import load
 from .runtime.base import Session
+
+log = logging.getLogger(__name__)
 
 EVAL_DIR = "eval"
 REF_NPZ = "reference.npz"
@@ -70,7 +73,7 @@ class EvalConfig:
 
     def check(self) -> None:
         if self.windows < 1 or self.window_len < 16:
-            raise UsageError("eval needs at least 1 window of at least 16 tokens: raise --windows / --window-len")
+            raise UsageError("eval needs at least 1 window of at least 16 tokens: raise `windows` / `window_len`", option="windows")
         if not 1 <= self.top_k <= self.variant_top_k <= 1000:
             raise UsageError("eval needs 1 <= top_k <= variant_top_k <= 1000 (the runtime returns at most 1000 per position)")
         if self.prompts < 0 or self.max_new_tokens < 1:
@@ -91,7 +94,7 @@ class Reference:
 
 
 def reference(
-    bundle: Bundle, cfg: EvalConfig, *, device: str = "auto", threads: int | None = None, log: Callable[[str], None] = print
+    bundle: Bundle, cfg: EvalConfig, *, device: str = "auto", threads: int | None = None
 ) -> Reference:
     """The bundle's stored reference if its settings match, else compute and store it.
 
@@ -99,14 +102,14 @@ def reference(
     overlapping calibration), OfflineError, MissingDependencyError.
     """
     folder = bundle.root / EVAL_DIR
-    text = _eval_text(cfg.text, log)
+    text = _eval_text(cfg.text)
     key = _reference_key(bundle, cfg, text)
     if (folder / REF_JSON).is_file() and (folder / REF_NPZ).is_file():
         meta = json.loads((folder / REF_JSON).read_text())
         with np.load(folder / REF_NPZ) as z:
             if meta.get("key") == key and "key" in z.files and str(z["key"]) == key:  # both files of the same run (each is written atomically)
                 return Reference(z["tokens"], z["top_ids"], z["top_logp"], z["rest_logp"], z["target_logp"], meta)
-    log(f"computing reference distributions on {text.name} with transformers (once per bundle)")
+    log.info(f"computing reference distributions on {text.name} with transformers (once per bundle)")
     start = time.perf_counter()
     with load(_reference_path(bundle), backend="transformers", device=device, threads=threads, n_ctx=_reference_ctx(cfg)) as model:
         ids = _token_stream(text, model)
@@ -172,29 +175,43 @@ def _prompt_ids(session: Session, prompt: str) -> list[int]:
 
 
 def _reference_path(bundle: Bundle) -> Path:
-    raw = bundle.data.get("source", {}).get("reference_path")
-    path = Path(raw) if raw else None
-    if path is None or not (path / "config.json").is_file():
-        ref = bundle.data.get("source", {}).get("ref", "the source model")
+    """The float checkpoint: the bundle's own, else pulled again from the manifest's ``ref`` and checked against its hashes.
+
+    Raises BundleError when it cannot be had, or what was pulled is not what the bundle was made from.
+    """
+    if (path := bundle.reference()) is not None:
+        return path
+    from .converters.pull import pull
+
+    source = bundle.data.get("source", {})
+    ref = source.get("ref", "the source model")
+    try:
+        art = pull(ref)
+    except EdgepackError as e:
         raise BundleError(
-            f"the reference checkpoint of {bundle.root} ({raw}) is gone and the bundle holds no reference for these settings: "
-            f"run `edgepack pull {ref}` again, or eval with the settings the bundle was evaluated with"
-        )
-    return path
+            f"the reference checkpoint of {bundle.root} is gone and pulling {ref!r} again failed ({e}): "
+            "pull it where this machine can, or eval with the settings the bundle was evaluated with"
+        ) from e
+    want = {f["path"]: f["sha256"] for f in source.get("files", [])}
+    got = {f["path"]: f["sha256"] for f in art.meta.get("files", [])}
+    if want and any(got.get(name) != sha for name, sha in want.items()):
+        raise BundleError(f"{ref!r} pulled again is not the checkpoint {bundle.root} was converted from (its files differ): re-convert")
+    log.info(f"the reference checkpoint was gone; pulled {ref} again and checked it against the manifest")
+    return art.path
 
 
-def _eval_text(preset: str, log: Callable[[str], None]) -> calibration.Text:
+def _eval_text(preset: str) -> calibration.Text:
     from . import constants
 
     if preset != "auto":
         return calibration.load(preset, split="eval")
     if not constants.hf_offline() and not constants.hub_reachable():
-        log("the hub cannot be reached, so eval uses the built-in text instead of wikitext-2")
+        log.info("the hub cannot be reached, so eval uses the built-in text instead of wikitext-2")
     elif not constants.hf_offline():
         try:
             return calibration.load(HF_DEFAULT, split="eval")
         except EdgepackError as e:  # no `datasets`, dataset gone
-            log(f"wikitext-2 unavailable ({e}); using the built-in eval text")
+            log.info(f"wikitext-2 unavailable ({e}); using the built-in eval text")
     return calibration.load("builtin", split="eval")
 
 
@@ -265,7 +282,7 @@ def _calibration_texts(bundle: Bundle, files: tuple[str, ...]) -> list[calibrati
             text = next((t for t in given if t.sha256 == rec.get("sha256")), None)
             if text is None:
                 raise CalibrationError(
-                    f"the bundle was calibrated on the user file {name[5:]!r}; pass it with --calibration-file so eval can "
+                    f"the bundle was calibrated on the user file {name[5:]!r}; pass it in `calibration_files` so eval can "
                     "check that the eval text is disjoint from it"
                 )
         elif split in ("calibration", "eval"):

@@ -21,7 +21,6 @@ longest power-of-two context that fits, up to the trained context.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -29,26 +28,11 @@ from .bundle import Bundle, Variant
 from .errors import BundleError, InvalidModelError, UsageError
 from .gguf_header import gguf_metadata
 from .runtime import registry
+from .units import parse_size
 
 MIN_CTX = 512
 DEFAULT_OVERHEAD = 300 * 2**20  # bytes; above what bench measured for SmolLM2 on llama.cpp and ONNX Runtime
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 _ONNX_BYTES = {1: 4, 10: 2, 16: 2}  # onnx TensorProto elem types: FLOAT, FLOAT16, BFLOAT16
-
-
-def parse_size(text: str | int) -> int:
-    """``4GB`` (10**9), ``4GiB`` or ``4G`` (2**30), ``512MB``, or a byte count; raises UsageError."""
-    if isinstance(text, int):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-        if not m or m.group(2).lower() not in _UNITS:
-            raise UsageError(f"cannot read memory size {text!r}: write e.g. 4GB, 3.5GiB, 512MB or a byte count")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise UsageError(f"memory size must be positive, got {text!r}")
-    return value
 
 
 def architecture(bundle: Bundle, variant: Variant) -> dict[str, int]:
@@ -61,8 +45,8 @@ def architecture(bundle: Bundle, variant: Variant) -> dict[str, int]:
         return _from_gguf(path)
     if (path / "genai_config.json").is_file():
         return _from_genai(path)
-    for folder in (path, Path(bundle.data.get("source", {}).get("reference_path") or "")):
-        if (folder / "config.json").is_file():
+    for folder in (path, bundle.reference()):
+        if folder is not None and (folder / "config.json").is_file():
             return _from_hf(json.loads((folder / "config.json").read_text()), kv_bytes=2)
     raise InvalidModelError(f"variant {variant.id} has no readable architecture (no GGUF metadata or config.json): re-convert it")
 
@@ -157,7 +141,7 @@ def recommend(bundle: Bundle | str | Path, ram: str | int, *, device: str = "cpu
     if device not in ("cpu", "cuda", "metal"):
         raise UsageError(f"unknown device {device!r}: choose cpu, cuda (the budget is GPU memory) or metal")
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-    budget = parse_size(ram)
+    budget = parse_size(ram, option="ram")
     evals = b.data.get("eval", {}).get("variants", {})
     options = []
     for v in b.variants:

@@ -60,13 +60,13 @@ def test_bench_reports_a_variant_the_backend_refuses(tmp_path, smollm2, smollm2_
     b.add_variant(Variant("broken", "gguf", "llama.cpp", "variants/broken/model.gguf", [b.file_record(broken)]))
     b.save()
     with pytest.raises(BackendError, match="benchmarking broken failed: llama.cpp could not load"):
-        bench(b, BenchConfig(prompt_tokens=16, decode_tokens=2, repetitions=1, warmup=0, threads=1), variants=["broken"], log=lambda m: None)
+        bench(b, BenchConfig(prompt_tokens=16, decode_tokens=2, repetitions=1, warmup=0, threads=1), variants=["broken"])
     mlx = tmp_path / "b" / "variants" / "mlx"
     mlx.mkdir()
     (mlx / "config.json").write_text("{}")
     b.add_variant(Variant("mlx-4", "mlx", "mlx", "variants/mlx", [b.file_record(mlx / "config.json")]))  # no backend runs mlx
     with pytest.raises(UsageError, match="does not load"):
-        bench(b, variants=["mlx-4"], log=lambda m: None)
+        bench(b, variants=["mlx-4"])
 
 
 @pytest.mark.gpu
@@ -77,7 +77,7 @@ def test_bench_on_cuda_reports_peak_device_memory(tmp_path, smollm2, smollm2_ggu
     if "cuda" not in llamacpp.devices():
         pytest.skip("this llama-cpp-python build has no CUDA (or no GPU is visible): nothing to measure on cuda")
     b = make_bundle(tmp_path / "b", smollm2, smollm2_gguf)
-    res = bench(b, BenchConfig(prompt_tokens=64, decode_tokens=8, repetitions=1, device="cuda"), log=lambda m: None)
+    res = bench(b, BenchConfig(prompt_tokens=64, decode_tokens=8, repetitions=1, device="cuda"))
     run = res["runs"]["gguf-q4_1@cuda"]
     assert run["device"] == "cuda" and run["peak_device_bytes"] > 0.5 * run["bytes"]
 

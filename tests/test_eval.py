@@ -109,7 +109,7 @@ def evaluated(tmp_path_factory, smollm2, smollm2_gguf):
         mp.setenv("EDGEPACK_HOME", str(root.parent / "eval-home"))
         mp.setenv("HF_HUB_OFFLINE", "1")
         b = make_bundle(root, smollm2, smollm2_gguf)
-        res = evaluate(b, EvalConfig(**TINY), device="cpu", threads=1, log=lambda m: None)
+        res = evaluate(b, EvalConfig(**TINY), device="cpu", threads=1)
     return root, res
 
 
@@ -140,11 +140,12 @@ def test_eval_scores_the_gguf_against_its_float_reference(evaluated):
 
 
 @pytest.mark.slow
-def test_reference_scored_against_itself_diverges_by_nothing(evaluated, smollm2):
+def test_reference_scored_against_itself_diverges_by_nothing(evaluated, smollm2, logged):
     root, _ = evaluated
     b = Bundle.open(root)
     cfg = EvalConfig(**TINY)
-    ref = reference(b, cfg, device="cpu", log=lambda m: pytest.fail(f"reference recomputed: {m}"))
+    ref = reference(b, cfg, device="cpu")
+    assert not any("computing reference" in m for m in logged.messages)  # the stored one, not computed again
     with edgepack.load(smollm2, backend="transformers", device="cpu", threads=1) as model:
         r = score_variant(model, ref, cfg)
     assert r["kld"]["max"] < 1e-4 and r["top1_agreement"] == 1.0
@@ -158,10 +159,10 @@ def test_eval_refuses_text_that_overlaps_calibration(tmp_path, smollm2, smollm2_
     record = calibration.load(str(text)).provenance(1000)
     b = make_bundle(tmp_path / "b", smollm2, smollm2_gguf, calibration_record=record)
     cfg = dict(TINY, text=str(text))
-    with pytest.raises(CalibrationError, match="--calibration-file"):
-        evaluate(b, EvalConfig(**cfg), device="cpu", threads=1, log=lambda m: None)
+    with pytest.raises(CalibrationError, match="`calibration_files`"):
+        evaluate(b, EvalConfig(**cfg), device="cpu", threads=1)
     with pytest.raises(CalibrationError, match="free of calibration text"):
-        evaluate(b, EvalConfig(**cfg, calibration_files=(str(text),)), device="cpu", threads=1, log=lambda m: None)
+        evaluate(b, EvalConfig(**cfg, calibration_files=(str(text),)), device="cpu", threads=1)
     assert not (tmp_path / "b" / EVAL_DIR / REF_JSON).exists()
 
 
@@ -183,14 +184,13 @@ def test_cli_evaluates_a_lone_gguf_against_a_reference(tmp_path, smollm2, smollm
 @pytest.mark.slow
 def test_gptq_variant_is_scored_with_transformers(tmp_path):
     pytest.importorskip("gptqmodel", reason="GPTQ variants need the gptq extra: pip install 'edgepack[gptq]'")
-    from models import tiny_model
-
     from edgepack.convert import convert
+    from models import tiny_model
 
     narrow = dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, head_dim=32, intermediate_size=192)  # see test_gptq
     src = tiny_model("llama", tmp_path / "tiny", **narrow)
     b = convert(str(src), "gptq:4,gguf:q8_0", tmp_path / "b", options={"samples": 32})
-    res = evaluate(b, EvalConfig(**TINY), device="cpu", threads=1, log=lambda m: None)["variants"]
+    res = evaluate(b, EvalConfig(**TINY), device="cpu", threads=1)["variants"]
     gptq, q8 = res["gptq-4"], res["gguf-q8_0"]
     assert (gptq["backend"], gptq["device"]) == ("transformers", "cpu")
     # 4-bit weights on a random tiny model diverge clearly more than 8-bit ones, and both stay finite
@@ -199,7 +199,7 @@ def test_gptq_variant_is_scored_with_transformers(tmp_path):
     assert np.isfinite(gptq["ppl"]) and gptq["generation"]["prompts"] == 2
 
 
-def test_auto_eval_text_falls_back_at_once_when_the_hub_is_unreachable(monkeypatch):
+def test_auto_eval_text_falls_back_at_once_when_the_hub_is_unreachable(monkeypatch, logged):
     """Online mode but no route to the hub: the built-in text, said in one line, without the datasets retries."""
     from edgepack import constants
     from edgepack.eval_reference import _eval_text
@@ -207,22 +207,20 @@ def test_auto_eval_text_falls_back_at_once_when_the_hub_is_unreachable(monkeypat
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
     monkeypatch.setattr(constants, "_HUB_REACHABLE", None)
-    lines: list[str] = []
-    text = _eval_text("auto", lines.append)
+    text = _eval_text("auto")
     assert text.name.startswith("builtin")
-    assert lines == ["the hub cannot be reached, so eval uses the built-in text instead of wikitext-2"]
+    assert logged.messages == ["the hub cannot be reached, so eval uses the built-in text instead of wikitext-2"]
 
 
-def test_auto_eval_text_without_the_datasets_library_says_which_extra_in_one_line(monkeypatch):
+def test_auto_eval_text_without_the_datasets_library_says_which_extra_in_one_line(monkeypatch, logged):
     from edgepack import constants
     from edgepack.eval_reference import _eval_text
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "_HUB_REACHABLE", True)
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
-    lines: list[str] = []
-    assert _eval_text("auto", lines.append).name.startswith("builtin")
-    (line,) = lines
+    assert _eval_text("auto").name.startswith("builtin")
+    (line,) = logged.messages
     assert line.startswith("wikitext-2 unavailable") and "pip install 'edgepack[datasets]'" in line and line.endswith("built-in eval text")
 
 
@@ -266,7 +264,7 @@ def test_eval_ranks_quantization_types_by_what_they_lose(tmp_path, smollm2):
 
     b = convert(str(smollm2), "gguf:Q2_K,gguf:Q4_K_M,gguf:Q8_0", tmp_path / "b", options={"calibration_tokens": "4096"})
     cfg = EvalConfig(text="builtin", windows=8, window_len=512, top_k=64, variant_top_k=256, prompts=0)
-    res = evaluate(b, cfg, device="cpu", threads=2, log=lambda m: None)
+    res = evaluate(b, cfg, device="cpu", threads=2)
     ref_ppl = res["reference"]["ppl"]
     results = {vid: {**r, "ppl_excess": r["ppl"] - ref_ppl} for vid, r in res["variants"].items()}
     print({vid: (round(r["kld"]["mean"], 4), round(r["ppl"], 3)) for vid, r in results.items()}, f"reference PPL {ref_ppl:.3f}")

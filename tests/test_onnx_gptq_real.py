@@ -44,7 +44,7 @@ def test_both_calibrated_variants_stay_close_to_the_float_model(bundle):
     assert (onnx.format, onnx.backend, gptq.format, gptq.backend) == ("onnx", "onnx", "gptq", "transformers")
     assert onnx.meta["int4_method"] == "gptq" and onnx.meta["gptq"]["rows"] == SAMPLES and onnx.bytes < 112e6
     cfg = EvalConfig(text="builtin", windows=4, window_len=512, top_k=64, variant_top_k=256, prompts=2, max_new_tokens=16)
-    res = evaluate(bundle, cfg, device="cpu", threads=2, log=lambda m: None)["variants"]
+    res = evaluate(bundle, cfg, device="cpu", threads=2)["variants"]
     print({vid: (round(r["kld"]["mean"], 4), round(r["top1_agreement"], 3)) for vid, r in res.items()})
     # round-to-nearest INT4 measures KLD ~0.38 here (benchmarks/onnx_int4.py); calibrated weights stay far below it
     for vid in ("onnx-int4", "gptq-4"):
@@ -54,7 +54,7 @@ def test_both_calibrated_variants_stay_close_to_the_float_model(bundle):
 
 
 def test_bench_measures_both_variants(bundle):
-    slot = bench(bundle, BenchConfig(prompt_tokens=64, decode_tokens=16, repetitions=1, threads=2), log=lambda m: None)
+    slot = bench(bundle, BenchConfig(prompt_tokens=64, decode_tokens=16, repetitions=1, threads=2))
     assert set(slot["runs"]) == {"onnx-int4@cpu", "gptq-4@cpu"}
     for vid, backend in (("onnx-int4", "onnx"), ("gptq-4", "transformers")):
         run = slot["runs"][f"{vid}@cpu"]

@@ -12,20 +12,9 @@ from test_eval import make_bundle
 import edgepack
 from edgepack.bundle import Bundle, Variant
 from edgepack.errors import UsageError
-from edgepack.recommend import DEFAULT_OVERHEAD, MIN_CTX, architecture, kv_cache_bytes, parse_size, pick, recommend
+from edgepack.recommend import DEFAULT_OVERHEAD, MIN_CTX, architecture, kv_cache_bytes, pick, recommend
 
 MiB = 2**20
-
-
-def test_parse_size():
-    assert parse_size("4GB") == 4 * 10**9
-    assert parse_size("4GiB") == parse_size("4g") == 4 * 2**30
-    assert parse_size("512 MB") == 512 * 10**6
-    assert parse_size("1.5GiB") == int(1.5 * 2**30)
-    assert parse_size("1000") == parse_size(1000) == 1000
-    for bad in ("4XB", "", "-1GB", "0", "GB"):
-        with pytest.raises(UsageError):
-            parse_size(bad)
 
 
 def test_architecture_of_an_onnx_variant(tmp_path):

@@ -21,7 +21,7 @@ def test_sizes(text, size):
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("bad", ["big", "12XB", "1e3", "", "-5MB"])
+@pytest.mark.parametrize("bad", ["big", "12XB", "1e3", "", "-5MB", "GB"])
 def test_what_is_not_a_size_names_the_option(bad):
     with pytest.raises(UsageError, match="not understood") as e:
         parse_size(bad, option="ram")

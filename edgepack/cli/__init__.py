@@ -122,10 +122,21 @@ def _as_flags(message: str) -> str:
     """The library names options by their Python names in backticks; the command line shows the flags instead."""
     if "`" not in message:
         return message
-    from .convert import flag_names
-
-    names = flag_names()
+    names = _flags()
     return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: names.get(m.group(1), m.group(0)), message)
+
+
+def _flags() -> dict[str, str]:
+    """Every command's options by parameter name -> the flag that sets it (``window_len`` -> ``--window-len``)."""
+    import typer.main
+
+    out: dict[str, str] = {}
+    for command in typer.main.get_command(app).commands.values():
+        for param in command.params:
+            long = [o for o in getattr(param, "opts", ()) if o.startswith("--")]
+            if long and param.name:
+                out.setdefault(param.name, long[0])
+    return out
 
 
 def _fail(exc: BaseException, message: str, code: int) -> None:

@@ -43,12 +43,6 @@ def declared_options() -> dict[str, tuple[Any, type]]:
     return out
 
 
-def flag_names() -> dict[str, str]:
-    """Option name -> the flag that sets it, for error messages."""
-    names = {name: flag.name_for(name) for name, (flag, _) in declared_options().items()}
-    return {**names, "to": "--to", "out": "--out", "allow_pickle": "--allow-pickle"}
-
-
 def _parameter(name: str, flag, kind: type) -> _P:
     """A typer option for one declared option; None when not given, so the library's defaults apply."""
     decl = flag.name_for(name)

@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import info
 
 _TARGET = "A bundle folder, or a lone model (.gguf file, ONNX folder) to wrap in a bundle."
 
@@ -28,7 +27,7 @@ def register(app: typer.Typer) -> None:
         prompts: int = typer.Option(8, "--prompts", help="Prompts for generation agreement (0 skips it)."),
         prompts_file: Path | None = typer.Option(None, "--prompts-file", help="One prompt per line instead of the built-in set."),
         max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Greedy answer length."),
-        calibration_file: list[Path] = typer.Option([], "--calibration-file", help="A user file the bundle was calibrated on."),
+        calibration_files: list[Path] = typer.Option([], "--calibration-file", help="A user file the bundle was calibrated on."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
@@ -48,11 +47,11 @@ def register(app: typer.Typer) -> None:
             prompts=prompts,
             prompts_file=str(prompts_file) if prompts_file else None,
             max_new_tokens=max_new_tokens,
-            calibration_files=tuple(str(p) for p in calibration_file),
+            calibration_files=tuple(str(p) for p in calibration_files),
         )
         cfg.check()
-        bundle = as_bundle(target, reference=reference, out=out, log=info)
-        res = evaluate(bundle, cfg, variants=variant or None, device=device, threads=threads, log=info)
+        bundle = as_bundle(target, reference=reference, out=out)
+        res = evaluate(bundle, cfg, variants=variant or None, device=device, threads=threads)
         if as_json:
             print(json.dumps(res, indent=2))
             return
@@ -90,8 +89,8 @@ def register(app: typer.Typer) -> None:
 
         cfg = BenchConfig(prompt_tokens, decode_tokens, repetitions, warmup, threads, device)
         cfg.check()
-        bundle = as_bundle(target, out=out, log=info)
-        res = do_bench(bundle, cfg, variants=variant or None, log=info)
+        bundle = as_bundle(target, out=out)
+        res = do_bench(bundle, cfg, variants=variant or None)
         if as_json:
             print(json.dumps(res, indent=2))
             return

@@ -257,7 +257,7 @@ def test_cli_trains_on_a_user_file_and_eval_refuses_it_as_held_out_text(teacher,
     assert names == ["builtin:calibration", "file:train.txt"]  # pruning calibration, then the training text
     # Evaluating on the very text the student was trained on must not pass as held-out.
     with pytest.raises(CalibrationError, match="free of calibration text"):
-        evaluate(bundle, EvalConfig(text=str(text), windows=1, window_len=96, prompts=0, calibration_files=(str(text),)), log=lambda m: None)
+        evaluate(bundle, EvalConfig(text=str(text), windows=1, window_len=96, prompts=0, calibration_files=(str(text),)))
 
 
 def test_cli_refuses_a_training_text_too_short_before_pruning(teacher, tmp_path, capsys):

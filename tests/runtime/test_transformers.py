@@ -104,7 +104,6 @@ def test_sampling_repeats_with_a_seed_and_filters_apply(session):
     assert session.generate(prompt, temperature=1.5, min_p=0.999, top_k=0, seed=5, max_tokens=12).text == greedy
     # repeat_penalty as transformers applies it: a seen token's positive logit divided, a negative one multiplied
     import torch
-
     from edgepack.runtime.base import SamplingParams
     from edgepack.runtime.transformers import _pick
 
@@ -126,9 +125,9 @@ def test_cancel_stops_the_stream(session):
 def test_the_smollm2_reference_answers_and_scores_as_transformers_does(smollm2):
     """The reference eval stores: its prompts' ids, greedy answers and scores equal transformers' own."""
     import torch
+    from edgepack.converters import calibration
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgepack.converters import calibration
     from edgepack.eval_reference import PROMPTS, _prompt_ids, greedy
 
     tok = AutoTokenizer.from_pretrained(smollm2)
@@ -160,7 +159,7 @@ def gptq_bundle(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("EDGEPACK_HOME", str(root / "home"))
     try:
-        return convert(str(src), "gptq:4,gguf:q8_0", root / "b", options={"samples": 32}, log=lambda m: None)
+        return convert(str(src), "gptq:4,gguf:q8_0", root / "b", options={"samples": 32})
     finally:
         mp.undo()
 
@@ -181,7 +180,7 @@ def test_a_gptq_variant_loads_runs_and_benches(gptq_bundle, monkeypatch):
                         "--temp", "0", "--threads", "1", "--json"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("{") and json.loads(r.stdout)["model"]["backend"] == "transformers"  # GPTQModel's chatter kept off stdout
-    runs = bench(b, BenchConfig(prompt_tokens=32, decode_tokens=4, repetitions=1, warmup=0, threads=1), log=lambda m: None)["runs"]
+    runs = bench(b, BenchConfig(prompt_tokens=32, decode_tokens=4, repetitions=1, warmup=0, threads=1))["runs"]
     assert set(runs) == {"gptq-4@cpu", "gguf-q8_0@cpu"} and runs["gptq-4@cpu"]["backend"] == "transformers"
     assert runs["gptq-4@cpu"]["decode_tokens_per_s"]["median"] > 0
 
