@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -52,6 +53,8 @@ from ..options import given, number, option, switch
 from ..plan import Format, Planner, VariantJob
 from ..stages import Artifact, Kind, Planned, Stage, side_input
 from . import calibration
+
+log = logging.getLogger(__name__)
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (16, 32, 64, 128)  # most accurate first: SmolLM2 gptq:4 KLD 0.044 at g16, 0.066 at g32 (benchmarks/onnx_int4.py)
@@ -232,6 +235,10 @@ class GPTQStage(Stage):
         group = choose_group_size(inp.path, config.group_size)
         chat = config.chat if config.chat is not None else bool(getattr(tokenizer, "chat_template", None))
         text, rows = load_rows(replace(config, chat=chat), tokenizer)
+        log.info(
+            f"gptq: {config.bits}-bit, group size {group}, {len(rows.ids)} calibration rows ({rows.tokens} tokens) "
+            f"from {text.name}; {rows.dropped_short} rows under {MIN_ROW_TOKENS} tokens dropped"
+        )
         qcfg = gptqmodel.QuantizeConfig(
             bits=config.bits,
             group_size=group,
@@ -275,7 +282,7 @@ class Options:
     """A ``gptq:BITS[gGROUP]`` variant, and the GPTQ run under a calibrated ``onnx:int4``."""
 
     bits: int
-    group: int | None = None  # None: the first of GROUP_SIZES that divides every layer width
+    group: int | None = None  # None: the first of GROUP_SIZES that divides every layer width (settled by ``check``)
     samples: int = option(256, flag="--gptq-samples", metavar="N", panel=_PANEL, help="GPTQ calibration rows (default 256).")
     sym: bool = option(False, negative="--asym", panel=_PANEL, help="Symmetric GPTQ groups, or asymmetric with zero points (default).")
     desc_act: bool = option(
@@ -290,9 +297,7 @@ class Options:
     device: str = option("cpu", flag="--gptq-device", metavar="DEVICE", panel=_PANEL, help="Where GPTQ runs: cpu (default) or cuda.")
     calibration: str = calibration.option_field()
 
-    @property
-    def arg(self) -> str:
-        return f"{self.bits}" + (f"g{self.group}" if self.group else "")
+    arg: str = ""  # the spec's argument as written (gptq:4 stays gptq-4 once the group is settled)
 
     def config(self) -> GPTQConfig:
         return GPTQConfig(
@@ -307,7 +312,7 @@ OPTIONS = ("samples", "sym", "desc_act", "damp_percent", "mixed", "device", "cal
 def parse(arg: str, options: Mapping[str, Any]) -> tuple[Options, set[str]]:
     """The typed options of ``gptq:ARG``; raises UsageError, CalibrationError (too little calibration text)."""
     bits, group = parse_arg(arg)
-    return parse_options(options, bits=bits, group=group), {k for k in OPTIONS if given(options.get(k))}
+    return replace(parse_options(options, bits=bits, group=group), arg=arg.lower()), {k for k in OPTIONS if given(options.get(k))}
 
 
 def parse_options(options: Mapping[str, Any], *, bits: int, group: int | None, defaults: Mapping[str, Any] | None = None) -> Options:
@@ -348,9 +353,9 @@ def parse_options(options: Mapping[str, Any], *, bits: int, group: int | None, d
     return Options(bits, group, **got)
 
 
-def check(opts: Options, model_dir: Path) -> None:
-    """Refuse a group size the model's layer widths do not take, before any stage; raises UsageError, InvalidModelError."""
-    choose_group_size(model_dir, opts.group)
+def check(opts: Options, model_dir: Path) -> Options:
+    """The options with the group size the model's layer widths take; raises UsageError (a given one that does not fit)."""
+    return replace(opts, group=choose_group_size(model_dir, opts.group))
 
 
 def plan(opts: Options, p: Planner) -> VariantJob:

@@ -243,11 +243,12 @@ def parse(arg: str, options: Mapping[str, Any]) -> tuple[Options, set[str]]:
     return Options(precision, provider, method, gptq=calibrated, **got), used
 
 
-def check(opts: Options, model_dir: Path) -> None:
+def check(opts: Options, model_dir: Path) -> Options:
     """The builder must export the architecture, and GPTQ's groups must fit the widths: checked before GPTQ runs."""
     check_architecture(model_dir)
     if opts.gptq:
         gptq.choose_group_size(model_dir, opts.block_size)  # the GPTQ group is the MatMulNBits block
+    return opts
 
 
 def plan(opts: Options, p: Planner) -> VariantJob:

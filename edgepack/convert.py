@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from . import constants, recipes
 from .bundle import MANIFEST, Bundle
 from .errors import UsageError
-from .plan import SOURCE, Plan, Runner, Spec, check_model, check_unused, describe, parse_variants, plan, unread
+from .plan import SOURCE, Runner, Spec, check_model, check_unused, describe, parse_variants, plan, unread
 from .stages import Stage
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,9 @@ def request(
     options: Mapping[str, Any] | None = None,
     prune: PruneConfig | None = None,
     distill: DistillConfig | None = None,
-) -> tuple[list[Spec], Plan]:
-    """The typed variants and the plan a convert of ``ref`` runs; reads no model. Raises UsageError, CalibrationError."""
+) -> tuple[list[Spec], list[tuple[Stage, Any]]]:
+    """The typed variants and the transforms (prune, distill) a convert of ``ref`` asks for, all checked, the plan they
+    make decided once (``plan.plan``); reads no model. Raises UsageError, CalibrationError."""
     from .converters import distill as distill_mod
     from .converters import prune as prune_mod
 
@@ -60,7 +61,8 @@ def request(
         transforms.append((prune_mod.Prune(), prune))
     if distill is not None:
         transforms.append((distill_mod.Distill(), replace(distill, teacher=distill.teacher or SOURCE)))
-    return specs, plan(specs, transforms=transforms)
+    plan(specs, transforms=transforms)  # what only a plan can refuse (two variants of one id), before any download
+    return specs, transforms
 
 
 def convert(
@@ -86,14 +88,14 @@ def convert(
     """
     from .converters.pull import pull
 
-    specs, the_plan = request(ref, variants, options=options, prune=prune, distill=distill)
+    specs, transforms = request(ref, variants, options=options, prune=prune, distill=distill)
     root = output_folder(ref, out)
     for spec in specs:
         if names := unread(options or {}, spec):
             log.info(f"{spec} does not use {', '.join(f'`{n}`' for n in names)}")
     source = pull(ref, allow_pickle=allow_pickle)
-    _check_transforms(the_plan, source.path)
-    check_model(specs, source.path)
+    _check_transforms(transforms, source.path)
+    the_plan = plan(check_model(specs, source.path), transforms=transforms)
     runner = Runner(source)
     for job in the_plan.transforms:
         runner.run(job)
@@ -146,11 +148,13 @@ def dry_run(
     """
     from .converters.pull import resolve
 
-    _, the_plan = request(ref, variants, options=options, prune=prune, distill=distill)
+    specs, transforms = request(ref, variants, options=options, prune=prune, distill=distill)
     root = output_folder(ref, out)
     source = resolve(ref, allow_pickle=allow_pickle)
     if source is not None:
-        _check_transforms(the_plan, source.path)
+        _check_transforms(transforms, source.path)
+        specs = check_model(specs, source.path)
+    the_plan = plan(specs, transforms=transforms)
     return {
         "ref": ref,
         "bundle": str(root),
@@ -173,15 +177,15 @@ def _name(ref: str) -> str:
     return recipe.name if recipe else Path(ref.rstrip("/")).name.removesuffix(".gguf").split("@")[0]
 
 
-def _check_transforms(the_plan: Plan, model: Path) -> None:
+def _check_transforms(transforms: list[tuple[Stage, Any]], model: Path) -> None:
     """Pruning's request against the model's config, and a training text long enough, before any weight is read."""
     from .converters import distill, prune
 
-    for job in the_plan.transforms:
-        if job.stage.name == "prune":
-            prune.check(job.config, model)
-        elif job.stage.name == "distill":
-            distill.check_text(job.config, model)
+    for stage, config in transforms:
+        if stage.name == "prune":
+            prune.check(config, model)
+        elif stage.name == "distill":
+            distill.check_text(config, model)
 
 
 def _report(bundle: Bundle) -> None:

@@ -45,7 +45,8 @@ class Format:
     ``parse(arg, options)`` returns the format's typed options for the spec argument (``Q4_K_M`` in
     ``gguf:Q4_K_M``) and the names of the shared options it used; it raises UsageError and needs no model.
     ``plan(opts, planner)`` adds the stages to ``planner`` and returns ``planner.variant(...)``.
-    ``check(opts, model_dir)``, if given, checks what only the model can tell, before any stage runs.
+    ``check(opts, model_dir)``, if given, checks what only the model can tell, before any stage runs, and returns
+    the options with what it settled (GPTQ's group size); a plan made before the model is at hand leaves those open.
     ``options`` are the dataclasses whose ``option`` fields the command line offers as flags.
     """
 
@@ -53,7 +54,7 @@ class Format:
     parse: Callable[[str, Mapping[str, Any]], tuple[Any, set[str]]]
     plan: Callable[[Any, Planner], VariantJob]
     options: tuple[type, ...] = ()
-    check: Callable[[Any, Path], None] | None = None
+    check: Callable[[Any, Path], Any] | None = None
 
 
 _registry: dict[str, Format] = {}
@@ -243,12 +244,10 @@ def plan(specs: list[Spec], *, transforms: list[tuple[Stage, Any]] = ()) -> Plan
     return Plan(pre, [j for j in p.jobs if j not in pre], p.variants)
 
 
-def check_model(specs: list[Spec], model_dir: Path) -> None:
-    """Each format's checks that need the model (architecture, layer widths), before any stage runs."""
+def check_model(specs: list[Spec], model_dir: Path) -> list[Spec]:
+    """The specs after each format's checks that need the model (architecture, layer widths), before any stage runs."""
     known = formats()
-    for spec in specs:
-        if check := known[spec.format].check:
-            check(spec.options, model_dir)
+    return [dataclasses.replace(s, options=check(s.options, model_dir)) if (check := known[s.format].check) else s for s in specs]
 
 
 # -- running -------------------------------------------------------------------------------------------

@@ -28,9 +28,19 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def logged(caplog):
-    """What edgepack logs (its progress lines, as the CLI prints them): ``logged.messages``, ``logged.clear()``."""
-    caplog.set_level(logging.INFO, logger="edgepack")
-    return caplog
+    """What edgepack logs (its progress lines, as the CLI prints them): ``logged.messages``, ``logged.clear()``.
+
+    Listens on the ``edgepack`` logger itself: after a command ran in this process it no longer propagates to the root.
+    """
+    logger = logging.getLogger("edgepack")
+    level, propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the root logger holds caplog's handler too: each line once
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(level)
+    logger.propagate = propagate
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,7 @@ class _Stderr(logging.Handler):
 def _log_to_stderr(debug: bool) -> None:
     logger = logging.getLogger("edgepack")
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False  # libraries that configure the root logger (GPTQModel) would print each line again
     if not any(isinstance(h, _Stderr) for h in logger.handlers):
         logger.addHandler(_Stderr())
 

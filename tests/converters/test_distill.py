@@ -30,7 +30,7 @@ from edgepack.converters.distill import (
 from edgepack.converters.lora import merge_lora, trainable_parameters
 from edgepack.converters.pull import from_folder
 from edgepack.errors import CalibrationError, UsageError
-from edgepack.plan import Runner
+from edgepack.plan import Runner, plan
 from edgepack.fsutil import sha256_file
 from edgepack.stages import run_stage
 
@@ -191,7 +191,8 @@ def test_config_checks_need_no_model(config):
 def test_prune_then_distill_run_in_order_through_the_cache(teacher):
     src = from_folder(teacher)
     pcfg, dcfg = prune.Config(layers=1, samples=2, seq_len=32), Config(steps=3, **TINY)
-    _, planned = request(str(teacher), "gguf:f16", prune=pcfg, distill=dcfg)
+    specs, transforms = request(str(teacher), "gguf:f16", prune=pcfg, distill=dcfg)
+    planned = plan(specs, transforms=transforms)
     runner = Runner(src)
     arts = [runner.run(job) for job in planned.transforms]
     steps = [runner.steps[job].to_json() for job in planned.transforms]

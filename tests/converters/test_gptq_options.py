@@ -16,7 +16,7 @@ from edgepack.errors import CalibrationError, UsageError
 
 def test_options_from_a_command_line_are_parsed():
     got, used = gptq.parse("4", {"samples": "64", "sym": "true", "desc_act": "no", "damp_percent": "0.05", "mixed": "off"})
-    assert got == gptq.Options(4, None, samples=64, sym=True, desc_act=False, damp_percent=0.05, mixed=False, device="cpu")
+    assert got == gptq.Options(4, None, samples=64, sym=True, desc_act=False, damp_percent=0.05, mixed=False, device="cpu", arg="4")
     assert used == {"samples", "sym", "desc_act", "damp_percent", "mixed"}
     assert gptq.parse("4g32", {})[0].mixed is False and onnx_conv.parse("int4", {})[0].gptq.mixed is True
 

@@ -123,7 +123,8 @@ def test_fp32_matches_transformers(narrow, tmp_path):
 def test_int4_repacks_the_gptq_weights(narrow, tmp_path, logged):
     opts = {"samples": 32, "mixed": False, "desc_act": False}  # one GPTQ stage for both: uniform bits, no act-order
     bundle = convert(str(narrow), "gptq:4g32,onnx:int4", tmp_path / "b", options=opts)
-    assert [m for m in logged.messages if m.startswith("gptq:")] == [next(m for m in logged.messages if m.startswith("gptq: done"))]  # one run, shared
+    runs = [m for m in logged.messages if m.startswith(("gptq: done", "gptq: cached"))]
+    assert len(runs) == 1 and runs[0].startswith("gptq: done")  # one GPTQ run, shared by both variants
     v = bundle.variant("onnx-int4")
     assert v.meta["int4_method"] == "gptq" and v.meta["gptq"]["group_size"] == 32 and v.meta["lm_head_bits"] == 8
     folder = bundle.resolve(v.path)
@@ -153,7 +154,8 @@ def test_int4_repacks_the_gptq_weights(narrow, tmp_path, logged):
 def test_int4_takes_gptq_groups_of_16(narrow, tmp_path, logged):
     opts = {"samples": 16, "block_size": 16, "mixed": False, "desc_act": False}
     bundle = convert(str(narrow), "gptq:4,onnx:int4", tmp_path / "b", options=opts)
-    assert [m for m in logged.messages if m.startswith("gptq:")] == [next(m for m in logged.messages if m.startswith("gptq: done"))]  # one run, shared
+    runs = [m for m in logged.messages if m.startswith(("gptq: done", "gptq: cached"))]
+    assert len(runs) == 1 and runs[0].startswith("gptq: done")  # one GPTQ run, shared by both variants
     folder = bundle.resolve(bundle.variant("onnx-int4").path)
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     blocks = {next(a.i for a in n.attribute if a.name == "block_size") for n in graph.node if n.op_type == "MatMulNBits" and "lm_head" not in n.name}

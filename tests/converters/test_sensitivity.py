@@ -116,7 +116,7 @@ def test_target_refusals(wide, table, tmp_path):
         quantize(src, tmp_path / "n", type="Q4_K_M", target_size=10**6, sensitivity=str(table))
     with pytest.raises(UsageError, match="needs measured sensitivity"):
         quantize(src, tmp_path / "m", type="Q4_K_M", target_size=10**6)
-    with pytest.raises(UsageError, match="allow more --target-types"):
+    with pytest.raises(UsageError, match="allow more `target_types`"):
         quantize(src, tmp_path / "t", type="Q4_K_M", imatrix=str(imat), target_size=10**6, sensitivity=str(table), target_types=["q4_0"])
     other = tiny_model("llama", tmp_path / "other")  # 64-wide: another model's tensors
     other_src = convert(other, tmp_path / "other.gguf", "f32").path
