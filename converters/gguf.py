@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes  # noqa: F401 - registers bfloat16 so safetensors can hand bf16 tensors to numpy
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, TensorNameMap
 from gguf import quants
@@ -215,6 +214,8 @@ def _blocks(t: TensorPlan, model: gguf_arch.Model):
     if t.data is not None:
         yield t.data
         return
+    import ml_dtypes  # noqa: F401 - registers bfloat16 so safetensors can hand bf16 tensors to numpy (half a second to import)
+
     rows = t.shape[0]
     row_bytes = 4 * math.prod(t.shape[1:])
     align = model.row_align(t.name)

@@ -71,21 +71,19 @@ def bench(
     if not chosen:
         raise BundleError(f"bundle {b.root} has no variant edgepack's runtime can run here: convert one with --to gguf:Q4_K_M")
     text = _prompt_text(cfg)
-    slot = b.data.setdefault("bench", {})
-    slot["machine"] = machine()
-    runs = slot.setdefault("runs", {})
+    measured_on = machine()
     for v in chosen:
         log.info(f"bench {v.id}: {cfg.warmup} warm-up + {cfg.repetitions} runs of {cfg.prompt_tokens} + {cfg.decode_tokens} tokens")
         raw = _run_worker({"bundle": str(b.root), "variant": v.id, "config": asdict(cfg), "text": text})
         run = summarise(raw)
         run.update(variant=v.id, format=v.format, backend=v.backend, bytes=v.bytes, settings=asdict(cfg))
-        runs[f"{v.id}@{run['device']}"] = run
+        b.record_bench(run, measured_on)
         log.info(
             f"bench {v.id} on {run['device']} ({run['prompt_tokens']}-token prompt): prefill {run['prefill_tokens_per_s']['median']:.0f} tok/s, "
             f"decode {run['decode_tokens_per_s']['median']:.1f} tok/s, peak RSS {run['peak_rss_bytes'] / 2**20:.0f} MiB"
         )
     b.save()
-    return slot
+    return b.data["bench"]
 
 
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:

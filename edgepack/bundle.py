@@ -198,6 +198,20 @@ class Bundle:
                 return path
         return None
 
+    def record_eval(self, vid: str, result: dict[str, Any]) -> None:
+        """Store one variant's eval scores in the manifest (``eval/`` holds the full result)."""
+        self.data.setdefault("eval", {}).setdefault("variants", {})[vid] = result
+
+    def record_eval_reference(self, meta: dict[str, Any]) -> None:
+        """Store what the variants were scored against: the eval text, windows and the reference's own perplexity."""
+        self.data.setdefault("eval", {})["reference"] = meta
+
+    def record_bench(self, run: dict[str, Any], machine: dict[str, Any]) -> None:
+        """Store one bench run, keyed by variant and device, with the machine it ran on."""
+        slot = self.data.setdefault("bench", {})
+        slot["machine"] = machine
+        slot.setdefault("runs", {})[f"{run['variant']}@{run['device']}"] = run
+
     def add_step(self, step: dict[str, Any]) -> None:
         """Record a stage once: a rerun that reused its cached output leaves the first record as it was."""
         if not any(s.get("key") and s.get("key") == step.get("key") for s in self.data["steps"]):

@@ -71,7 +71,6 @@ def evaluate(
     if not chosen:
         raise BundleError(f"bundle {b.root} has no variants to evaluate: convert some with `edgepack convert --to ...`")
     ref = reference(b, cfg, device=device, threads=threads)
-    results = b.data.setdefault("eval", {}).setdefault("variants", {})
     n_ctx = max(cfg.window_len, max((len(p) for p in ref.meta.get("prompt_ids", [])), default=0) + cfg.max_new_tokens)
     for v in chosen:
         start = time.perf_counter()
@@ -81,10 +80,10 @@ def evaluate(
         res = {"variant": v.id, "format": v.format, "backend": v.backend, "device": used, **res}
         res["wall_s"] = round(time.perf_counter() - start, 2)
         write_json(b.root / EVAL_DIR / f"{v.id}.json", res)
-        results[v.id] = {k: val for k, val in res.items() if k != "answers"}
+        b.record_eval(v.id, {k: val for k, val in res.items() if k != "answers"})
         log.info(f"eval {v.id}: PPL {res['ppl']:.3f}, KLD {res['kld']['mean']:.5f}, top-1 {res['top1_agreement']:.3f}")
-    b.data["eval"]["reference"] = {k: ref.meta[k] for k in ("text", "windows", "window_len", "top_k", "skipped_overlapping_windows", "ppl")}
-    b.data["eval"]["reference"]["file"] = f"{EVAL_DIR}/{REF_NPZ}"
+    keys = ("text", "windows", "window_len", "top_k", "skipped_overlapping_windows", "ppl")
+    b.record_eval_reference({**{k: ref.meta[k] for k in keys}, "file": f"{EVAL_DIR}/{REF_NPZ}"})
     b.save()
     return b.data["eval"]
 
@@ -97,11 +96,9 @@ def as_bundle(target: str | Path, *, reference: str | None = None, out: str | Pa
     ``reference`` (anything ``edgepack pull`` takes), so eval has its float reference.
     Raises SourceNotFoundError, UsageError, and what pulling the reference raises.
     """
-    import os
-    import shutil
-
     from . import constants
-    from .bundle import MANIFEST, Variant
+    from .bundle import MANIFEST
+    from .stages import Artifact, Kind
 
     p = Path(target).expanduser()
     if (p / MANIFEST).is_file():
@@ -125,21 +122,10 @@ def as_bundle(target: str | Path, *, reference: str | None = None, out: str | Pa
                       architecture=art.meta.get("architecture"), reference_path=str(art.path), files=art.meta.get("files", []))
     b = Bundle.open(root) if (root / MANIFEST).is_file() else Bundle.create(root, name, source)
     b.data["source"] = source if reference or not b.data.get("source") else b.data["source"]
-    vid = f"{fmt}-{name.lower()}"
-    dest = root / "variants" / vid
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    for src in [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()):
-        dst = dest / (src.name if p.is_file() else src.relative_to(p))
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-    loadable = dest / p.name if p.is_file() else dest
-    files = [b.file_record(f) for f in ([loadable] if p.is_file() else sorted(f for f in dest.rglob("*") if f.is_file()))]
-    b.add_variant(Variant(vid, fmt, backend, loadable.relative_to(root).as_posix(), files))
+    if reference:
+        b.keep_reference(art.path)
+    lone = Artifact(Kind.FILE if p.is_file() else Kind.HF, p.resolve())
+    b.place_variant(f"{fmt}-{name.lower()}", lone, format=fmt, backend=backend, meta={}, bits_per_weight=None)
     b.save()
     return b
 
