@@ -181,7 +181,8 @@ def cached(stage: Stage, config: Any, input_digest: str) -> tuple[Artifact, Step
         return None
     record = json.loads(marker.read_text())
     art = Artifact(Kind(record["kind"]), out_dir / record["relpath"], record.get("meta", {}))
-    return art, Step(**{**record["step"], "cached": True})
+    known = {f.name for f in dataclasses.fields(Step)}  # a newer edgepack may record more: read what this one knows
+    return art, Step(**{**{k: v for k, v in record["step"].items() if k in known}, "cached": True})
 
 
 def params(config: Any) -> Any:
