@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, library
 from .bundle import Bundle
 from .errors import BackendError, BundleError, EdgepackError, UsageError
 from .runtime import registry
@@ -62,7 +62,7 @@ def bench(
     """
     cfg = cfg or BenchConfig()
     cfg.check()
-    b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    b = bundle if isinstance(bundle, Bundle) else library.open_bundle(bundle)
     chosen = [b.variant(v) for v in variants] if variants else [v for v in b.variants if registry.runs(v.format)]
     for v in chosen:
         if registry.for_format(v.format) is None:

@@ -21,8 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from . import library
 from .bundle import Bundle
-from .errors import BundleError, SourceNotFoundError, UsageError
+from .errors import BundleError, UsageError
 from .eval_metrics import generation_agreement, kl_topk, score_variant
 from .eval_reference import EVAL_DIR, PROMPTS, REF_JSON, REF_NPZ, EvalConfig, Reference, reference
 from .fsutil import write_json
@@ -58,7 +59,7 @@ def evaluate(
     """
     cfg = cfg or EvalConfig()
     cfg.check()
-    b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    b = bundle if isinstance(bundle, Bundle) else library.open_bundle(bundle)
     trained = _trained_context(b)
     if trained and cfg.window_len > trained:
         log.info(f"eval windows shortened from {cfg.window_len} to the model's {trained}-token context")
@@ -100,12 +101,10 @@ def as_bundle(target: str | Path, *, reference: str | None = None, out: str | Pa
     from .bundle import MANIFEST
     from .stages import Artifact, Kind
 
-    p = Path(target).expanduser()
+    p = library.locate(target, f"a bundle folder or {_claimed()}")
     if (p / MANIFEST).is_file():
         return Bundle.open(p)
     runner = registry.claiming(p)
-    if runner is None and not p.exists():
-        raise SourceNotFoundError(f"no bundle or model at {str(p)!r}: give a bundle folder or {_claimed()}")
     if runner is None:
         raise UsageError(f"{p} is not a bundle or {_claimed()}")
     fmt, backend = runner.formats[0], runner.name

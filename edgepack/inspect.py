@@ -9,8 +9,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from . import library
 from .bundle import MANIFEST, Bundle
-from .errors import InvalidModelError, SourceNotFoundError
+from .errors import InvalidModelError
 from .runtime import registry
 
 
@@ -19,9 +20,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
 
     Raises SourceNotFoundError or InvalidModelError.
     """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise SourceNotFoundError(f"{path} does not exist")
+    p = library.locate(path, "a checkpoint folder, a .gguf file, an ONNX folder or a bundle folder")
     if p.is_dir() and (p / MANIFEST).is_file():
         return inspect_bundle(p)
     runner = registry.claiming(p)

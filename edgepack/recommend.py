@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import library
 from .bundle import Bundle, Variant
 from .errors import BundleError, InvalidModelError, UsageError
 from .gguf_header import gguf_metadata
@@ -140,7 +141,7 @@ def recommend(bundle: Bundle | str | Path, ram: str | int, *, device: str = "cpu
     """
     if device not in ("cpu", "cuda", "metal"):
         raise UsageError(f"unknown device {device!r}: choose cpu, cuda (the budget is GPU memory) or metal")
-    b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    b = bundle if isinstance(bundle, Bundle) else library.open_bundle(bundle)
     budget = parse_size(ram, option="ram")
     evals = b.data.get("eval", {}).get("variants", {})
     options = []

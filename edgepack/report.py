@@ -19,6 +19,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from . import library
 from .bundle import Bundle
 from .fsutil import atomic_dir
 from .runtime import registry
@@ -323,7 +324,7 @@ def report(bundle: Bundle | str | Path) -> Path:
 
     Raises BundleError for a bad bundle.
     """
-    b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    b = bundle if isinstance(bundle, Bundle) else library.open_bundle(bundle)
     files = render(b.data)
     with atomic_dir(b.root / REPORT_DIR) as tmp:
         for name, text in files.items():

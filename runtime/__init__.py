@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 from ..bundle import MANIFEST, Bundle, Variant
-from ..errors import BundleError, SourceNotFoundError, UsageError
+from .. import library
+from ..errors import BundleError, EdgepackError, UsageError
 from . import registry
 from .base import Completion, Message, ModelInfo, SamplingParams, Scores, Session, Stream
 from .loader import Loader
@@ -31,7 +32,7 @@ def load(
     threads: int | None = None,
     variant: str | None = None,
 ) -> Session:
-    """Load a bundle or a lone model a backend claims (a ``.gguf`` file, an ONNX folder, a GPTQ checkpoint) and return a Session.
+    """Load a bundle (a folder, or a name from ``edgepack list``) or a lone model a backend claims (a ``.gguf`` file, an ONNX folder, a GPTQ checkpoint) and return a Session.
 
     From a bundle, ``variant`` picks a variant by id; without it the first variant in the
     manifest that a backend runs on ``device`` with what is installed is used (so the order
@@ -40,7 +41,8 @@ def load(
     any checkpoint folder). ``device="auto"`` takes the backend's best device (CUDA or Metal
     when the build has it, else CPU). ``n_ctx=None`` means 4096; either way it is capped at
     the model's trained context (``session.n_ctx`` says what was given). ``threads=None``
-    uses the physical cores.
+    uses the physical cores that other processes leave free, looked at while it runs
+    (``threads``); a number fixes the count.
 
     Raises SourceNotFoundError, BundleError, UsageError (bad backend/device/variant),
     MissingDependencyError and BackendError (the library refused the model).
@@ -53,7 +55,17 @@ def load(
         raise UsageError(f"n_ctx must be at least 16, got {n_ctx}")
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}")
-    p = Path(path).expanduser()
+    p = library.locate(path, _what())
+    try:
+        return _load(p, backend, device, n_ctx, threads, variant)
+    except EdgepackError as e:
+        other = library.shadowed(Path(path))
+        if other is not None and other != p.resolve():
+            e.args = (f"{e} (the folder {p} here was used, not the bundle of that name: give its path, {other})", *e.args[1:])
+        raise
+
+
+def _load(p: Path, backend: str, device: str, n_ctx: int | None, threads: int | None, variant: str | None) -> Session:
     if (p / MANIFEST).is_file():
         bundle = Bundle.open(p)
         v, runner = _pick_variant(bundle, backend, device, variant)
@@ -64,7 +76,9 @@ def load(
         runner = _lone(p, backend)
         model_path, name, vid, root = p, p.stem if p.is_file() else p.name, None, None
     dev = _pick_device(runner, device)
-    session = runner.open(model_path, device=dev, n_ctx=n_ctx, threads=threads or _physical_cores())
+    session = runner.open(model_path, device=dev, n_ctx=n_ctx, threads=threads)
+    if root is not None:
+        session.hold(library.hold(root))
     session.info.name = name
     session.info.variant = vid
     session.info.bundle = root
@@ -82,8 +96,6 @@ def _lone(p: Path, backend: str) -> Backend:
             return named
         if claimant is not None:
             raise UsageError(f"{p} is a {claimant.name} model; it cannot be loaded with backend={backend!r}")
-    if not p.exists():
-        raise SourceNotFoundError(f"no model at {str(p)!r}: give {_what()}")
     takers = [b.name for b in registry.backends() if b.accepts(p)]
     if takers:
         raise UsageError(
@@ -137,8 +149,3 @@ def _pick_variant(bundle: Bundle, backend: str, device: str, variant: str | None
 def _runnable(bundle: Bundle) -> str:
     return ", ".join(f"{v.id} ({v.backend})" for v in bundle.variants)
 
-
-def _physical_cores() -> int:
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from ..errors import ContextOverflowError, UsageError
 
@@ -218,6 +218,7 @@ class Session(ABC):
         self._lock = threading.Lock()
         self._running: _Run | None = None
         self._template = None
+        self._held: IO[bytes] | None = None
 
     # -- what a backend implements ------------------------------------------------------------
     @abstractmethod
@@ -336,6 +337,13 @@ class Session(ABC):
         self.cancel()
         with self._lock:
             self._close()
+            if self._held is not None:
+                self._held.close()
+                self._held = None
+
+    def hold(self, lock: IO[bytes] | None) -> None:
+        """Keep ``lock`` (a bundle's, ``library.hold``) open until the session closes."""
+        self._held = lock
 
     def __enter__(self) -> Session:
         return self

@@ -37,6 +37,7 @@ from ..errors import BackendError, InvalidModelError, MissingDependencyError, Us
 from ..gguf_header import LSTRIP_TOKENS, PREPEND_SCHEME, RSTRIP_TOKENS, VOCAB_START, gguf_metadata
 from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
 from .registry import Backend
+from .threads import Governor, physical_cores
 
 # llama_cpp itself, imported by _init() on first use: importing this module (as the registry does) loads no library.
 ll = None
@@ -154,8 +155,8 @@ class LlamaCppSession(Session):
         cp = ll.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = cp.n_ubatch = min(n_ctx, 512)
-        if threads:
-            cp.n_threads = cp.n_threads_batch = threads
+        self._threads = Governor(threads or physical_cores(), fixed=threads is not None)
+        cp.n_threads = cp.n_threads_batch = self._threads.most
         cp.no_perf = True
         if device == "cpu":
             cp.op_offload = False  # keep big prefill matmuls off a GPU the caller did not ask for
@@ -164,10 +165,10 @@ class LlamaCppSession(Session):
             ll.llama_model_free(self._model)
             self._model = None
             raise BackendError(f"llama.cpp could not create a context of {n_ctx} tokens{_recent_log()}: try a smaller n_ctx")
-        self._n_batch = cp.n_batch
+        self._n_batch, self._n_threads = cp.n_batch, cp.n_threads
         self._pieces: dict[int, bytes] = {}
         self._one = (ll.llama_token * 1)()
-        super().__init__(ModelInfo(path=path, backend="llama.cpp", device=device, n_ctx=ll.llama_n_ctx(self._ctx), threads=threads))
+        super().__init__(ModelInfo(path=path, backend="llama.cpp", device=device, n_ctx=ll.llama_n_ctx(self._ctx), threads=self._threads.most))
 
     # -- tokens --------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
@@ -257,7 +258,15 @@ class LlamaCppSession(Session):
     def _reset(self) -> None:
         ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
 
+    def _pace(self) -> None:
+        """Set the thread count the governor gives for the next ``llama_decode`` (``threads`` module)."""
+        n = self._threads.update()
+        if n != self._n_threads:
+            ll.llama_set_n_threads(self._ctx, n, n)
+            self._n_threads = n
+
     def _decode(self, batch, what: str) -> None:
+        self._pace()
         rc = ll.llama_decode(self._ctx, batch)
         if rc != 0:
             raise BackendError(f"llama_decode failed with code {rc} while {what}{_recent_log()}: try a smaller n_ctx or prompt")
@@ -300,7 +309,7 @@ class LlamaCppSession(Session):
             return
         chain = self._sampler(params, tokens)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        one, ctx, vocab = self._one, self._ctx, self._vocab
+        one, ctx, vocab, pace = self._one, self._ctx, self._vocab, self._pace
         sample, is_eog, decode, batch_one = ll.llama_sampler_sample, ll.llama_vocab_is_eog, ll.llama_decode, ll.llama_batch_get_one
         try:
             while True:
@@ -309,6 +318,7 @@ class LlamaCppSession(Session):
                     return
                 yield decoder.decode(self._piece(tok))
                 one[0] = tok
+                pace()
                 if decode(ctx, batch_one(one, 1)) != 0:
                     self._decode(batch_one(one, 1), "generating")
         finally:

@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+from .. import library
 from ..bundle import MANIFEST, Bundle, Variant
 from ..errors import EdgepackError
 from . import registry
@@ -21,9 +21,9 @@ from .base import Session
 class Loader:
     """Loads ``path`` (a bundle or a lone model) by variant id, always with the same device, context and threads.
 
-    ``variants`` lists the bundle's variants a registered backend runs (empty for a lone model); ``first`` is the
+    ``path`` may name a bundle (``edgepack list``). ``variants`` lists the bundle's variants a registered backend runs (empty for a lone model); ``first`` is the
     variant asked for at start (None: ``load``'s own pick). Raises BundleError when
-    ``path`` is a bundle whose manifest does not open.
+    ``path`` is a bundle whose manifest does not open, SourceNotFoundError when it names nothing.
     """
 
     def __init__(
@@ -36,7 +36,7 @@ class Loader:
         n_ctx: int | None = None,
         threads: int | None = None,
     ) -> None:
-        self.path = Path(path).expanduser()
+        self.path = library.locate(path)
         self.first = variant
         self.backend, self.device, self.n_ctx, self.threads = backend, device, n_ctx, threads
         listed = Bundle.open(self.path).variants if (self.path / MANIFEST).is_file() else []

@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
 from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
 from .registry import Backend
+from .threads import physical_cores
 
 # onnxruntime_genai, imported by _og() on first use: importing this module (as the registry does) loads no library.
 og = None
@@ -100,8 +101,7 @@ class OnnxSession(Session):
             config.clear_providers()
             if device == "cuda":
                 config.append_provider("cuda")
-            if threads:
-                config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": _session_options(threads)}}}))
             self._model = og.Model(config)
         except Exception as e:  # noqa: BLE001 - og raises plain RuntimeError for every failure
             raise BackendError(f"onnxruntime-genai could not load {path}: {e}. Re-convert it, or check `edgepack doctor`") from e
@@ -109,7 +109,7 @@ class OnnxSession(Session):
         eos = genai["model"].get("eos_token_id", [])
         self._eos = set(eos if isinstance(eos, list) else [eos])
         n_ctx = min(n_ctx or 4096, trained)
-        super().__init__(ModelInfo(path=path, backend="onnx", device=device, n_ctx=n_ctx, threads=threads))
+        super().__init__(ModelInfo(path=path, backend="onnx", device=device, n_ctx=n_ctx, threads=threads or physical_cores()))
 
     # -- tokens --------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
@@ -191,6 +191,18 @@ class OnnxSession(Session):
 
     def _close(self) -> None:
         self._model = None
+
+
+def _session_options(threads: int | None) -> dict:
+    """ONNX Runtime's threads: ``threads``, or the physical cores, spinning while they wait for work.
+
+    Its pool is fixed when the model loads, so the count cannot follow the machine's load as
+    llama.cpp's does (``threads`` module). Threads that sleep instead of spinning hold up better
+    beside a busy process, but cost a third of idle decode on a small model (SmolLM2 int4 on 2
+    cores: 124 vs 188 tok/s idle, 97 vs 69 beside one busy process; ``benchmarks/contention.py``),
+    and idle speed is what most runs see.
+    """
+    return {"intra_op_num_threads": threads or physical_cores()}
 
 
 def _min_p(logits: np.ndarray, min_p: float) -> np.ndarray:

@@ -275,3 +275,22 @@ def _build_spm(kind: str, out: Path) -> None:
     hf.chat_template = GEMMA_TEMPLATE if gemma else CHAT_TEMPLATE
     hf.save_pretrained(out)
     shutil.copy2(src / "tokenizer.model", out / "tokenizer.model")
+
+
+def gguf_bundle(root: Path, gguf: Path, steps: tuple[str, ...] = ()) -> Path:
+    """A bundle named ``smollm2-135m`` at ``root`` whose one variant, ``gguf-q4_1``, is ``gguf`` (linked);
+    ``steps`` are cache keys its manifest lists, as ``convert`` records them."""
+    from edgepack.bundle import Bundle, Variant
+
+    b = Bundle.create(root, "smollm2-135m", {"ref": "smollm2-135m"})
+    target = root / "variants" / "gguf-q4_1" / "model.gguf"
+    target.parent.mkdir(parents=True)
+    try:
+        target.hardlink_to(gguf)
+    except OSError:
+        shutil.copyfile(gguf, target)
+    b.add_variant(Variant("gguf-q4_1", "gguf", "llama.cpp", target.relative_to(root).as_posix(), [b.file_record(target)], 5.0))
+    for key in steps:
+        b.add_step({"stage": "test", "key": key})
+    b.save()
+    return root

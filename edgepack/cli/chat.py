@@ -6,13 +6,13 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def chat(
-        model: str = typer.Argument(..., help="A bundle folder or a model a backend runs: a .gguf file, an ONNX folder, a GPTQ checkpoint."),
+        model: str = typer.Argument(..., help="A bundle name (`edgepack list`) or folder, or a model a backend runs: a .gguf file, an ONNX folder, a GPTQ checkpoint."),
         system: str = typer.Option("", "--system", help="System prompt (change it later with /system)."),
         variant: str | None = typer.Option(None, "--variant", help="Bundle variant to start with (default: the best for the device); F2 switches."),
         backend: str = typer.Option("auto", "--backend", help="auto, or a backend `edgepack doctor` lists (for the first variant)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
         n_ctx: int | None = typer.Option(None, "--n-ctx", help="Context window in tokens (default: the model's, at most 4096)."),
-        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
         temp: float = typer.Option(0.7, "--temp", help="Sampling temperature, 0 is greedy (change it later with /temp)."),
         max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer in tokens."),
         seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),

@@ -44,12 +44,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def inspect(
-        path: str = typer.Argument(..., help="A checkpoint folder, a .gguf file, an ONNX folder or a bundle."),
+        path: str = typer.Argument(..., help="A bundle name or folder, a checkpoint folder, a .gguf file or an ONNX folder."),
         as_json: bool = typer.Option(False, "--json", help="Print the description as JSON."),
     ) -> None:
         """Describe a model: architecture, parameters, dtypes, tensors, bytes, context, tokenizer, the backend that runs it, variants.
 
-        Example: edgepack inspect ~/.cache/edgepack/bundles/smollm2-135m --json
+        Example: edgepack inspect smollm2-135m --json
         """
         from ..inspect import inspect_path
 
@@ -66,3 +66,48 @@ def register(app: typer.Typer) -> None:
         for v in info.get("variants", []):
             via = v["runs_on"] or f"{v['backend']}, which no registered backend is"
             Console().print(f"  {v['id']}: {v['format']} via {via}, {v['bytes'] / 1e6:.1f} MB, {', '.join(v['files'])}")
+
+    @app.command("list")
+    def list_(as_json: bool = typer.Option(False, "--json", help="Print the bundles as JSON.")) -> None:
+        """List the bundles in $EDGEPACK_HOME/bundles: every command takes their names.
+
+        Example: edgepack list; edgepack chat smollm2-135m
+        """
+        from ..library import bundles
+
+        found = bundles()
+        if as_json:
+            print(json.dumps(found, indent=2))
+            return
+        if not found:
+            info("no bundles yet: `edgepack convert smollm2-135m` makes one")
+            return
+        t = Table("name", "variant", "format", "MB", "KLD", "decode tok/s")
+        for b in found:
+            if "error" in b:
+                t.add_row(b["name"], "—", "—", "—", "—", b["error"])
+            for i, v in enumerate(b.get("variants", [])):
+                t.add_row(
+                    b["name"] if i == 0 else "", v["id"], v["format"], f"{v['bytes'] / 1e6:.1f}",
+                    _or_dash(v["kld"], "{:.4f}"), _or_dash(v["decode_tokens_per_s"], "{:.1f}"),
+                )
+        Console().print(t)
+
+    @app.command()
+    def rm(
+        name: str = typer.Argument(..., help="A bundle name, as `edgepack list` shows it."),
+        cache: bool = typer.Option(False, "--cache", help="Also delete the stage-cache entries it came from that no other bundle in the home lists."),
+    ) -> None:
+        """Remove a bundle from $EDGEPACK_HOME/bundles (refused while a running edgepack has it loaded).
+
+        Examples: edgepack rm smollm2-135m; edgepack rm smollm2-135m --cache
+        """
+        from ..library import remove
+
+        done = remove(name, cache=cache)
+        entries = f" and {len(done['cache_entries'])} cache entries" if cache else ""
+        print(f"removed {done['path']}{entries}: {done['bytes'] / 1e6:.1f} MB freed")
+
+
+def _or_dash(value: float | None, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 
-_TARGET = "A bundle folder, or a lone model (.gguf file, ONNX folder) to wrap in a bundle."
+_TARGET = "A bundle name or folder, or a lone model (.gguf file, ONNX folder) to wrap in a bundle."
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Greedy answer length."),
         calibration_files: list[Path] = typer.Option([], "--calibration-file", help="A user file the bundle was calibrated on."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
-        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     ) -> None:
         """Score variants against the float reference: PPL, KLD, top-1 agreement, BLEU/ROUGE-L of greedy answers.
@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(None, "-o", "--out", help="Bundle folder for a lone model (default: $EDGEPACK_HOME/bundles/NAME)."),
         variant: list[str] = typer.Option([], "--variant", help="Variant id to bench (repeatable; default: all the runtime loads)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
-        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
         prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="Prompt length for prefill and TTFT."),
         decode_tokens: int = typer.Option(128, "--decode-tokens", help="Tokens generated per run."),
         repetitions: int = typer.Option(3, "-n", "--repetitions", help="Measured runs (median and range reported)."),
@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
         Console().print(t)
 
     @app.command()
-    def report(bundle: Path = typer.Argument(..., help="A bundle folder.")) -> None:
+    def report(bundle: str = typer.Argument(..., help="A bundle name or folder.")) -> None:
         """Write report/report.md and a self-contained report/report.html into the bundle; print the HTML's path.
 
         Example: edgepack report out/smollm2
@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def recommend(
-        bundle: Path = typer.Argument(..., help="A bundle folder."),
+        bundle: str = typer.Argument(..., help="A bundle name or folder."),
         ram: str = typer.Option(..., "--ram", help="Memory budget: 4GB, 3.5GiB, 512MB (GPU memory with --device cuda)."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or metal."),
         as_json: bool = typer.Option(False, "--json", help="Print every option as JSON."),

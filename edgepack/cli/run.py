@@ -9,7 +9,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def run(
-        model: str = typer.Argument(..., help="A bundle folder or a model a backend runs: a .gguf file, an ONNX folder, a GPTQ checkpoint."),
+        model: str = typer.Argument(..., help="A bundle name (`edgepack list`) or folder, or a model a backend runs: a .gguf file, an ONNX folder, a GPTQ checkpoint."),
         prompt: str | None = typer.Argument(None, help="The prompt; omit it (or give '-') to read stdin."),
         system: str = typer.Option("", "--system", help="System prompt for the chat template."),
         raw: bool = typer.Option(False, "--raw", help="Complete PROMPT as plain text, without the chat template."),
@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("auto", "--backend", help="auto, or a backend `edgepack doctor` lists."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
         n_ctx: int | None = typer.Option(None, "--n-ctx", help="Context window in tokens (default: the model's, at most 4096)."),
-        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings) instead of streaming."),
     ) -> None:
         """Generate one answer from MODEL, streamed to stdout.

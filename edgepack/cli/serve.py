@@ -8,7 +8,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
-        model: str = typer.Argument(..., help="A bundle folder or a model a backend runs: a .gguf file, an ONNX folder, a GPTQ checkpoint."),
+        model: str = typer.Argument(..., help="A bundle name (`edgepack list`) or folder, or a model a backend runs: a .gguf file, an ONNX folder, a GPTQ checkpoint."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 lets other machines in (set --api-key then)."),
         port: int = typer.Option(8000, "--port", help="Port to listen on (0 picks a free one)."),
         api_key: str | None = typer.Option(
@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
         variant: str | None = typer.Option(None, "--variant", help="Bundle variant id (default: the best for the device)."),
         n_ctx: int | None = typer.Option(None, "--n-ctx", help="Context window in tokens (default: the model's, at most 4096)."),
-        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
         max_tokens: int = typer.Option(1024, "--max-tokens", help="Largest max_tokens a request may ask for; also the default."),
         max_messages: int = typer.Option(256, "--max-messages", help="Most messages one chat request may carry."),
         max_body_kb: int = typer.Option(1024, "--max-body-kb", help="Largest request body in KiB."),

@@ -82,6 +82,26 @@ def test_convert_with_chat_without_a_terminal_prints_the_bundle_and_skips_the_ch
     assert out.stdout.strip() == str(tmp_path / "b") and (tmp_path / "b" / "edgepack.json").is_file()
 
 
+@needs_tmux
+def test_chat_opens_a_bundle_by_its_name(smollm2_gguf, tmp_path):
+    """What a user types after the README's main command: the name ``convert`` gave the bundle."""
+    from models import gguf_bundle
+
+    from edgepack import constants
+
+    gguf_bundle(constants.bundles_dir() / "smollm2-135m", smollm2_gguf)
+    edgepack = Path(sys.executable).with_name("edgepack")
+    tmux = Tmux(tmp_path / "tmux.sock")
+    tmux.start(f"{edgepack} chat smollm2-135m --n-ctx 512 --temp 0 --max-tokens 16 --system 'Answer in one sentence.'")
+    try:
+        tmux.wait_for(lambda s: "ready" in s and "gguf-q4_1" in s, "the named bundle to load", timeout=60)
+        tmux.keys("What is the capital of France?", "Enter")
+        screen = tmux.wait_for(lambda s: re.search(r"\d\.\d tok/s +ready", s), "the answer")
+        assert "Paris" in screen, screen
+    finally:
+        tmux.kill()
+
+
 def test_chat_refuses_to_run_without_a_terminal(smollm2_gguf):
     edgepack = Path(sys.executable).with_name("edgepack")
     out = subprocess.run([str(edgepack), "chat", str(smollm2_gguf)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
