@@ -42,6 +42,7 @@ def load(
     threads: int | None = None,
     variant: str | None = None,
     ram: str | int | None = None,
+    kv_type: str = "f16",
 ):
     """Load a bundle or a lone model (a .gguf file, an ONNX folder, a GPTQ checkpoint) and return a ``Session``.
 
@@ -51,23 +52,22 @@ def load(
     UsageError when ``ram`` is given for a lone model or nothing fits it.
     """
     # Imports inside, so that importing edgepack stays cheap and backend-free.
-    from pathlib import Path
-
     from .runtime import load as load_session
 
     if ram is not None:
         from .bundle import MANIFEST
         from .errors import UsageError
+        from .library import locate
 
-        p = Path(path).expanduser()
+        p = locate(path)
         if not (p / MANIFEST).is_file():
             raise UsageError(f"ram={ram!r} chooses among a bundle's variants, but {p} is not a bundle: pass n_ctx instead")
         if variant is None:
             from .recommend import pick
 
-            variant, fitting_ctx = pick(p, ram, device="cpu" if device == "auto" else device)
+            variant, fitting_ctx = pick(p, ram, device="cpu" if device == "auto" else device, kv_type=kv_type)
             n_ctx = n_ctx or fitting_ctx
-    return load_session(path, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant)
+    return load_session(path, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant, kv_type=kv_type)
 
 
 __all__ = ["EdgepackError", "__version__", "load"]

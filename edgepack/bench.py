@@ -42,6 +42,7 @@ class BenchConfig:
     warmup: int = 1  # unmeasured runs first (page faults, kernel selection)
     threads: int | None = None  # CPU threads (default: the physical cores)
     device: str = "auto"  # auto | cpu | cuda | metal
+    kv_type: str = "f16"  # KV cache element type (``edgepack.load``'s)
 
     def check(self) -> None:
         if self.prompt_tokens < 1 or self.decode_tokens < 2 or self.repetitions < 1 or self.warmup < 0:
@@ -152,7 +153,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     n_ctx = cfg.prompt_tokens + cfg.decode_tokens + 8
     rss_start = _rss()
     t0 = time.perf_counter()
-    session = runtime.load(job["bundle"], variant=job["variant"], device=cfg.device, threads=cfg.threads, n_ctx=n_ctx)
+    session = runtime.load(job["bundle"], variant=job["variant"], device=cfg.device, threads=cfg.threads, n_ctx=n_ctx, kv_type=cfg.kv_type)
     load_s = time.perf_counter() - t0
     rss_loaded = _rss()
     gpu = _DeviceMemory() if session.info.device == "cuda" else None
@@ -182,6 +183,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "device": info.device,
         "threads": info.threads,
+        "kv_type": info.kv_type,
         "n_ctx": info.n_ctx,
         "prompt_tokens": prompt_tokens,
         "load_s": load_s,

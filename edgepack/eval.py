@@ -52,8 +52,12 @@ def evaluate(
     variants: list[str] | None = None,
     device: str = "auto",
     threads: int | None = None,
+    kv_type: str = "f16",
 ) -> dict[str, Any]:
     """Score ``variants`` (default: all) of a bundle; write eval/ and the manifest's "eval" slot.
+
+    With a quantized ``kv_type`` the scores are what the variant and that KV cache lose together,
+    recorded as ``<variant>+kv-<type>`` beside the variant's own.
 
     Raises UsageError, BundleError, CalibrationError and whatever loading a variant raises.
     """
@@ -75,14 +79,15 @@ def evaluate(
     n_ctx = max(cfg.window_len, max((len(p) for p in ref.meta.get("prompt_ids", [])), default=0) + cfg.max_new_tokens)
     for v in chosen:
         start = time.perf_counter()
-        with load(b.root, variant=v.id, device=device, n_ctx=n_ctx, threads=threads) as model:
+        with load(b.root, variant=v.id, device=device, n_ctx=n_ctx, threads=threads, kv_type=kv_type) as model:
             res = score_variant(model, ref, cfg)
             used = model.info.device
-        res = {"variant": v.id, "format": v.format, "backend": v.backend, "device": used, **res}
+        key = v.id if kv_type == "f16" else f"{v.id}+kv-{kv_type}"
+        res = {"variant": v.id, "format": v.format, "backend": v.backend, "device": used, "kv_type": kv_type, **res}
         res["wall_s"] = round(time.perf_counter() - start, 2)
-        write_json(b.root / EVAL_DIR / f"{v.id}.json", res)
-        b.record_eval(v.id, {k: val for k, val in res.items() if k != "answers"})
-        log.info(f"eval {v.id}: PPL {res['ppl']:.3f}, KLD {res['kld']['mean']:.5f}, top-1 {res['top1_agreement']:.3f}")
+        write_json(b.root / EVAL_DIR / f"{key}.json", res)
+        b.record_eval(key, {k: val for k, val in res.items() if k != "answers"})
+        log.info(f"eval {key}: PPL {res['ppl']:.3f}, KLD {res['kld']['mean']:.5f}, top-1 {res['top1_agreement']:.3f}")
     keys = ("text", "windows", "window_len", "top_k", "skipped_overlapping_windows", "ppl")
     b.record_eval_reference({**{k: ref.meta[k] for k in keys}, "file": f"{EVAL_DIR}/{REF_NPZ}"})
     b.save()

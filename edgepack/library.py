@@ -76,7 +76,8 @@ def _bundle_dirs() -> list[Path]:
 
 
 def bundles() -> list[dict[str, Any]]:
-    """Each bundle in the home: name, path, bytes, and per variant its size, KLD and decode speed (when measured).
+    """Each bundle in the home: name, path, bytes, and per variant its size, KLD and decode speed (when measured;
+    a variant eval also measured with a quantized KV cache is listed again as ``<id>+kv-<type>``).
 
     A bundle whose manifest does not open is listed with its error rather than hidden.
     """
@@ -93,7 +94,7 @@ def bundles() -> list[dict[str, Any]]:
             {"id": r["variant"], "format": r["format"], "bytes": round(r["mb"] * 1e6), "kld": r["kld"], "decode_tokens_per_s": r["decode"]}
             for r in rows(bundle.data)
         ]
-        out.append({"name": root.name, "path": str(root), "bytes": sum(v["bytes"] for v in variants), "variants": variants})
+        out.append({"name": root.name, "path": str(root), "bytes": sum(v.bytes for v in bundle.variants), "variants": variants})
     return out
 
 

@@ -5,7 +5,8 @@ Memory of a running variant = weights (its files) + KV cache + runtime overhead:
 - KV cache = 2 (K and V) x layers x KV heads x head dim x bytes per element x context
   tokens, read from the variant itself (GGUF metadata, genai_config.json, config.json),
   since a pruned variant has fewer layers than its reference. llama.cpp caches in
-  float16; onnxruntime-genai in the model's input dtype. For sliding-window
+  float16 unless ``kv_type`` says q8_0 (34 bytes per 32 values) or q4_0 (18 per 32);
+  onnxruntime-genai in the model's input dtype. For sliding-window
   models (Gemma 3) this is an upper bound.
 - Overhead = what ``bench`` measured beyond weights and its own KV cache (peak RSS on
   CPU, peak device memory on CUDA): interpreter, libraries, compute buffers. Without a
@@ -28,7 +29,7 @@ from . import library
 from .bundle import Bundle, Variant
 from .errors import BundleError, InvalidModelError, UsageError
 from .gguf_header import gguf_metadata
-from .runtime import registry
+from .runtime import KV_TYPES, registry
 from .units import parse_size
 
 MIN_CTX = 512
@@ -108,8 +109,16 @@ def _from_hf(cfg: dict[str, Any], *, kv_bytes: int) -> dict[str, int]:
     }
 
 
-def kv_cache_bytes(arch: dict[str, int], n_ctx: int) -> int:
-    return 2 * arch["layers"] * arch["kv_heads"] * arch["head_dim"] * arch["kv_bytes"] * n_ctx
+def kv_cache_bytes(arch: dict[str, int | float], n_ctx: int) -> int:
+    return round(2 * arch["layers"] * arch["kv_heads"] * arch["head_dim"] * arch["kv_bytes"] * n_ctx)
+
+
+def _arch(bundle: Bundle, variant: Variant, kv_type: str) -> dict[str, int | float]:
+    """``architecture``, with the KV cache counted at ``kv_type``'s size when it is not the backend's own."""
+    arch = architecture(bundle, variant)
+    if kv_type == "f16":
+        return arch
+    return {**arch, "kv_bytes": registry.for_format(variant.format).kv_types[kv_type]}
 
 
 def _overhead(bundle: Bundle, variant: Variant, arch: dict[str, int], device: str) -> tuple[int, str]:
@@ -121,7 +130,7 @@ def _overhead(bundle: Bundle, variant: Variant, arch: dict[str, int], device: st
             continue
         try:
             v = bundle.variant(run["variant"])
-            extra = run[key] - v.bytes - kv_cache_bytes(architecture(bundle, v), run["n_ctx"])
+            extra = run[key] - v.bytes - kv_cache_bytes(_arch(bundle, v, run.get("kv_type", "f16")), run["n_ctx"])
         except (KeyError, BundleError, InvalidModelError):  # a run of a variant since removed or rebuilt
             continue
         (own if v.id == variant.id else same_backend if v.backend == variant.backend else []).append(max(extra, 0))
@@ -132,23 +141,26 @@ def _overhead(bundle: Bundle, variant: Variant, arch: dict[str, int], device: st
     return registry.for_format(variant.format).overhead or DEFAULT_OVERHEAD, "default (run `edgepack bench` to measure)"
 
 
-def recommend(bundle: Bundle | str | Path, ram: str | int, *, device: str = "cpu") -> dict[str, Any]:
+def recommend(bundle: Bundle | str | Path, ram: str | int, *, device: str = "cpu", kv_type: str = "f16") -> dict[str, Any]:
     """Every variant a registered backend runs here, with the longest context that fits ``ram``, ranked; ``choice`` is the best or None.
 
-    On ``cuda`` the budget is GPU memory and overhead comes from peak device memory.
+    On ``cuda`` the budget is GPU memory and overhead comes from peak device memory. ``kv_type``
+    counts the KV cache at that type's size and leaves out variants whose backend cannot hold it.
 
     Raises UsageError for a bad size or device, BundleError for a bad bundle.
     """
     if device not in ("cpu", "cuda", "metal"):
         raise UsageError(f"unknown device {device!r}: choose cpu, cuda (the budget is GPU memory) or metal")
+    if kv_type not in KV_TYPES:
+        raise UsageError(f"unknown KV cache type {kv_type!r}: choose {', '.join(KV_TYPES)}")
     b = bundle if isinstance(bundle, Bundle) else library.open_bundle(bundle)
     budget = parse_size(ram, option="ram")
     evals = b.data.get("eval", {}).get("variants", {})
     options = []
     for v in b.variants:
-        if not registry.runs(v.format):
+        if not registry.runs(v.format) or kv_type not in registry.for_format(v.format).kv_types:
             continue
-        arch = architecture(b, v)
+        arch = _arch(b, v, kv_type)
         overhead, source = _overhead(b, v, arch, device)
         fixed = v.bytes + overhead
         n_ctx = MIN_CTX
@@ -162,6 +174,7 @@ def recommend(bundle: Bundle | str | Path, ram: str | int, *, device: str = "cpu
                 "variant": v.id,
                 "format": v.format,
                 "backend": v.backend,
+                "kv_type": kv_type,
                 "fits": total <= budget,
                 "n_ctx": n_ctx if total <= budget else None,
                 "weights_bytes": v.bytes,
@@ -174,12 +187,12 @@ def recommend(bundle: Bundle | str | Path, ram: str | int, *, device: str = "cpu
         )
     options.sort(key=lambda o: (not o["fits"], o["kld"] is None, o["kld"] or 0.0, -o["weights_bytes"]))
     choice = options[0] if options and options[0]["fits"] else None
-    return {"ram_bytes": budget, "device": device, "choice": choice, "options": options}
+    return {"ram_bytes": budget, "device": device, "kv_type": kv_type, "choice": choice, "options": options}
 
 
-def pick(bundle: Bundle | str | Path, ram: str | int, *, device: str = "cpu") -> tuple[str, int]:
+def pick(bundle: Bundle | str | Path, ram: str | int, *, device: str = "cpu", kv_type: str = "f16") -> tuple[str, int]:
     """(variant id, n_ctx) of the best variant that fits; raises UsageError when none does."""
-    rec = recommend(bundle, ram, device=device)
+    rec = recommend(bundle, ram, device=device, kv_type=kv_type)
     if rec["choice"] is None:
         smallest = min(rec["options"], key=lambda o: o["total_bytes"], default=None)
         need = f": the smallest, {smallest['variant']}, needs {smallest['total_bytes'] / 2**30:.2f} GiB with {MIN_CTX} tokens" if smallest else ""

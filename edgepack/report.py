@@ -47,37 +47,42 @@ COLUMNS = (
 
 
 def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per variant: its manifest entry joined with its eval and its first bench run (CPU preferred)."""
+    """One row per variant and per quantized KV cache eval measured of it: manifest entry, eval, first bench run (CPU preferred)."""
     evals = data.get("eval", {}).get("variants", {})
     runs = list(data.get("bench", {}).get("runs", {}).values())
     out = []
     for v in data.get("variants", []):
-        e = evals.get(v["id"], {})
-        mine = sorted((r for r in runs if r.get("variant") == v["id"]), key=lambda r: r.get("device") != "cpu")
-        r = mine[0] if mine else {}
-        gen = e.get("generation", {})
-        peak = r.get("peak_device_bytes") or r.get("peak_rss_bytes")
-        out.append(
-            {
-                "variant": v["id"],
-                "format": v["format"],
-                "backend": v["backend"],
-                "mb": v["bytes"] / 1e6,
-                "bpw": v.get("bits_per_weight"),
-                "kld": e.get("kld", {}).get("mean"),
-                "kld_p99": e.get("kld", {}).get("p99"),
-                "ppl": e.get("ppl"),
-                "top1": e.get("top1_agreement"),
-                "bleu": gen.get("bleu"),
-                "rouge_l": gen.get("rouge_l"),
-                "prefill": _median(r, "prefill_tokens_per_s"),
-                "decode": _median(r, "decode_tokens_per_s"),
-                "ttft": _median(r, "ttft_s"),
-                "peak_mib": peak / 2**20 if peak else None,
-                "device": r.get("device"),
-            }
-        )
+        # the variant, then what eval measured of it with a quantized KV cache (``<id>+kv-<type>``)
+        for key in [v["id"], *sorted(k for k in evals if k.startswith(v["id"] + "+kv-"))]:
+            out.append(_row(v, key, evals.get(key, {}), runs))
     return out
+
+
+def _row(v: dict[str, Any], key: str, e: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A variant's row: its eval under ``key``, and its first bench run (CPU first, then the eval's KV cache type)."""
+    kv = e.get("kv_type", "f16")
+    mine = sorted((r for r in runs if r.get("variant") == v["id"]), key=lambda r: (r.get("device") != "cpu", r.get("kv_type", "f16") != kv))
+    r = mine[0] if mine else {}
+    gen = e.get("generation", {})
+    peak = r.get("peak_device_bytes") or r.get("peak_rss_bytes")
+    return {
+        "variant": key,
+        "format": v["format"],
+        "backend": v["backend"],
+        "mb": v["bytes"] / 1e6,
+        "bpw": v.get("bits_per_weight"),
+        "kld": e.get("kld", {}).get("mean"),
+        "kld_p99": e.get("kld", {}).get("p99"),
+        "ppl": e.get("ppl"),
+        "top1": e.get("top1_agreement"),
+        "bleu": gen.get("bleu"),
+        "rouge_l": gen.get("rouge_l"),
+        "prefill": _median(r, "prefill_tokens_per_s"),
+        "decode": _median(r, "decode_tokens_per_s"),
+        "ttft": _median(r, "ttft_s"),
+        "peak_mib": peak / 2**20 if peak else None,
+        "device": r.get("device"),
+    }
 
 
 def _median(run: dict[str, Any], key: str) -> float | None:
@@ -151,7 +156,7 @@ def speed_svg(runs: list[dict[str, Any]]) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['variant']} ({r['device']})" for r in runs]
+    labels = [f"{r['variant']} ({r['device']}{_kv(r)})" for r in runs]
     fig, axes = plt.subplots(1, 2, figsize=(8.0, 0.5 * len(runs) + 1.5), sharey=True)
     for ax, key, title, colour in (
         (axes[0], "prefill_tokens_per_s", "prefill tokens/s", "#4c72b0"),
@@ -182,7 +187,7 @@ def _runs_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
         body.append(
             [
                 r["variant"],
-                str(r.get("device")),
+                f"{r.get('device')}{_kv(r)}",
                 str(r.get("threads") or _DASH),
                 f"{r['load_s']:.2f}",
                 f"{_median(r, 'ttft_s'):.3f}",
@@ -193,6 +198,12 @@ def _runs_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
             ]
         )
     return head, body
+
+
+def _kv(run: dict[str, Any]) -> str:
+    """The KV cache type of a run that did not use the default f16 cache, as a label suffix."""
+    kv = run.get("kv_type", "f16")
+    return "" if kv == "f16" else f", KV {kv}"
 
 
 def _provenance(data: dict[str, Any]) -> list[tuple[str, str]]:

@@ -19,6 +19,7 @@ from .loader import Loader
 from .registry import Backend
 
 DEVICES = ("auto", "cpu", "cuda", "metal")
+KV_TYPES = ("f16", "q8_0", "q4_0")
 
 __all__ = ["Backend", "Completion", "Loader", "Message", "ModelInfo", "SamplingParams", "Scores", "Session", "Stream", "load", "registry"]
 
@@ -31,6 +32,7 @@ def load(
     n_ctx: int | None = None,
     threads: int | None = None,
     variant: str | None = None,
+    kv_type: str = "f16",
 ) -> Session:
     """Load a bundle (a folder, or a name from ``edgepack list``) or a lone model a backend claims (a ``.gguf`` file, an ONNX folder, a GPTQ checkpoint) and return a Session.
 
@@ -42,7 +44,8 @@ def load(
     when the build has it, else CPU). ``n_ctx=None`` means 4096; either way it is capped at
     the model's trained context (``session.n_ctx`` says what was given). ``threads=None``
     uses the physical cores that other processes leave free, looked at while it runs
-    (``threads``); a number fixes the count.
+    (``threads``); a number fixes the count. ``kv_type`` ("f16", "q8_0", "q4_0") is the KV
+    cache's element type: q8_0 halves its memory (llama.cpp only; it turns flash attention on).
 
     Raises SourceNotFoundError, BundleError, UsageError (bad backend/device/variant),
     MissingDependencyError and BackendError (the library refused the model).
@@ -55,9 +58,11 @@ def load(
         raise UsageError(f"n_ctx must be at least 16, got {n_ctx}")
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}")
+    if kv_type not in KV_TYPES:
+        raise UsageError(f"unknown KV cache type {kv_type!r}: choose {', '.join(KV_TYPES)}")
     p = library.locate(path, _what())
     try:
-        return _load(p, backend, device, n_ctx, threads, variant)
+        return _load(p, backend, device, n_ctx, threads, variant, kv_type)
     except EdgepackError as e:
         other = library.shadowed(Path(path))
         if other is not None and other != p.resolve():
@@ -65,7 +70,7 @@ def load(
         raise
 
 
-def _load(p: Path, backend: str, device: str, n_ctx: int | None, threads: int | None, variant: str | None) -> Session:
+def _load(p: Path, backend: str, device: str, n_ctx: int | None, threads: int | None, variant: str | None, kv_type: str) -> Session:
     if (p / MANIFEST).is_file():
         bundle = Bundle.open(p)
         v, runner = _pick_variant(bundle, backend, device, variant)
@@ -75,8 +80,14 @@ def _load(p: Path, backend: str, device: str, n_ctx: int | None, threads: int | 
             raise UsageError(f"variant={variant!r} needs a bundle, but {p} is not one (no {MANIFEST})")
         runner = _lone(p, backend)
         model_path, name, vid, root = p, p.stem if p.is_file() else p.name, None, None
+    if kv_type not in runner.kv_types:
+        takers = [b.name for b in registry.backends() if kv_type in b.kv_types]
+        raise UsageError(
+            f"the {runner.name} backend keeps its KV cache as {', '.join(runner.kv_types)}, not {kv_type!r}"
+            + (f": {kv_type} needs a variant {' or '.join(takers)} runs" if takers else "")
+        )
     dev = _pick_device(runner, device)
-    session = runner.open(model_path, device=dev, n_ctx=n_ctx, threads=threads)
+    session = runner.open(model_path, device=dev, n_ctx=n_ctx, threads=threads, kv_type=kv_type)
     if root is not None:
         session.hold(library.hold(root))
     session.info.name = name

@@ -159,6 +159,7 @@ class ModelInfo:
     device: str  # "cpu" | "cuda" | "metal"
     n_ctx: int
     threads: int | None = None
+    kv_type: str = "f16"  # element type of the KV cache
     name: str = ""
     variant: str | None = None  # the bundle variant id, when loaded from a bundle
     bundle: Path | None = None

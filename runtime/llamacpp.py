@@ -42,6 +42,10 @@ from .threads import Governor, physical_cores
 # llama_cpp itself, imported by _init() on first use: importing this module (as the registry does) loads no library.
 ll = None
 _LOG = collections.deque(maxlen=20)
+# KV-cache element types: ggml_type values (ggml.h), as llama_context_params.type_k/type_v take them, and bytes per
+# element (ggml's blocks: 32 values in 34 bytes for q8_0, in 18 for q4_0)
+KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
+KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 # What Rust's char::is_whitespace (the tokenizers library's lstrip/rstrip) counts, as UTF-8.
 _WS = rb"(?:[\t\n\v\f\r ]|\xc2[\x85\xa0]|\xe1\x9a\x80|\xe2\x80[\x80-\x8a\xa8\xa9\xaf]|\xe2\x81\x9f|\xe3\x80\x80)+"
 _LEADING_WS, _TRAILING_WS = re.compile(b"^" + _WS), re.compile(_WS + rb"\Z")
@@ -126,7 +130,7 @@ def _kv_overrides(*parts: dict[str, bool | str]):
 
 
 class LlamaCppSession(Session):
-    def __init__(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None) -> None:
+    def __init__(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16") -> None:
         _init()
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
@@ -158,17 +162,23 @@ class LlamaCppSession(Session):
         self._threads = Governor(threads or physical_cores(), fixed=threads is not None)
         cp.n_threads = cp.n_threads_batch = self._threads.most
         cp.no_perf = True
+        cp.type_k = cp.type_v = KV_TYPES[kv_type]
+        if kv_type != "f16":
+            cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED  # llama.cpp keeps a quantized V cache only with flash attention
         if device == "cpu":
             cp.op_offload = False  # keep big prefill matmuls off a GPU the caller did not ask for
         self._ctx = ll.llama_init_from_model(self._model, cp)
         if not self._ctx:
             ll.llama_model_free(self._model)
             self._model = None
-            raise BackendError(f"llama.cpp could not create a context of {n_ctx} tokens{_recent_log()}: try a smaller n_ctx")
+            hint = "try a smaller n_ctx" if kv_type == "f16" else f"try a smaller n_ctx, or kv_type='f16' (a {kv_type} cache needs flash attention on {device})"
+            raise BackendError(f"llama.cpp could not create a context of {n_ctx} tokens{_recent_log()}: {hint}")
         self._n_batch, self._n_threads = cp.n_batch, cp.n_threads
         self._pieces: dict[int, bytes] = {}
         self._one = (ll.llama_token * 1)()
-        super().__init__(ModelInfo(path=path, backend="llama.cpp", device=device, n_ctx=ll.llama_n_ctx(self._ctx), threads=self._threads.most))
+        super().__init__(
+            ModelInfo(path=path, backend="llama.cpp", device=device, n_ctx=ll.llama_n_ctx(self._ctx), threads=self._threads.most, kv_type=kv_type)
+        )
 
     # -- tokens --------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
@@ -371,6 +381,7 @@ class LlamaCppBackend(Backend):
     name = "llama.cpp"
     formats = ("gguf",)
     what = "a .gguf file"
+    kv_types = KV_BYTES
     install = "install a GPU build of llama-cpp-python (CUDA: CMAKE_ARGS='-DGGML_CUDA=on' pip install --force-reinstall --no-cache-dir llama-cpp-python)"
 
     def claims(self, path: Path) -> bool:
@@ -379,8 +390,8 @@ class LlamaCppBackend(Backend):
     def devices(self) -> list[str]:
         return devices()
 
-    def open(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None) -> LlamaCppSession:
-        return LlamaCppSession(path, device=device, n_ctx=n_ctx, threads=threads)
+    def open(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16") -> LlamaCppSession:
+        return LlamaCppSession(path, device=device, n_ctx=n_ctx, threads=threads, kv_type=kv_type)
 
     def probe(self, device: str, folder: Path) -> bool:
         """Load a tiny model on ``device`` and decode two tokens."""

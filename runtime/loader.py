@@ -19,7 +19,7 @@ from .base import Session
 
 
 class Loader:
-    """Loads ``path`` (a bundle or a lone model) by variant id, always with the same device, context and threads.
+    """Loads ``path`` (a bundle or a lone model) by variant id, always with the same device, context, threads and KV cache type.
 
     ``path`` may name a bundle (``edgepack list``). ``variants`` lists the bundle's variants a registered backend runs (empty for a lone model); ``first`` is the
     variant asked for at start (None: ``load``'s own pick). Raises BundleError when
@@ -35,10 +35,11 @@ class Loader:
         device: str = "auto",
         n_ctx: int | None = None,
         threads: int | None = None,
+        kv_type: str = "f16",
     ) -> None:
         self.path = library.locate(path)
         self.first = variant
-        self.backend, self.device, self.n_ctx, self.threads = backend, device, n_ctx, threads
+        self.backend, self.device, self.n_ctx, self.threads, self.kv_type = backend, device, n_ctx, threads, kv_type
         listed = Bundle.open(self.path).variants if (self.path / MANIFEST).is_file() else []
         self.variants: list[Variant] = [v for v in listed if registry.for_format(v.format) is not None]
 
@@ -48,7 +49,7 @@ class Loader:
 
         # The backend asked for steers the first pick only; a variant picked later brings its own backend.
         backend = self.backend if variant == self.first else "auto"
-        return load(self.path, backend=backend, device=self.device, n_ctx=self.n_ctx, threads=self.threads, variant=variant)
+        return load(self.path, backend=backend, device=self.device, n_ctx=self.n_ctx, threads=self.threads, variant=variant, kv_type=self.kv_type)
 
     def switch(self, old: Session | None, variant: str | None) -> tuple[Session | None, EdgepackError | None]:
         """Close ``old``, then load ``variant``; when that fails, load ``old``'s variant again.

@@ -46,6 +46,9 @@ class Backend(ABC):
     can_score: ClassVar[bool] = True
     can_chat: ClassVar[bool] = True
     can_cancel: ClassVar[bool] = True
+    # KV-cache element types its sessions can hold (``load(kv_type=...)``) and the bytes each stores per element, for
+    # recommend; "f16" is the backend's own default cache, whose real dtype recommend reads from the model.
+    kv_types: ClassVar[dict[str, float]] = {"f16": 2.0}
 
     @abstractmethod
     def claims(self, path: Path) -> bool:
@@ -64,8 +67,11 @@ class Backend(ABC):
         """Devices this install can run on, best first ("cuda", "cpu"); imports the library, raising MissingDependencyError."""
 
     @abstractmethod
-    def open(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None) -> Session:
-        """Load the model at ``path`` on ``device``; raises InvalidModelError, BackendError, MissingDependencyError."""
+    def open(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16") -> Session:
+        """Load the model at ``path`` on ``device`` with a KV cache of ``kv_type`` (one of ``kv_types``).
+
+        Raises InvalidModelError, BackendError, MissingDependencyError.
+        """
 
     @abstractmethod
     def probe(self, device: str, folder: Path) -> bool:

@@ -80,6 +80,23 @@ def test_recommend_picks_the_lowest_kld_with_the_longest_context_that_fits(two_v
 
 
 @pytest.mark.slow
+def test_a_quantized_kv_cache_is_counted_at_its_size(two_variants):
+    b = two_variants
+    weights = b.variant("good").bytes
+    per_token = kv_cache_bytes(architecture(b, b.variant("good")), 1)  # f16
+    budget = weights + 50 * MiB + per_token * 3000  # f16: room for 2048 tokens; q8_0 (34/64 of it): 4096
+    assert pick(b, budget) == ("good", 2048)
+    rec = recommend(b, budget, kv_type="q8_0")
+    assert rec["choice"]["n_ctx"] == 4096 and rec["choice"]["kv_type"] == "q8_0"
+    assert rec["choice"]["kv_cache_bytes"] == round(per_token * 4096 * 34 / 64)
+    assert pick(b, budget, kv_type="q4_0") == ("good", 8192)  # 18/64 x 8192 = 2304 tokens of f16: the trained context
+    with edgepack.load(b.root, ram=budget, kv_type="q8_0", threads=1) as s:
+        assert (s.info.n_ctx, s.info.kv_type) == (4096, "q8_0")
+    with pytest.raises(UsageError, match="unknown KV cache type"):
+        recommend(b, budget, kv_type="q5")
+
+
+@pytest.mark.slow
 def test_load_with_a_ram_budget_uses_the_same_rule(two_variants):
     b = two_variants
     budget = b.variant("good").bytes + 50 * MiB + kv_cache_bytes(architecture(b, b.variant("good")), 1) * 1500

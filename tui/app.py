@@ -38,6 +38,7 @@ def run_chat(
     device: str = "auto",
     n_ctx: int | None = None,
     threads: int | None = None,
+    kv_type: str = "f16",
     system: str = "",
     sampling: SamplingParams | None = None,
     truncate: Truncate = "error",
@@ -49,7 +50,7 @@ def run_chat(
     """
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("edgepack chat needs an interactive terminal: use `edgepack run MODEL PROMPT` in scripts and pipes")
-    loader = Loader(model, variant=variant, backend=backend, device=device, n_ctx=n_ctx, threads=threads)
+    loader = Loader(model, variant=variant, backend=backend, device=device, n_ctx=n_ctx, threads=threads, kv_type=kv_type)
     app = ChatApp(loader, system=system, sampling=sampling, truncate=truncate)
     error = app.run()
     if error is not None:

@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         calibration_files: list[Path] = typer.Option([], "--calibration-file", help="A user file the bundle was calibrated on."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
+        kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 (half the memory) or q4_0; llama.cpp only."),
         as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     ) -> None:
         """Score variants against the float reference: PPL, KLD, top-1 agreement, BLEU/ROUGE-L of greedy answers.
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
         )
         cfg.check()
         bundle = as_bundle(target, reference=reference, out=out)
-        res = evaluate(bundle, cfg, variants=variant or None, device=device, threads=threads)
+        res = evaluate(bundle, cfg, variants=variant or None, device=device, threads=threads, kv_type=kv_type)
         if as_json:
             print(json.dumps(res, indent=2))
             return
@@ -73,6 +74,7 @@ def register(app: typer.Typer) -> None:
         variant: list[str] = typer.Option([], "--variant", help="Variant id to bench (repeatable; default: all the runtime loads)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
+        kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 (half the memory) or q4_0; llama.cpp only."),
         prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="Prompt length for prefill and TTFT."),
         decode_tokens: int = typer.Option(128, "--decode-tokens", help="Tokens generated per run."),
         repetitions: int = typer.Option(3, "-n", "--repetitions", help="Measured runs (median and range reported)."),
@@ -87,7 +89,7 @@ def register(app: typer.Typer) -> None:
         from ..bench import bench as do_bench
         from ..eval import as_bundle
 
-        cfg = BenchConfig(prompt_tokens, decode_tokens, repetitions, warmup, threads, device)
+        cfg = BenchConfig(prompt_tokens, decode_tokens, repetitions, warmup, threads, device, kv_type)
         cfg.check()
         bundle = as_bundle(target, out=out)
         res = do_bench(bundle, cfg, variants=variant or None)
@@ -117,6 +119,7 @@ def register(app: typer.Typer) -> None:
         bundle: str = typer.Argument(..., help="A bundle name or folder."),
         ram: str = typer.Option(..., "--ram", help="Memory budget: 4GB, 3.5GiB, 512MB (GPU memory with --device cuda)."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or metal."),
+        kv_type: str = typer.Option("f16", "--kv-type", help="Count the KV cache as f16, q8_0 or q4_0 (the variants whose backend holds it)."),
         as_json: bool = typer.Option(False, "--json", help="Print every option as JSON."),
     ) -> None:
         """Pick the variant and context length that fit a memory budget, best KLD first.
@@ -126,7 +129,7 @@ def register(app: typer.Typer) -> None:
         from ..recommend import pick
         from ..recommend import recommend as do_recommend
 
-        rec = do_recommend(bundle, ram, device=device)
+        rec = do_recommend(bundle, ram, device=device, kv_type=kv_type)
         if as_json:
             print(json.dumps(rec, indent=2))
         else:
@@ -138,6 +141,6 @@ def register(app: typer.Typer) -> None:
                     "—" if o["kld"] is None else f"{o['kld']:.5f}",
                 )
             Console().print(t)
-        vid, n_ctx = pick(bundle, ram, device=device)  # raises, with the reason, when nothing fits
+        vid, n_ctx = pick(bundle, ram, device=device, kv_type=kv_type)  # raises, with the reason, when nothing fits
         if not as_json:
             print(f"{vid} n_ctx={n_ctx}")

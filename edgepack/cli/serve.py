@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
         variant: str | None = typer.Option(None, "--variant", help="Bundle variant id (default: the best for the device)."),
         n_ctx: int | None = typer.Option(None, "--n-ctx", help="Context window in tokens (default: the model's, at most 4096)."),
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
+        kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 (half the memory) or q4_0; llama.cpp only."),
         max_tokens: int = typer.Option(1024, "--max-tokens", help="Largest max_tokens a request may ask for; also the default."),
         max_messages: int = typer.Option(256, "--max-messages", help="Most messages one chat request may carry."),
         max_body_kb: int = typer.Option(1024, "--max-body-kb", help="Largest request body in KiB."),
@@ -58,7 +59,7 @@ def register(app: typer.Typer) -> None:
         cors = cors_origins(cors_origin)
         sock = bind(host, port)  # before loading, so a taken port fails fast
         try:
-            session = load(model, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant)
+            session = load(model, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant, kv_type=kv_type)
         except BaseException:
             sock.close()
             raise
