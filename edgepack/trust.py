@@ -250,7 +250,7 @@ def _manifest(root: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SignatureError(f"{MANIFEST} of {root} is not a manifest: get the bundle again", path=MANIFEST)
     b = Bundle(root, data)
-    for rel, _, _ in _listed(data):
+    for rel, _, _ in listed(data):
         b.resolve(rel)  # raises BundleError for a path that leaves the bundle, before anything is read
     for v in data.get("variants", []):
         b.resolve(v["path"])
@@ -281,7 +281,7 @@ def _signed_bytes(data: dict[str, Any], signer: str) -> bytes:
     return _DOMAIN + json.dumps({"signer": signer, "manifest": manifest}, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _listed(data: dict[str, Any]) -> Iterator[tuple[str, int, str]]:
+def listed(data: dict[str, Any]) -> Iterator[tuple[str, int, str]]:
     """(bundle-relative path, bytes, sha256) of every file the manifest vouches for: variants, then the reference."""
     for v in data.get("variants", []):
         for f in v.get("files", []):
@@ -292,9 +292,8 @@ def _listed(data: dict[str, Any]) -> Iterator[tuple[str, int, str]]:
 
 def _first_difference(root: Path, data: dict[str, Any]) -> tuple[tuple[str, str] | None, int, int]:
     """(the first file that differs and how, or None; files hashed; bytes hashed). Sizes are compared before any hash."""
-    listed = list(_listed(data))
     has_reference = (root / REFERENCE).is_dir()
-    present = [(rel, size, sha) for rel, size, sha in listed if has_reference or not rel.startswith(f"{REFERENCE}/")]
+    present = [(rel, size, sha) for rel, size, sha in listed(data) if has_reference or not rel.startswith(f"{REFERENCE}/")]
     for rel, size, _ in present:
         p = root / rel
         if not p.is_file():
