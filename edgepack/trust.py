@@ -216,7 +216,7 @@ def verify(bundle: str | Path, trusted: str | Path | Iterable[str | Path] | None
         Ed25519PublicKey.from_public_bytes(signer.raw).verify(signature, signed)
     except InvalidSignature:
         raise SignatureError(f"{MANIFEST} differs from what {signer.who()} signed (or {SIGNATURE} was altered): "
-                             "get the bundle again from its maker", path=MANIFEST) from None
+                             "get the bundle again from its maker (or, if you made it, sign it again)", path=MANIFEST) from None
     problem, files, size = _first_difference(root, data)
     if problem:
         raise SignatureError(f"{problem[0]} differs from what {signer.who()} signed ({problem[1]}): get the bundle again from its maker", path=problem[0])
@@ -250,10 +250,12 @@ def _manifest(root: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SignatureError(f"{MANIFEST} of {root} is not a manifest: get the bundle again", path=MANIFEST)
     b = Bundle(root, data)
-    for rel, _, _ in listed(data):
+    try:
+        paths = [rel for rel, _, _ in listed(data)] + [v["path"] for v in data.get("variants", [])]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise SignatureError(f"{MANIFEST} of {root} lacks a file's path, size or hash ({e!r}): get the bundle again", path=MANIFEST) from e
+    for rel in paths:
         b.resolve(rel)  # raises BundleError for a path that leaves the bundle, before anything is read
-    for v in data.get("variants", []):
-        b.resolve(v["path"])
     return data
 
 

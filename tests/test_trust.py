@@ -156,6 +156,13 @@ def test_a_manifest_path_leaving_the_bundle_is_refused_before_anything_is_read(s
             attempt()
 
 
+def test_a_manifest_without_a_file_record_is_named(signed, key):
+    manifest = json.loads((signed / "edgepack.json").read_text())
+    del manifest["variants"][1]["files"][0]["path"]
+    (signed / "edgepack.json").write_text(json.dumps(manifest))
+    _refused(signed, Path(f"{key}.pub"), "edgepack.json", "edgepack.json of .* lacks a file's path, size or hash")
+
+
 def test_bad_keys_are_one_clear_line(signed, key, tmp_path):
     pub = Path(f"{key}.pub")
     with pytest.raises(KeyFileError, match="is a public key: sign with the private key"):
