@@ -219,7 +219,8 @@ def _provenance(data: dict[str, Any], signature: dict[str, Any] | None) -> list[
         items.append(("bench machine", f"{m.get('cpu')}, {m.get('cores_physical')} cores, {m.get('ram_bytes', 0) / 2**30:.0f} GiB RAM, {m.get('os')}"))
     for s in data.get("steps", []):
         params = json.dumps(s.get("params", {}), sort_keys=True)
-        items.append(("step", f"{s.get('stage')} v{s.get('version')} {params} in {s.get('wall_s')} s{' (cached)' if s.get('cached') else ''}"))
+        reused = f" (reused from the stage cache, entry {s.get('key')})" if s.get("cached") else ""
+        items.append(("step", f"{s.get('stage')} v{s.get('version')} {params} in {s.get('wall_s')} s{reused}"))
     return items
 
 
