@@ -222,7 +222,9 @@ def _convert_all(ref_path: Path, work: Path, root: Path, times: dict, result: di
             if not (root / "edgepack.json").is_file():  # no edgepack variant yet: start the bundle from the builder's
                 from edgepack.bundle import Bundle
 
-                Bundle.create(root, ref_path.name, {"ref": str(ref_path), "reference_path": str(ref_path), "files": []}).save()
+                b = Bundle.create(root, ref_path.name, {"ref": str(ref_path), "files": []})
+                b.keep_reference(ref_path)
+                b.save()
             as_bundle(dest, out=root)
     else:
         result["skipped"]["onnx_int4_builder"] = "onnxruntime_genai.models.builder is not installed"

@@ -43,23 +43,35 @@ def load(
     variant: str | None = None,
     ram: str | int | None = None,
     kv_type: str = "f16",
+    trusted_keys=None,
 ):
     """Load a bundle or a lone model (a .gguf file, an ONNX folder, a GPTQ checkpoint) and return a ``Session``.
 
-    The arguments but ``ram`` are ``edgepack.runtime.load``'s. ``ram`` (``"4GB"``; GPU memory
+    The arguments but ``ram`` and ``trusted_keys`` are ``edgepack.runtime.load``'s. ``ram`` (``"4GB"``; GPU memory
     when ``device="cuda"``) picks the bundle variant and n_ctx that fit it, lowest KLD first,
-    by the rule of ``edgepack recommend``. Raises what ``runtime.load`` raises, and
-    UsageError when ``ram`` is given for a lone model or nothing fits it.
+    by the rule of ``edgepack recommend``. ``trusted_keys`` (a .pub file, a list of them, or ``ed25519 ...``
+    lines) loads only a bundle one of those keys signed whose files are what it signed (``edgepack.trust.verify``);
+    without it, signatures are not looked at. Raises what ``runtime.load`` raises, SignatureError (naming the first
+    file that differs) and KeyFileError, and UsageError when ``ram`` is given for a lone model or nothing fits it.
     """
     # Imports inside, so that importing edgepack stays cheap and backend-free.
+    from .bundle import MANIFEST
     from .runtime import load as load_session
 
-    if ram is not None:
-        from .bundle import MANIFEST
-        from .errors import UsageError
+    if trusted_keys is not None or ram is not None:
         from .library import locate
 
         p = locate(path)
+    if trusted_keys is not None:
+        from .errors import SignatureError
+        from .trust import verify
+
+        if not (p / MANIFEST).is_file():
+            raise SignatureError(f"{p} is not a bundle, and only bundles carry signatures: load a signed bundle, or drop trusted_keys")
+        verify(p, trusted_keys)
+    if ram is not None:
+        from .errors import UsageError
+
         if not (p / MANIFEST).is_file():
             raise UsageError(f"ram={ram!r} chooses among a bundle's variants, but {p} is not a bundle: pass n_ctx instead")
         if variant is None:

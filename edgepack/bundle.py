@@ -12,6 +12,10 @@ Layout, owned by the methods below (nothing else writes into a bundle's folders)
 Files come in as hard links from the stage cache where the file system allows (no space, and they
 outlive a cleaned cache), else as copies. The reference is only linked: where it cannot be, the
 manifest keeps its file hashes and the reference it was pulled from, and eval pulls it again.
+No path of the machine that made a bundle is written into it (a source folder is named by its
+name, a side input by its sha256), so a bundle copied elsewhere, or whose cache was cleaned, still
+evals, benches and reports. A rerun that changes nothing leaves the manifest byte for byte as it was:
+each stage is recorded once, by its cache key, and ``created`` (the only timestamp) is kept.
 
 Manifest, schema version 1 (all paths relative to the bundle, never escaping it)::
 
@@ -20,7 +24,7 @@ Manifest, schema version 1 (all paths relative to the bundle, never escaping it)
       "edgepack_version": "0.1.0",
       "name": "smollm2-135m",
       "created": "2026-11-27T10:00:00Z",
-      "source": {"ref", "origin", "revision", "architecture", "reference_path", "files": [File]},
+      "source": {"ref", "origin", "revision", "architecture", "files": [File]},   File paths relative to the checkpoint
       "steps": [{"stage", "version", "params", "input_sha256", "output_sha256", "edgepack_version", "wall_s", "cached", "key"}],
       "calibration": [{"name", "sha256", "tokens"}],
       "variants": [{"id", "format", "backend", "path", "files": [File], "bytes", "bits_per_weight", "meta"}],
@@ -47,6 +51,20 @@ from .stages import Artifact
 SCHEMA = 1
 MANIFEST = "edgepack.json"
 VARIANTS, CALIBRATION, REFERENCE = "variants", "calibration", "reference"
+
+
+def source_record(ref: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's "source" for ``ref`` as pulled (``meta`` of the pulled artifact): a local folder or .gguf file
+    is named by its name, not by where it lay on this machine."""
+    kind, _, where = str(meta.get("origin") or "").partition(":")
+    origin = f"{kind}:{Path(where).name}" if kind in ("local", "gguf") else meta.get("origin")
+    return {
+        "ref": ref,
+        "origin": origin,
+        "revision": meta.get("revision"),
+        "architecture": meta.get("architecture"),
+        "files": meta.get("files", []),
+    }
 
 
 @dataclass
@@ -191,12 +209,9 @@ class Bundle:
             shutil.rmtree(dest, ignore_errors=True)
 
     def reference(self) -> Path | None:
-        """The float checkpoint eval compares with, if it is at hand: kept in the bundle, else where it was pulled to."""
-        raw = self.data.get("source", {}).get("reference_path")
-        for path in (self.root / REFERENCE, Path(raw) if raw else None):
-            if path is not None and (path / "config.json").is_file():
-                return path
-        return None
+        """The float checkpoint eval compares with, if the bundle holds it (else eval pulls ``source.ref`` again)."""
+        path = self.root / REFERENCE
+        return path if (path / "config.json").is_file() else None
 
     def record_eval(self, vid: str, result: dict[str, Any]) -> None:
         """Store one variant's eval scores in the manifest (``eval/`` holds the full result)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import constants, recipes
-from .bundle import MANIFEST, Bundle
+from .bundle import MANIFEST, Bundle, source_record
 from .errors import UsageError
 from .plan import SOURCE, Runner, Spec, check_model, check_unused, describe, parse_variants, plan, unread
 from .stages import Stage
@@ -100,15 +100,10 @@ def convert(
     for job in the_plan.transforms:
         runner.run(job)
     bundle = Bundle.open(root) if (root / MANIFEST).is_file() else Bundle.create(root, _name(ref), {})
-    bundle.data["source"] = {
-        "ref": ref,
-        "origin": source.meta.get("origin"),
-        "revision": source.meta.get("revision"),
-        "architecture": source.meta.get("architecture"),
-        "reference_path": str(source.path),
-        "files": source.meta.get("files", []),
-    }
+    bundle.data["source"] = source_record(ref, source.meta)
     bundle.keep_reference(source.path)
+    before = {v.id: v.files for v in bundle.variants}
+    fresh = []  # variants new to the bundle or whose files changed: the only ones the report step measures again
     for job in the_plan.transforms:
         bundle.add_step(runner.steps[job].to_json())
         text = runner.outputs[job].meta["calibration" if job.stage.name == "prune" else "text"]
@@ -124,11 +119,13 @@ def convert(
         for v in (v for v in the_plan.variants if v.job is job):
             meta, bpw = v.describe(art, model)
             placed = bundle.place_variant(v.id, art, format=v.format, backend=v.backend, meta=meta, bits_per_weight=bpw)
+            if before.get(placed.id) != placed.files:
+                fresh.append(placed.id)
             bundle.save()
             log.info(f"variant {placed.id}: {placed.bytes / 1e6:.1f} MB")
     bundle.save()
     if report:
-        _report(bundle)
+        _report(bundle, fresh)
     return bundle
 
 
@@ -188,18 +185,29 @@ def _check_transforms(transforms: list[tuple[Stage, Any]], model: Path) -> None:
             distill.check_text(config, model)
 
 
-def _report(bundle: Bundle) -> None:
+def _report(bundle: Bundle, fresh: list[str]) -> None:
+    """Eval and bench the variants that are ``fresh`` or not measured yet, then the report: a rerun that changed
+    nothing measures nothing again, so its manifest stays byte for byte what it was (`edgepack eval` and
+    `edgepack bench` measure again on request)."""
     from .bench import bench
     from .eval import evaluate
     from .report import report as write_report
     from .report import unbenchable
     from .runtime import registry
 
-    evaluate(bundle)
-    if any(v.backend in registry.names() for v in bundle.variants):
-        bench(bundle)
+    scored = bundle.data.get("eval", {}).get("variants", {})
+    benched = {r.get("variant") for r in bundle.data.get("bench", {}).get("runs", {}).values()}
+    if to_eval := [v.id for v in bundle.variants if v.id in fresh or v.id not in scored]:
+        evaluate(bundle, variants=to_eval)
     else:
+        log.info("eval: every variant is scored already and unchanged (`edgepack eval` scores again)")
+    runnable = [v.id for v in bundle.variants if registry.runs(v.format)]
+    if not runnable:
         log.info(f"bench skipped: {unbenchable(bundle.data['variants'])}")
+    elif to_bench := [vid for vid in runnable if vid in fresh or vid not in benched]:
+        bench(bundle, variants=to_bench)
+    else:
+        log.info("bench: every variant is measured already and unchanged (`edgepack bench` measures again)")
     log.info(f"report: {write_report(bundle)}")
 
 

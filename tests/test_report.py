@@ -43,7 +43,9 @@ def test_render_without_eval_or_bench_says_what_to_run():
     assert "run `edgepack eval`" in files["report.md"] and "run `edgepack bench`" in files["report.md"]
     assert "m&lt;1&gt;" in files["report.html"] and "<1>" not in files["report.html"]
     assert "| gguf-q4_k_m | gguf | 105.0 | 4.90 | — |" in files["report.md"]
-    assert "gguf-write v1" in files["report.md"]
+    assert "gguf-write v1" in files["report.md"] and "reused" not in files["report.md"]
+    reused = [{"stage": "gguf-write", "version": 1, "params": {}, "wall_s": 1.5, "cached": True, "key": "gguf-write-0123"}]
+    assert "gguf-write v1 {} in 1.5 s (reused from the stage cache, entry gguf-write-0123)" in render(_manifest(steps=reused))["report.md"]
 
 
 def test_a_bundle_bench_cannot_run_says_why_instead_of_sending_the_user_to_bench():

@@ -40,6 +40,7 @@ COMMANDS = (
     "serve",
     "chat",
     "reports",  # eval, bench, report, recommend
+    "trust",  # keygen, sign, verify
 )
 
 

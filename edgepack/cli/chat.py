@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 
@@ -20,6 +22,9 @@ def register(app: typer.Typer) -> None:
         truncate: str = typer.Option(
             "error", "--truncate", help="When the conversation outgrows the context: 'error' (then /clear) or 'left' (drop the oldest turns)."
         ),
+        trusted: list[Path] = typer.Option(
+            [], "--trusted", help="Chat only if a key in this .pub file signed the bundle and its files are what was signed; repeatable."
+        ),
     ) -> None:
         """Chat with MODEL in the terminal, offline: Markdown answers streamed as they are generated.
 
@@ -34,6 +39,10 @@ def register(app: typer.Typer) -> None:
 
         if truncate not in ("error", "left"):
             raise UsageError(f"--truncate must be 'error' or 'left', got {truncate!r}")
+        if trusted:
+            from ..trust import verify
+
+            verify(model, trusted)  # every variant F2 may switch to is checked before the first loads
         sampling = SamplingParams.from_kwargs({"temperature": temp, "max_tokens": max_tokens, "seed": seed})
         run_chat(
             model,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import typer
 
@@ -29,6 +30,9 @@ def register(app: typer.Typer) -> None:
         max_body_kb: int = typer.Option(1024, "--max-body-kb", help="Largest request body in KiB."),
         max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting or running before new ones get 503."),
         log_level: str = typer.Option("info", "--log-level", help="Server log level: debug, info, warning, error."),
+        trusted: list[Path] = typer.Option(
+            [], "--trusted", help="Serve MODEL only if a key in this .pub file signed it and its files are what was signed; repeatable."
+        ),
     ) -> None:
         """Serve MODEL over an OpenAI-compatible HTTP API: chat and text completions (streaming or not), models, health.
 
@@ -38,6 +42,7 @@ def register(app: typer.Typer) -> None:
         curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
         or point any OpenAI client at base_url="http://127.0.0.1:8080/v1".
         A web or desktop front end served from http://localhost:5173: add --cors-origin http://localhost:5173.
+        A bundle downloaded from elsewhere: add --trusted acme.key.pub to serve it only as its maker signed it.
         """
         from ..errors import UsageError
         from . import info
@@ -52,14 +57,16 @@ def register(app: typer.Typer) -> None:
         if log_level not in ("debug", "info", "warning", "error"):
             raise UsageError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
 
-        from ..runtime import load
+        from .. import load
         from ..runtime.server import Limits, bind, cors_origins
         from ..runtime.server import serve as run_server
 
         cors = cors_origins(cors_origin)
         sock = bind(host, port)  # before loading, so a taken port fails fast
         try:
-            session = load(model, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant, kv_type=kv_type)
+            session = load(
+                model, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant, kv_type=kv_type, trusted_keys=trusted or None
+            )
         except BaseException:
             sock.close()
             raise

@@ -225,7 +225,7 @@ def test_cli_prunes_heals_and_converts_into_one_bundle(teacher, tmp_path):
     steps = {s["stage"]: s for s in bundle.data["steps"]}
     assert steps["prune"]["params"]["layers"] == 1
     assert steps["distill"]["params"]["steps"] == 2 and steps["distill"]["params"]["temperature"] == 3.0
-    assert bundle.data["source"]["reference_path"] == str(teacher)
+    assert bundle.data["source"]["origin"] == f"local:{teacher.name}" and (out / "reference" / "config.json").is_file()
     student = constants.stages_dir() / steps["distill"]["key"]
     assert AutoModelForCausalLM.from_pretrained(student).config.num_hidden_layers == 3
     assert [v.id for v in bundle.variants] == ["gguf-f16"]
