@@ -31,13 +31,16 @@ def locate(ref: str | os.PathLike, what: str = "a bundle folder") -> Path:
     has not been converted, the bundles there are for any other name (``what`` lists the
     other things the caller takes).
     """
-    p = Path(ref).expanduser()
+    p = resolve(ref)
     if p.exists():
         return p
-    named = _named(str(ref))
-    if named is not None:
-        return named
     raise SourceNotFoundError(missing(str(ref), what))
+
+
+def resolve(ref: str | os.PathLike) -> Path:
+    """``locate`` without the error: the path itself when it names nothing (its loader says why)."""
+    p = Path(ref).expanduser()
+    return p if p.exists() else _named(str(ref)) or p
 
 
 def open_bundle(ref: str | os.PathLike) -> Bundle:

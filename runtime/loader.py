@@ -23,7 +23,7 @@ class Loader:
 
     ``path`` may name a bundle (``edgepack list``). ``variants`` lists the bundle's variants a registered backend runs (empty for a lone model); ``first`` is the
     variant asked for at start (None: ``load``'s own pick). Raises BundleError when
-    ``path`` is a bundle whose manifest does not open, SourceNotFoundError when it names nothing.
+    ``path`` is a bundle whose manifest does not open.
     """
 
     def __init__(
@@ -37,7 +37,7 @@ class Loader:
         threads: int | None = None,
         kv_type: str = "f16",
     ) -> None:
-        self.path = library.locate(path)
+        self.path = library.resolve(path)
         self.first = variant
         self.backend, self.device, self.n_ctx, self.threads, self.kv_type = backend, device, n_ctx, threads, kv_type
         listed = Bundle.open(self.path).variants if (self.path / MANIFEST).is_file() else []

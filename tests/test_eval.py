@@ -178,7 +178,7 @@ def test_cli_evaluates_a_lone_gguf_against_a_reference(tmp_path, smollm2, smollm
     assert vid == "gguf-smollm2-135m-instruct.q4_1" and r["kld"]["mean"] < 0.02 and "generation" not in r
     assert Bundle.open(out).variant(vid).format == "gguf"
     bad = subprocess.run([sys.executable, "-m", "edgepack", "eval", str(tmp_path / "nope.gguf")], capture_output=True, text=True)
-    assert bad.returncode != 0 and "no bundle or model" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode != 0 and "no model at" in bad.stderr and "give a bundle name" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow
