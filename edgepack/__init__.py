@@ -43,6 +43,7 @@ def load(
     variant: str | None = None,
     ram: str | int | None = None,
     kv_type: str = "f16",
+    draft: str | None = None,
     trusted_keys=None,
 ):
     """Load a bundle or a lone model (a .gguf file, an ONNX folder, a GPTQ checkpoint) and return a ``Session``.
@@ -79,7 +80,7 @@ def load(
 
             variant, fitting_ctx = pick(p, ram, device="cpu" if device == "auto" else device, kv_type=kv_type)
             n_ctx = n_ctx or fitting_ctx
-    return load_session(path, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant, kv_type=kv_type)
+    return load_session(path, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant, kv_type=kv_type, draft=draft)
 
 
 __all__ = ["EdgepackError", "__version__", "load"]

@@ -43,6 +43,7 @@ class BenchConfig:
     threads: int | None = None  # CPU threads (default: the physical cores)
     device: str = "auto"  # auto | cpu | cuda | metal
     kv_type: str = "f16"  # KV cache element type (``edgepack.load``'s)
+    draft: str | None = None  # "lookup": drafts from the prompt, verified in one pass (``edgepack.load``'s)
 
     def check(self) -> None:
         if self.prompt_tokens < 1 or self.decode_tokens < 2 or self.repetitions < 1 or self.warmup < 0:
@@ -90,8 +91,10 @@ def bench(
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     """Median, min and max of each repeated measure; single measures pass through."""
     out = {k: v for k, v in raw.items() if k != "reps"}
-    for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "completion_tokens"):
-        vals = [r[key] for r in raw["reps"]]
+    for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "completion_tokens", "draft_acceptance"):
+        vals = [r[key] for r in raw["reps"] if key in r]
+        if not vals:
+            continue
         out[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "values": vals}
     return out
 
@@ -153,7 +156,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     n_ctx = cfg.prompt_tokens + cfg.decode_tokens + 8
     rss_start = _rss()
     t0 = time.perf_counter()
-    session = runtime.load(job["bundle"], variant=job["variant"], device=cfg.device, threads=cfg.threads, n_ctx=n_ctx, kv_type=cfg.kv_type)
+    session = runtime.load(job["bundle"], variant=job["variant"], device=cfg.device, threads=cfg.threads, n_ctx=n_ctx, kv_type=cfg.kv_type, draft=cfg.draft)
     load_s = time.perf_counter() - t0
     rss_loaded = _rss()
     gpu = _DeviceMemory() if session.info.device == "cuda" else None
@@ -178,12 +181,15 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
                     "completion_tokens": c.completion_tokens,
                 }
             )
+            if (drafted := session.draft_stats) and drafted["proposed"]:
+                reps[-1]["draft_acceptance"] = drafted["accepted"] / drafted["proposed"]
     info = session.info
     session.close()
     return {
         "device": info.device,
         "threads": info.threads,
         "kv_type": info.kv_type,
+        "draft": cfg.draft,
         "n_ctx": info.n_ctx,
         "prompt_tokens": prompt_tokens,
         "load_s": load_s,

@@ -33,6 +33,7 @@ def load(
     threads: int | None = None,
     variant: str | None = None,
     kv_type: str = "f16",
+    draft: str | None = None,
 ) -> Session:
     """Load a bundle (a folder, or a name from ``edgepack list``) or a lone model a backend claims (a ``.gguf`` file, an ONNX folder, a GPTQ checkpoint) and return a Session.
 
@@ -46,6 +47,8 @@ def load(
     uses the physical cores that other processes leave free, looked at while it runs
     (``threads``); a number fixes the count. ``kv_type`` ("f16", "q8_0", "q4_0") is the KV
     cache's element type: q8_0 halves its memory (llama.cpp only; it turns flash attention on).
+    ``draft="lookup"`` checks tokens guessed from the prompt in one pass (greedy generations
+    only, same output; llama.cpp).
 
     Raises SourceNotFoundError, BundleError, UsageError (bad backend/device/variant),
     MissingDependencyError and BackendError (the library refused the model).
@@ -62,7 +65,7 @@ def load(
         raise UsageError(f"unknown KV cache type {kv_type!r}: choose {', '.join(KV_TYPES)}")
     p = library.locate(path, _what())
     try:
-        return _load(p, backend, device, n_ctx, threads, variant, kv_type)
+        return _load(p, backend, device, n_ctx, threads, variant, kv_type, draft)
     except EdgepackError as e:
         other = library.shadowed(Path(path))
         if other is not None and other != p.resolve():
@@ -70,7 +73,9 @@ def load(
         raise
 
 
-def _load(p: Path, backend: str, device: str, n_ctx: int | None, threads: int | None, variant: str | None, kv_type: str) -> Session:
+def _load(
+    p: Path, backend: str, device: str, n_ctx: int | None, threads: int | None, variant: str | None, kv_type: str, draft: str | None
+) -> Session:
     if (p / MANIFEST).is_file():
         bundle = Bundle.open(p)
         v, runner = _pick_variant(bundle, backend, device, variant)
@@ -86,8 +91,10 @@ def _load(p: Path, backend: str, device: str, n_ctx: int | None, threads: int | 
             f"the {runner.name} backend keeps its KV cache as {', '.join(runner.kv_types)}, not {kv_type!r}"
             + (f": {kv_type} needs a variant {' or '.join(takers)} runs" if takers else "")
         )
+    if draft is not None and draft not in runner.drafts:
+        raise UsageError(f"the {runner.name} backend drafts {', '.join(runner.drafts) or 'nothing'}, not {draft!r}: drop draft, or load a GGUF variant")
     dev = _pick_device(runner, device)
-    session = runner.open(model_path, device=dev, n_ctx=n_ctx, threads=threads, kv_type=kv_type)
+    session = runner.open(model_path, device=dev, n_ctx=n_ctx, threads=threads, kv_type=kv_type, draft=draft)
     if root is not None:
         session.hold(library.hold(root))
     session.info.name = name

@@ -342,6 +342,11 @@ class Session(ABC):
                 self._held.close()
                 self._held = None
 
+    @property
+    def draft_stats(self) -> dict[str, int] | None:
+        """Draft tokens ``proposed`` and ``accepted`` in the last generation that drafted; None when none did."""
+        return None
+
     def hold(self, lock: IO[bytes] | None) -> None:
         """Keep ``lock`` (a bundle's, ``library.hold``) open until the session closes."""
         self._held = lock

@@ -36,10 +36,12 @@ class Loader:
         n_ctx: int | None = None,
         threads: int | None = None,
         kv_type: str = "f16",
+        draft: str | None = None,
     ) -> None:
         self.path = library.resolve(path)
         self.first = variant
-        self.backend, self.device, self.n_ctx, self.threads, self.kv_type = backend, device, n_ctx, threads, kv_type
+        self.backend, self.device, self.n_ctx, self.threads = backend, device, n_ctx, threads
+        self.kv_type, self.draft = kv_type, draft
         listed = Bundle.open(self.path).variants if (self.path / MANIFEST).is_file() else []
         self.variants: list[Variant] = [v for v in listed if registry.for_format(v.format) is not None]
 
@@ -49,7 +51,7 @@ class Loader:
 
         # The backend asked for steers the first pick only; a variant picked later brings its own backend.
         backend = self.backend if variant == self.first else "auto"
-        return load(self.path, backend=backend, device=self.device, n_ctx=self.n_ctx, threads=self.threads, variant=variant, kv_type=self.kv_type)
+        return load(self.path, backend=backend, device=self.device, n_ctx=self.n_ctx, threads=self.threads, variant=variant, kv_type=self.kv_type, draft=self.draft)
 
     def switch(self, old: Session | None, variant: str | None) -> tuple[Session | None, EdgepackError | None]:
         """Close ``old``, then load ``variant``; when that fails, load ``old``'s variant again.

@@ -57,7 +57,9 @@ class OnnxBackend(Backend):
     def devices(self) -> list[str]:
         return devices()
 
-    def open(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16") -> OnnxSession:
+    def open(
+        self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16", draft: str | None = None
+    ) -> OnnxSession:
         return OnnxSession(path, device=device, n_ctx=n_ctx, threads=threads)
 
     def probe(self, device: str, folder: Path) -> bool:

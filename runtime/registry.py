@@ -49,6 +49,8 @@ class Backend(ABC):
     # KV-cache element types its sessions can hold (``load(kv_type=...)``) and the bytes each stores per element, for
     # recommend; "f16" is the backend's own default cache, whose real dtype recommend reads from the model.
     kv_types: ClassVar[dict[str, float]] = {"f16": 2.0}
+    # Drafting its sessions can verify in one pass (``load(draft=...)``): "lookup" proposes tokens from the prompt.
+    drafts: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def claims(self, path: Path) -> bool:
@@ -67,8 +69,10 @@ class Backend(ABC):
         """Devices this install can run on, best first ("cuda", "cpu"); imports the library, raising MissingDependencyError."""
 
     @abstractmethod
-    def open(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16") -> Session:
-        """Load the model at ``path`` on ``device`` with a KV cache of ``kv_type`` (one of ``kv_types``).
+    def open(
+        self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16", draft: str | None = None
+    ) -> Session:
+        """Load the model at ``path`` on ``device`` with a KV cache of ``kv_type`` (one of ``kv_types``) and ``draft`` (one of ``drafts``).
 
         Raises InvalidModelError, BackendError, MissingDependencyError.
         """

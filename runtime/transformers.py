@@ -64,7 +64,9 @@ class TransformersBackend(Backend):
     def devices(self) -> list[str]:
         return ["cuda", "cpu"] if _torch().cuda.is_available() else ["cpu"]
 
-    def open(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16") -> TransformersSession:
+    def open(
+        self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16", draft: str | None = None
+    ) -> TransformersSession:
         return TransformersSession(path, device=device, n_ctx=n_ctx, threads=threads)
 
     def probe(self, device: str, folder: Path) -> bool:

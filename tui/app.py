@@ -39,6 +39,7 @@ def run_chat(
     n_ctx: int | None = None,
     threads: int | None = None,
     kv_type: str = "f16",
+    draft: str | None = None,
     system: str = "",
     sampling: SamplingParams | None = None,
     truncate: Truncate = "error",
@@ -50,7 +51,7 @@ def run_chat(
     """
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("edgepack chat needs an interactive terminal: use `edgepack run MODEL PROMPT` in scripts and pipes")
-    loader = Loader(model, variant=variant, backend=backend, device=device, n_ctx=n_ctx, threads=threads, kv_type=kv_type)
+    loader = Loader(model, variant=variant, backend=backend, device=device, n_ctx=n_ctx, threads=threads, kv_type=kv_type, draft=draft)
     app = ChatApp(loader, system=system, sampling=sampling, truncate=truncate)
     error = app.run()
     if error is not None:

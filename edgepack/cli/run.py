@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
         n_ctx: int | None = typer.Option(None, "--n-ctx", help="Context window in tokens (default: the model's, at most 4096)."),
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
         kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 (half the memory) or q4_0; llama.cpp only."),
+        draft: str | None = typer.Option(None, "--draft", help="lookup: check tokens guessed from the prompt in one pass (greedy answers; llama.cpp)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings) instead of streaming."),
     ) -> None:
         """Generate one answer from MODEL, streamed to stdout.
@@ -53,7 +54,7 @@ def register(app: typer.Typer) -> None:
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             repeat_penalty=repeat_penalty, seed=seed, stop=stop,
         )  # fmt: skip
-        with load(model, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant, kv_type=kv_type) as session:
+        with load(model, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant, kv_type=kv_type, draft=draft) as session:
             if raw:
                 stream = session.stream(prompt, truncate=truncate, **sampling)
             else:

@@ -123,3 +123,28 @@ def test_kv_cache_types_are_checked(smollm2_gguf, tmp_path):
     r = subprocess.run([str(edgepack_cli), "run", str(smollm2_gguf), "The capital of France is", "--raw", "--kv-type", "q8_0", "--temp", "0", "-n", "6", "--json"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0 and "Paris" in json.loads(r.stdout)["text"], r.stderr
+
+
+@pytest.mark.slow
+def test_prompt_lookup_keeps_the_greedy_answer_up_to_kernel_ties(smollm2_gguf):
+    """draft="lookup" on an editing prompt: most drafted tokens are accepted, and the answer is the plain greedy one
+    except where the model's two likeliest tokens are nearly tied (a batch of tokens runs other llama.cpp kernels
+    than one token does, so a near-tie can fall the other way)."""
+    import inspect
+
+    msgs = [{"role": "user", "content": "Rewrite this function, renaming `obj` to `value` and changing nothing else:\n\n"
+             + inspect.getsource(json.dumps)[:1200]}]  # fmt: skip
+    with edgepack.load(smollm2_gguf, threads=2, n_ctx=2048) as plain_s, edgepack.load(smollm2_gguf, threads=2, n_ctx=2048, draft="lookup") as s:
+        plain = plain_s.chat(msgs, temperature=0, max_tokens=128).text
+        drafted = s.chat(msgs, temperature=0, max_tokens=128).text
+        stats = s.draft_stats
+        assert stats["proposed"] > 60 and stats["accepted"] > 0.5 * stats["proposed"], stats
+        n = next((i for i, (a, b) in enumerate(zip(plain, drafted)) if a != b), None)
+        if n is not None:
+            start = max(plain.rfind(c, 0, n) for c in " (,=\n") + 1  # the diverging token starts at a boundary
+            ids = plain_s.chat_tokens(msgs) + plain_s.tokenize(plain[:start])
+            row = plain_s.score(ids + ids[-1:], top_k=2)  # the last row predicts what follows the common prefix
+            p1, p2 = np.exp(row.top_logprobs[-1])
+            assert p1 - p2 < 0.15, (plain[start:n + 20], drafted[start:n + 20], p1, p2)
+        with pytest.raises(UsageError, match="drafts lookup, not 'model'"):
+            edgepack.load(smollm2_gguf, draft="model")

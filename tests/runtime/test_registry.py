@@ -70,7 +70,9 @@ class EchoBackend(Backend):
     def devices(self) -> list[str]:
         return ["cpu"]
 
-    def open(self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16") -> EchoSession:
+    def open(
+        self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16", draft: str | None = None
+    ) -> EchoSession:
         return EchoSession(path, device=device, n_ctx=n_ctx, threads=threads)
 
     def probe(self, device: str, folder: Path) -> bool:
