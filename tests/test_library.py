@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import edgepack
-from edgepack import constants, library
+from edgepack import constants
 from edgepack.bundle import Bundle
 from edgepack.errors import BundleError, SourceNotFoundError
 from edgepack.eval import as_bundle
