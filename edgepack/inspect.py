@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import MANIFEST, Bundle
-from .errors import InvalidModelError, SourceNotFoundError
+from .errors import InvalidModelError, MissingDependencyError, SourceNotFoundError
 from .runtime import registry
 
 
@@ -128,7 +128,10 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
 
 
 def inspect_onnx(folder: Path) -> dict[str, Any]:
-    import onnx
+    try:
+        import onnx
+    except ImportError as e:  # the runtime reads ONNX files through onnxruntime, which cannot list their tensors
+        raise MissingDependencyError("onnx", extra="convert", purpose=f"listing the tensors of {folder}") from e
 
     cfg = json.loads((folder / "genai_config.json").read_text())
     model_cfg = cfg.get("model", {})

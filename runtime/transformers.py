@@ -31,8 +31,8 @@ from .registry import Backend
 def _torch():
     try:
         import torch
-    except ImportError as e:  # pragma: no cover - torch is a core dependency
-        raise MissingDependencyError("torch", purpose="running checkpoints with transformers") from e
+    except ImportError as e:  # the runtime-only install has no torch: it comes with the convert extra
+        raise MissingDependencyError("torch", extra="convert", purpose="running checkpoints with transformers") from e
     return torch
 
 
@@ -59,7 +59,8 @@ class TransformersBackend(Backend):
         return path.is_dir() and (path / "config.json").is_file()
 
     def ready(self, fmt: str) -> bool:
-        return fmt != "gptq" or importlib.util.find_spec("gptqmodel") is not None
+        needed = ("torch", "transformers", *(("gptqmodel",) if fmt == "gptq" else ()))
+        return all(importlib.util.find_spec(m) is not None for m in needed)
 
     def devices(self) -> list[str]:
         return ["cuda", "cpu"] if _torch().cuda.is_available() else ["cpu"]

@@ -16,6 +16,7 @@ from typing import Any
 
 import typer
 
+from ..errors import MissingDependencyError
 
 _P = inspect.Parameter
 
@@ -66,7 +67,11 @@ def register(app: typer.Typer) -> None:
         _P("as_json", _P.KEYWORD_ONLY, default=typer.Option(False, "--json", help="With --dry-run: the plan as JSON."), annotation=bool),
         _P("chat", _P.KEYWORD_ONLY, default=typer.Option(False, "--chat", help="Open the chat on the new bundle when stdin is a terminal."), annotation=bool),
     ]  # fmt: skip
-    declared = [_parameter(name, flag, kind) for name, (flag, kind) in declared_options().items()]
+    try:
+        declared = [_parameter(name, flag, kind) for name, (flag, kind) in declared_options().items()]
+    except ModuleNotFoundError as e:  # the runtime-only install: the converters' libraries are the convert extra
+        _register_missing(app, MissingDependencyError(e.name or "torch", extra="convert", purpose="converting models"))
+        return
 
     def convert(model: str, *, to: str, out: Path | None, allow_pickle: bool, report: bool, dry_run: bool, as_json: bool, chat: bool, **given: Any) -> None:
         """Convert a model into a bundle of variants.
@@ -97,6 +102,16 @@ def register(app: typer.Typer) -> None:
     convert.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]  # typer reads the flags from it
     convert.__annotations__ = {p.name: p.annotation for p in params}
     app.command()(convert)
+
+
+def _register_missing(app: typer.Typer, error: MissingDependencyError) -> None:
+    """``convert`` still listed without its extra: whatever it is given, it says which extra to install."""
+
+    def convert(ctx: typer.Context) -> None:
+        raise error
+
+    convert.__doc__ = f"Convert a model into a bundle of variants (needs pip install 'edgepack[{error.extra}]')."
+    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(convert)
 
 
 def render_plan(planned: dict[str, Any]) -> str:
