@@ -69,7 +69,7 @@ def _devices(backend: Backend, folder: Path) -> dict[str, Any]:
 def _torch_cuda() -> bool:
     try:
         import torch
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - not installed (the runtime-only install) or broken: no CUDA through torch
         return False
     return bool(torch.cuda.is_available())
 

@@ -29,10 +29,12 @@ from .registry import Backend
 
 
 def _torch():
+    """torch, once transformers is known to import too; raises MissingDependencyError."""
     try:
         import torch
+        import transformers  # noqa: F401 - what every caller imports next
     except ImportError as e:  # the runtime-only install has no torch: it comes with the convert extra
-        raise MissingDependencyError("torch", extra="convert", purpose="running checkpoints with transformers") from e
+        raise MissingDependencyError(e.name or "torch", extra="convert", purpose="running checkpoints with transformers") from e
     return torch
 
 
@@ -85,11 +87,11 @@ BACKEND = TransformersBackend()
 
 
 def _import_gptqmodel(path: Path) -> None:
-    from ..converters.gptq import import_gptqmodel
-
     try:
+        from ..converters.gptq import import_gptqmodel
+
         import_gptqmodel()
-    except MissingDependencyError as e:
+    except ImportError as e:  # MissingDependencyError is one
         raise MissingDependencyError("gptqmodel", extra="gptq", purpose=f"running the GPTQ checkpoint {path.name}") from e
 
 

@@ -22,11 +22,17 @@ _P = inspect.Parameter
 
 
 def option_classes() -> list[type]:
-    """The options dataclasses whose fields are ``convert``'s flags: the transforms', then each format's."""
-    from ..converters import distill, prune
-    from ..plan import formats
+    """The options dataclasses whose fields are ``convert``'s flags: the transforms', then each format's.
 
-    return [prune.Options, distill.Options, *(cls for fmt in formats().values() for cls in fmt.options)]
+    Raises MissingDependencyError without the convert extra (the converters import its libraries).
+    """
+    try:
+        from ..converters import distill, prune
+        from ..plan import formats
+
+        return [prune.Options, distill.Options, *(cls for fmt in formats().values() for cls in fmt.options)]
+    except ModuleNotFoundError as e:
+        raise MissingDependencyError(e.name or "torch", extra="convert", purpose="converting models") from e
 
 
 def declared_options() -> dict[str, tuple[Any, type]]:
@@ -69,8 +75,8 @@ def register(app: typer.Typer) -> None:
     ]  # fmt: skip
     try:
         declared = [_parameter(name, flag, kind) for name, (flag, kind) in declared_options().items()]
-    except ModuleNotFoundError as e:  # the runtime-only install: the converters' libraries are the convert extra
-        _register_missing(app, MissingDependencyError(e.name or "torch", extra="convert", purpose="converting models"))
+    except MissingDependencyError as e:  # the runtime-only install
+        _register_missing(app, e)
         return
 
     def convert(model: str, *, to: str, out: Path | None, allow_pickle: bool, report: bool, dry_run: bool, as_json: bool, chat: bool, **given: Any) -> None:
@@ -84,7 +90,10 @@ def register(app: typer.Typer) -> None:
 
         edgepack convert smollm2-135m --to gptq:4,onnx:int4 --gptq-samples 128 --dry-run
         """
-        from .. import convert as library
+        try:
+            from .. import convert as library
+        except ModuleNotFoundError as e:  # registered only with the extra, but a broken install says so too
+            raise MissingDependencyError(e.name or "torch", extra="convert", purpose="converting models") from e
 
         options = {k: v for k, v in given.items() if v is not None and v != []}
         if dry_run:
