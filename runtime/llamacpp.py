@@ -24,7 +24,6 @@ from __future__ import annotations
 import codecs
 import collections
 import ctypes
-import importlib.util
 import re
 import sys
 import threading
@@ -364,8 +363,7 @@ class LlamaCppBackend(Backend):
     what = "a .gguf file"
     install = "install a GPU build of llama-cpp-python (CUDA: CMAKE_ARGS='-DGGML_CUDA=on' pip install --force-reinstall --no-cache-dir llama-cpp-python)"
 
-    def ready(self, fmt: str) -> bool:
-        return importlib.util.find_spec("llama_cpp") is not None
+    needs = {"llama_cpp": "llama-cpp-python"}
 
     def claims(self, path: Path) -> bool:
         return path.is_file() and path.suffix.lower() == ".gguf"

@@ -12,7 +12,6 @@ from ``chat_template.jinja`` or ``tokenizer_config.json``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from collections.abc import Iterator, Sequence
@@ -59,8 +58,7 @@ class OnnxBackend(Backend):
     what = "an ONNX folder (with genai_config.json)"
     install = "install the CUDA extra: pip install 'edgepack[cuda]'"
 
-    def ready(self, fmt: str) -> bool:
-        return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime_genai", "tokenizers"))
+    needs = {"onnxruntime_genai": "onnxruntime-genai", "tokenizers": "tokenizers"}
 
     def claims(self, path: Path) -> bool:
         return path.is_dir() and (path / "genai_config.json").is_file()

@@ -60,9 +60,16 @@ class TransformersBackend(Backend):
     def accepts(self, path: Path) -> bool:
         return path.is_dir() and (path / "config.json").is_file()
 
-    def ready(self, fmt: str) -> bool:
-        needed = ("torch", "transformers", *(("gptqmodel",) if fmt == "gptq" else ()))
-        return all(importlib.util.find_spec(m) is not None for m in needed)
+    needs = {"torch": "torch", "transformers": "transformers"}
+    extra = "convert"
+
+    def missing(self, fmt: str) -> str | None:
+        gptq = fmt == "gptq" and importlib.util.find_spec("gptqmodel") is None
+        return super().missing(fmt) or ("gptqmodel" if gptq else None)
+
+    def require(self, fmt: str) -> None:
+        if (dist := self.missing(fmt)) is not None:  # the gptq extra brings convert's libraries too
+            raise MissingDependencyError(dist, extra="gptq" if fmt == "gptq" else self.extra, purpose=f"running {fmt} variants with {self.name}")
 
     def devices(self) -> list[str]:
         return ["cuda", "cpu"] if _torch().cuda.is_available() else ["cpu"]
