@@ -31,6 +31,7 @@ from .. import constants, recipes
 from ..errors import (
     EdgepackError,
     InvalidModelError,
+    MissingDependencyError,
     OfflineError,
     SourceNotFoundError,
 )
@@ -287,8 +288,11 @@ def _read_gguf(path: Path):
 
 
 def _dequantize(gguf_path: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:  # the runtime-only install: a GGUF becomes a checkpoint only to be converted
+        raise MissingDependencyError(e.name or "torch", extra="convert", purpose=f"turning {gguf_path.name} into a checkpoint") from e
 
     reader = _read_gguf(gguf_path)
     field = reader.get_field("tokenizer.chat_template")

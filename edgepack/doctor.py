@@ -25,9 +25,9 @@ LIBRARIES = {
     "onnxruntime-genai": ("ONNX generation and model builder", "pip install onnxruntime-genai"),
     "onnxruntime-gpu": ("ONNX on CUDA", "pip install 'edgepack[cuda]'"),
     "onnxruntime-genai-cuda": ("ONNX generation on CUDA", "pip install 'edgepack[cuda]'"),
-    "gguf": ("GGUF writer", "pip install gguf"),
-    "transformers": ("checkpoints and tokenizers", "pip install transformers"),
-    "torch": ("calibration, GPTQ, pruning, distillation", "pip install torch"),
+    "gguf": ("GGUF files (inspect, the probe model)", "pip install gguf"),
+    "transformers": ("converting, eval, float checkpoints", "pip install 'edgepack[convert]'"),
+    "torch": ("converting, calibration, GPTQ, pruning, distillation", "pip install 'edgepack[convert]'"),
     "gptqmodel": ("GPTQ quantization", "pip install 'edgepack[gptq]'"),
     "textual": ("terminal chat", "pip install textual"),
 }
@@ -69,7 +69,7 @@ def _devices(backend: Backend, folder: Path) -> dict[str, Any]:
 def _torch_cuda() -> bool:
     try:
         import torch
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - not installed (the runtime-only install) or broken: no CUDA through torch
         return False
     return bool(torch.cuda.is_available())
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import MissingDependencyError
 from .eval_reference import EvalConfig, Reference, greedy
 from .runtime.base import Session
 
@@ -83,8 +84,11 @@ def score_variant(model: Session, ref: Reference, cfg: EvalConfig) -> dict[str, 
 
 def generation_agreement(answers: list[str], references: list[str]) -> dict[str, float]:
     """Corpus BLEU (sacrebleu), mean ROUGE-L F1 (rouge-score) and exact-match rate of answers vs references."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
+    try:
+        import sacrebleu
+        from rouge_score import rouge_scorer
+    except ImportError as e:
+        raise MissingDependencyError(e.name or "sacrebleu", extra="convert", purpose="scoring generated answers") from e
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rouge = [scorer.score(r, a)["rougeL"].fmeasure for a, r in zip(answers, references)]

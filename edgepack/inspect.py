@@ -11,7 +11,7 @@ from typing import Any
 
 from . import library
 from .bundle import MANIFEST, Bundle
-from .errors import InvalidModelError
+from .errors import InvalidModelError, MissingDependencyError
 from .runtime import registry
 
 
@@ -127,7 +127,10 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
 
 
 def inspect_onnx(folder: Path) -> dict[str, Any]:
-    import onnx
+    try:
+        import onnx
+    except ImportError as e:  # the runtime reads ONNX files through onnxruntime, which cannot list their tensors
+        raise MissingDependencyError("onnx", extra="convert", purpose=f"listing the tensors of {folder}") from e
 
     cfg = json.loads((folder / "genai_config.json").read_text())
     model_cfg = cfg.get("model", {})

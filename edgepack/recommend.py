@@ -29,6 +29,7 @@ from . import library
 from .bundle import Bundle, Variant
 from .errors import BundleError, InvalidModelError, UsageError
 from .gguf_header import gguf_metadata
+from .onnx_header import input_types
 from .runtime import KV_TYPES, registry
 from .units import parse_size
 
@@ -88,12 +89,9 @@ def _from_genai(path: Path) -> dict[str, int]:
 
 
 def _onnx_kv_bytes(model: Path) -> int:
-    import onnx
-
-    graph = onnx.load(str(model), load_external_data=False).graph
-    for inp in graph.input:
-        if "past_key_values" in inp.name or inp.name.startswith("past"):
-            return _ONNX_BYTES.get(inp.type.tensor_type.elem_type, 4)
+    for name, elem_type in input_types(model).items():
+        if "past_key_values" in name or name.startswith("past"):
+            return _ONNX_BYTES.get(elem_type, 4)
     return 4
 
 

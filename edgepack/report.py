@@ -21,6 +21,7 @@ from typing import Any
 
 from . import library
 from .bundle import Bundle
+from .errors import MissingDependencyError
 from .fsutil import atomic_dir
 from .runtime import registry
 
@@ -108,6 +109,18 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
 # -- plots -----------------------------------------------------------------------------------
 
 
+def _pyplot():
+    """matplotlib's pyplot drawing off-screen; raises MissingDependencyError (charts come with the convert extra)."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise MissingDependencyError("matplotlib", extra="convert", purpose="the report's charts") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _svg(fig) -> str:
     """The figure as SVG: no date and fixed element ids, so the same data always renders the same report."""
     import matplotlib
@@ -123,10 +136,7 @@ def size_vs_kld_svg(table: list[dict[str, Any]]) -> str | None:
     pts = [(r["mb"], r["kld"], r["variant"]) for r in table if r["kld"] is not None]
     if not pts:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     front = pareto(pts)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -151,10 +161,7 @@ def speed_svg(runs: list[dict[str, Any]]) -> str | None:
     runs = [r for r in runs if _median(r, "decode_tokens_per_s") is not None]
     if not runs:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     labels = [f"{r['variant']} ({r['device']}{_kv(r)})" for r in runs]
     fig, axes = plt.subplots(1, 2, figsize=(8.0, 0.5 * len(runs) + 1.5), sharey=True)

@@ -151,6 +151,7 @@ def _pick_variant(bundle: Bundle, backend: str, device: str, variant: str | None
             raise UsageError(f"variant {v.id} runs on {v.backend}, which `load` does not support: pick one of {_runnable(bundle)}")
         if runner is None:
             raise UsageError(f"variant {v.id} is a {v.format} variant; it cannot be loaded with backend={backend!r}")
+        runner.require(v.format)  # one line naming the extra to install
         return v, runner
     for v in bundle.variants:
         runner = _runner(v, backend)
@@ -158,6 +159,9 @@ def _pick_variant(bundle: Bundle, backend: str, device: str, variant: str | None
             continue
         if device == "auto" or device in runner.devices():
             return v, runner
+    for v in bundle.variants:  # none runs here; when one only lacks a library, say which extra brings it
+        if (runner := _runner(v, backend)) is not None:
+            runner.require(v.format)
     raise BundleError(
         f"bundle {bundle.root} has no variant for backend={backend}, device={device}; it has: {_runnable(bundle) or 'none'}: "
         "pass variant=..., another device, or convert one with `edgepack convert --to gguf:Q4_K_M`"

@@ -443,6 +443,8 @@ class LlamaCppBackend(Backend):
     drafts = ("lookup",)
     install = "install a GPU build of llama-cpp-python (CUDA: CMAKE_ARGS='-DGGML_CUDA=on' pip install --force-reinstall --no-cache-dir llama-cpp-python)"
 
+    needs = {"llama_cpp": "llama-cpp-python"}
+
     def claims(self, path: Path) -> bool:
         return path.is_file() and path.suffix.lower() == ".gguf"
 

@@ -24,6 +24,14 @@ from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
 from .registry import Backend
 from .threads import physical_cores
 
+# The doctor's probe, y = x + x on a float[1], serialized; the runtime has no onnx package to build it. Made by
+# onnx.helper: make_model(make_graph([make_node("Add", ["x", "x"], ["y"])], "probe", [x], [y]), opset 13, ir_version=8)
+# (tests/runtime/test_onnx.py builds it again and compares).
+PROBE_MODEL = bytes.fromhex(
+    "080812003a390a0e0a01780a01781201792203416464120570726f62655a0f0a0178120a0a08080112040a020801"
+    "620f0a0179120a0a08080112040a02080142040a00100d"
+)
+
 # onnxruntime_genai, imported by _og() on first use: importing this module (as the registry does) loads no library.
 og = None
 
@@ -51,6 +59,8 @@ class OnnxBackend(Backend):
     what = "an ONNX folder (with genai_config.json)"
     install = "install the CUDA extra: pip install 'edgepack[cuda]'"
 
+    needs = {"onnxruntime_genai": "onnxruntime-genai", "tokenizers": "tokenizers"}
+
     def claims(self, path: Path) -> bool:
         return path.is_dir() and (path / "genai_config.json").is_file()
 
@@ -65,14 +75,10 @@ class OnnxBackend(Backend):
     def probe(self, device: str, folder: Path) -> bool:
         """ONNX Runtime adds one and one on ``device`` (a one-node graph; onnxruntime-genai, which runs the models, must import too)."""
         import onnxruntime as ort
-        from onnx import TensorProto, helper
 
         _og()
-        x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy")
-        graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe", [x], [y])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
         provider = {"cuda": "CUDAExecutionProvider"}.get(device, "CPUExecutionProvider")
-        session = ort.InferenceSession(model.SerializeToString(), providers=[provider])
+        session = ort.InferenceSession(PROBE_MODEL, providers=[provider])
         if provider not in session.get_providers():  # ONNX Runtime falls back to the CPU quietly
             raise BackendError(f"ONNX Runtime has no {provider} here: {self.install}")
         return float(session.run(None, {"x": np.ones(1, np.float32)})[0][0]) == 2.0

@@ -11,11 +11,12 @@ on the first question, and each imports its library only when it loads or probes
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import UsageError
+from ..errors import MissingDependencyError, UsageError
 
 if TYPE_CHECKING:
     from .base import Session
@@ -60,9 +61,22 @@ class Backend(ABC):
         """Whether this backend runs ``path`` when asked for by name (it may take more than it claims)."""
         return self.claims(path)
 
+    # Modules running a format needs -> the distribution that brings each, and the extra that installs them (None: base).
+    needs: ClassVar[dict[str, str]] = {}
+    extra: ClassVar[str | None] = None
+
+    def missing(self, fmt: str) -> str | None:
+        """The first distribution running ``fmt`` needs that is not installed (found without importing it), or None."""
+        return next((dist for module, dist in self.needs.items() if importlib.util.find_spec(module) is None), None)
+
     def ready(self, fmt: str) -> bool:
-        """Whether this install has what running ``fmt`` needs, checked without importing it (an optional extra)."""
-        return True
+        """Whether this install has what running ``fmt`` needs (an optional extra, a removed library)."""
+        return self.missing(fmt) is None
+
+    def require(self, fmt: str) -> None:
+        """Raise MissingDependencyError naming what to install (the extra, when it comes with one) unless ``ready``."""
+        if (dist := self.missing(fmt)) is not None:
+            raise MissingDependencyError(dist, extra=self.extra, purpose=f"running {fmt} variants with {self.name}")
 
     @abstractmethod
     def devices(self) -> list[str]:

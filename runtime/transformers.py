@@ -29,10 +29,12 @@ from .registry import Backend
 
 
 def _torch():
+    """torch, once transformers is known to import too; raises MissingDependencyError."""
     try:
         import torch
-    except ImportError as e:  # pragma: no cover - torch is a core dependency
-        raise MissingDependencyError("torch", purpose="running checkpoints with transformers") from e
+        import transformers  # noqa: F401 - what every caller imports next
+    except ImportError as e:  # the runtime-only install has no torch: it comes with the convert extra
+        raise MissingDependencyError(e.name or "torch", extra="convert", purpose="running checkpoints with transformers") from e
     return torch
 
 
@@ -58,8 +60,16 @@ class TransformersBackend(Backend):
     def accepts(self, path: Path) -> bool:
         return path.is_dir() and (path / "config.json").is_file()
 
-    def ready(self, fmt: str) -> bool:
-        return fmt != "gptq" or importlib.util.find_spec("gptqmodel") is not None
+    needs = {"torch": "torch", "transformers": "transformers"}
+    extra = "convert"
+
+    def missing(self, fmt: str) -> str | None:
+        gptq = fmt == "gptq" and importlib.util.find_spec("gptqmodel") is None
+        return super().missing(fmt) or ("gptqmodel" if gptq else None)
+
+    def require(self, fmt: str) -> None:
+        if (dist := self.missing(fmt)) is not None:  # the gptq extra brings convert's libraries too
+            raise MissingDependencyError(dist, extra="gptq" if fmt == "gptq" else self.extra, purpose=f"running {fmt} variants with {self.name}")
 
     def devices(self) -> list[str]:
         return ["cuda", "cpu"] if _torch().cuda.is_available() else ["cpu"]
@@ -86,11 +96,11 @@ BACKEND = TransformersBackend()
 
 
 def _import_gptqmodel(path: Path) -> None:
-    from ..converters.gptq import import_gptqmodel
-
     try:
+        from ..converters.gptq import import_gptqmodel
+
         import_gptqmodel()
-    except MissingDependencyError as e:
+    except ImportError as e:  # MissingDependencyError is one
         raise MissingDependencyError("gptqmodel", extra="gptq", purpose=f"running the GPTQ checkpoint {path.name}") from e
 
 

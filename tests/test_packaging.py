@@ -63,3 +63,17 @@ def test_import_hides_only_torchaos_enum_notice():
     assert done.returncode == 0, done.stderr
     assert "Enum subclass" not in done.stderr
     assert "another pytree warning" in done.stderr
+
+
+def test_the_readme_installs_everything_and_the_base_is_the_runtime():
+    """The README's two commands install ``.[all]``, which holds convert; the base install holds neither torch nor transformers."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert "edgepack[convert,gptq,datasets]" in extras["all"] and "edgepack[convert]" in extras["gptq"]
+    base = {re.match(r"[A-Za-z0-9._-]+", r).group(0).lower() for r in project["dependencies"]}
+    assert not base & {"torch", "transformers", "safetensors", "accelerate", "sentencepiece", "ml_dtypes", "onnx", "gptqmodel"}
+    commands = re.findall(r"^```sh\n(.*)$", (ROOT / "README.md").read_text(), flags=re.M)[:2]
+    assert [".[all]" in commands[0], ".[all,test]" in commands[1]] == [True, True], commands

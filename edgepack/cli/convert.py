@@ -16,16 +16,23 @@ from typing import Any
 
 import typer
 
+from ..errors import MissingDependencyError
 
 _P = inspect.Parameter
 
 
 def option_classes() -> list[type]:
-    """The options dataclasses whose fields are ``convert``'s flags: the transforms', then each format's."""
-    from ..converters import distill, prune
-    from ..plan import formats
+    """The options dataclasses whose fields are ``convert``'s flags: the transforms', then each format's.
 
-    return [prune.Options, distill.Options, *(cls for fmt in formats().values() for cls in fmt.options)]
+    Raises MissingDependencyError without the convert extra (the converters import its libraries).
+    """
+    try:
+        from ..converters import distill, prune
+        from ..plan import formats
+
+        return [prune.Options, distill.Options, *(cls for fmt in formats().values() for cls in fmt.options)]
+    except ModuleNotFoundError as e:
+        raise MissingDependencyError(e.name or "torch", extra="convert", purpose="converting models") from e
 
 
 def declared_options() -> dict[str, tuple[Any, type]]:
@@ -66,7 +73,11 @@ def register(app: typer.Typer) -> None:
         _P("as_json", _P.KEYWORD_ONLY, default=typer.Option(False, "--json", help="With --dry-run: the plan as JSON."), annotation=bool),
         _P("chat", _P.KEYWORD_ONLY, default=typer.Option(False, "--chat", help="Open the chat on the new bundle when stdin is a terminal."), annotation=bool),
     ]  # fmt: skip
-    declared = [_parameter(name, flag, kind) for name, (flag, kind) in declared_options().items()]
+    try:
+        declared = [_parameter(name, flag, kind) for name, (flag, kind) in declared_options().items()]
+    except MissingDependencyError as e:  # the runtime-only install
+        _register_missing(app, e)
+        return
 
     def convert(model: str, *, to: str, out: Path | None, allow_pickle: bool, report: bool, dry_run: bool, as_json: bool, chat: bool, **given: Any) -> None:
         """Convert a model into a bundle of variants.
@@ -79,7 +90,10 @@ def register(app: typer.Typer) -> None:
 
         edgepack convert smollm2-135m --to gptq:4,onnx:int4 --gptq-samples 128 --dry-run
         """
-        from .. import convert as library
+        try:
+            from .. import convert as library
+        except ModuleNotFoundError as e:  # registered only with the extra, but a broken install says so too
+            raise MissingDependencyError(e.name or "torch", extra="convert", purpose="converting models") from e
 
         options = {k: v for k, v in given.items() if v is not None and v != []}
         if dry_run:
@@ -97,6 +111,16 @@ def register(app: typer.Typer) -> None:
     convert.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]  # typer reads the flags from it
     convert.__annotations__ = {p.name: p.annotation for p in params}
     app.command()(convert)
+
+
+def _register_missing(app: typer.Typer, error: MissingDependencyError) -> None:
+    """``convert`` still listed without its extra: whatever it is given, it says which extra to install."""
+
+    def convert(ctx: typer.Context) -> None:
+        raise error
+
+    convert.__doc__ = f"Convert a model into a bundle of variants (needs pip install 'edgepack[{error.extra}]')."
+    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(convert)
 
 
 def render_plan(planned: dict[str, Any]) -> str:
