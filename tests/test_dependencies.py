@@ -136,6 +136,8 @@ def _files() -> dict[str, tuple[Path, bool]]:
         prefix = "edgepack" if folder == "edgepack" else f"edgepack.{folder}"
         for path in sorted((ROOT / folder).rglob("*.py")):
             parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            if not all(p.isidentifier() for p in parts):
+                continue  # edgepack/__pyinstaller/hook-*.py: PyInstaller runs them (it is their library); nothing imports them
             is_package = parts[-1] == "__init__"
             out[".".join((prefix, *(parts[:-1] if is_package else parts)))] = (path, is_package)
     return out
