@@ -41,12 +41,14 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import BundleError
 from .fsutil import link_or_copy, sha256_file, write_json
-from .stages import Artifact
+
+if TYPE_CHECKING:  # the stage module is the converter's; a runtime that only opens bundles does not need it
+    from .stages import Artifact
 
 SCHEMA = 1
 MANIFEST = "edgepack.json"

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import IO, Any
 
-from . import constants, recipes
+from . import constants
 from .bundle import MANIFEST, Bundle
 from .errors import BundleError, EdgepackError, SourceNotFoundError
 
@@ -50,6 +50,8 @@ def open_bundle(ref: str | os.PathLike) -> Bundle:
 
 def missing(ref: str, what: str | None) -> str:
     """Why ``ref`` names nothing, and what to give instead (``what``: the other things the caller takes)."""
+    from . import recipes  # parsing the recipes costs a load a few ms, and only a miss needs them
+
     if recipes.find(ref) is not None:
         return f"{ref!r} has not been converted yet: run `edgepack convert {ref}` first (it makes the bundle {ref})"
     names = [b.name for b in _bundle_dirs()]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..bundle import MANIFEST, Bundle, Variant
 from .. import library
-from ..errors import BundleError, EdgepackError, UsageError
+from ..errors import BundleError, EdgepackError, SourceNotFoundError, UsageError
 from . import registry
 from .base import Completion, Message, ModelInfo, SamplingParams, Scores, Session, Stream
 from .loader import Loader
@@ -63,7 +63,9 @@ def load(
         raise UsageError(f"threads must be at least 1, got {threads}")
     if kv_type not in KV_TYPES:
         raise UsageError(f"unknown KV cache type {kv_type!r}: choose {', '.join(KV_TYPES)}")
-    p = library.locate(path, _what())
+    p = library.resolve(path)
+    if not p.exists():
+        raise SourceNotFoundError(library.missing(str(path), _what()))
     try:
         return _load(p, backend, device, n_ctx, threads, variant, kv_type, draft)
     except EdgepackError as e:
