@@ -134,7 +134,9 @@ def test_interrupted_run_resumes_to_the_same_weights(student, teacher, tmp_path,
         "from edgepack.converters.distill import Config, Distill\nfrom pathlib import Path\n"
         f"run_stage(Distill(), from_folder(Path(sys.argv[1])), Config(**{cfg.__dict__!r}))\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script, str(student)], env={**os.environ, "EDGEPACK_HOME": str(home)})
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    proc = subprocess.Popen([sys.executable, "-c", script, str(student)], env={**os.environ, "EDGEPACK_HOME": str(home)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 300
     while not list(home.glob("stages/*.resume/state.pt")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
