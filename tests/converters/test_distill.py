@@ -129,7 +129,7 @@ def test_interrupted_run_resumes_to_the_same_weights(student, teacher, tmp_path,
         "import torch, sys, time; torch.set_num_threads(1)\n"
         # Tiny steps take milliseconds: pace them so the signal lands mid-run, not after the last step.
         "step = torch.optim.AdamW.step\n"
-        "torch.optim.AdamW.step = lambda self, *a, **k: (time.sleep(0.1), step(self, *a, **k))[1]\n"
+        "torch.optim.AdamW.step = lambda self, *a, **k: (time.sleep(0.25), step(self, *a, **k))[1]\n"
         "from edgepack.stages import run_stage\nfrom edgepack.converters.pull import from_folder\n"
         "from edgepack.converters.distill import Config, Distill\nfrom pathlib import Path\n"
         f"run_stage(Distill(), from_folder(Path(sys.argv[1])), Config(**{cfg.__dict__!r}))\n"
