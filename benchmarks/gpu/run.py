@@ -10,7 +10,7 @@
 With a GPU (``nvidia-smi`` lists one) the machine is taken to be the lent one: no network and
 nothing of edgepack's installed beyond its system Python. In order, each step timed:
 
-1. install the carried wheels and edgepack itself into ``--work``/site (pip, no index);
+1. install the carried wheels (pip, no index) and edgepack from this checkout into ``--work``/site;
 2. build llama.cpp's ``llama-bench`` with CUDA for the GPU's architecture from the carried sdist
    (``llamacpp_tools.build``: all cores, no ccache). Its shared libraries are the ones the carried
    llama-cpp-python then loads (its Python package is copied beside them): one CUDA compile, not two;
@@ -115,10 +115,29 @@ def detect_gpu() -> dict[str, Any] | None:
 def install(carry: Path, site: Path) -> list[str]:
     """The carried wheels and edgepack from this checkout into ``site``, which this process and its children import from."""
     wheels = sorted((carry / "wheels").glob("*.whl"))
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation", "--target", str(site), *map(str, wheels), str(REPO)]
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target", str(site), *map(str, wheels)]
     subprocess.run(cmd, check=True)
+    install_checkout(site)
     activate(site)
     return [w.name for w in wheels]
+
+
+def install_checkout(site: Path) -> None:
+    """edgepack's packages laid out as its wheel lays them out (pyproject's package-dir), by copying.
+
+    Not ``pip install .``: that builds with the machine's setuptools, which may predate what
+    pyproject.toml needs (a license string needs setuptools >= 77), and there is no index to fetch one.
+    """
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "edgepack", site / "edgepack", ignore=skip, dirs_exist_ok=True)
+    for package, folder in project["tool"]["setuptools"]["package-dir"].items():
+        shutil.copytree(REPO / folder, site.joinpath(*package.split(".")), ignore=skip, dirs_exist_ok=True)
+    dist = site / f"edgepack-{project['project']['version']}.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: edgepack\nVersion: {project['project']['version']}\n")
 
 
 def activate(site: Path) -> None:
@@ -386,7 +405,10 @@ def main() -> int:
             os.environ["CMAKE_ARGS"] = "-DGGML_CCACHE=OFF"  # a fresh machine: a compiler cache only costs
             tools = build(work / "cache", cuda=True, cuda_architectures=gpu["sm"], sdist=sdist, log=print)
             install_llama_cpp(tools, work / "site")
-        if not steps.ok(f"build llama.cpp with CUDA for sm_{gpu['sm']}"):
+        if not steps.ok("install carried wheels and edgepack") or not steps.ok(f"build llama.cpp with CUDA for sm_{gpu['sm']}"):
+            args.out.mkdir(parents=True, exist_ok=True)
+            for log_file in (work / "cache").glob("llama.cpp-*-cuda/build.log"):  # cmake's output comes back with the report
+                shutil.copy2(log_file, args.out / "build.log")
             return finish(args.out, steps, gpu, [], {}, None, BENCH_GPU)
     else:
         tools = cached()
