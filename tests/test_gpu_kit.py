@@ -88,3 +88,32 @@ def test_strip_sdist_keeps_what_a_cuda_build_reads(tmp_path):
         kept = {m.name: tar.extractfile(m).read().decode() for m in tar}
     assert sorted(kept) == sorted(names[i] for i in (0, 1, 4, 6))
     assert all(kept[n] == n for n in kept)  # contents copied, not only headers
+
+
+def test_link_shim_gives_cmake_the_cublas_and_driver_a_pip_toolkit_lacks(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_kit_run", KIT / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    if run.toolkit_has("cublas_v2.h") or run.toolkit_has("libcuda.so"):
+        pytest.skip("nvcc's toolkit here has cuBLAS and the driver stub: no shim needed")
+    wheels = tmp_path / "site" / "nvidia" / "cu13"  # the layout of torch's nvidia-cublas wheel
+    for name in ("include/cublas_v2.h", "include/cublasLt.h", "lib/libcublas.so.13", "lib/libcublasLt.so.13"):
+        (wheels / name).parent.mkdir(parents=True, exist_ok=True)
+        (wheels / name).write_text(name)
+    (tmp_path / "driver").mkdir()
+    (tmp_path / "driver" / "libcuda.so.1").write_text("driver")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(run, "DRIVER_DIRS", (str(tmp_path / "driver"),))
+
+    shim = tmp_path / "shim"
+    assert run.link_shim(shim) == [f"-DCMAKE_LIBRARY_PATH={shim / 'lib'}", f"-DCMAKE_CUDA_FLAGS=-I{shim / 'include'}", f"-DCMAKE_CXX_FLAGS=-I{shim / 'include'}"]
+    links = {str(p.relative_to(shim)): p.read_text() for p in shim.rglob("*") if p.is_symlink()}
+    assert links == {
+        "include/cublas_v2.h": "include/cublas_v2.h",
+        "include/cublasLt.h": "include/cublasLt.h",
+        "lib/libcublas.so": "lib/libcublas.so.13",  # the name find_library matches
+        "lib/libcublas.so.13": "lib/libcublas.so.13",  # the soname the loader asks for
+        "lib/libcublasLt.so": "lib/libcublasLt.so.13",
+        "lib/libcublasLt.so.13": "lib/libcublasLt.so.13",
+        "lib/libcuda.so": "driver",
+    }

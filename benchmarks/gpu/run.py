@@ -165,13 +165,44 @@ def install_llama_cpp(tools: Tools, site: Path) -> None:
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: {tools.version}\n")
 
 
-def cublas_header() -> str | None:
-    """Where nvcc's toolkit keeps cublas_v2.h (ggml-cuda needs it), for the report when configuring fails."""
+DRIVER_DIRS = ("/usr/local/nvidia/lib64", "/usr/local/nvidia/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib64")  # where libcuda.so.1 sits
+
+
+def toolkit_has(pattern: str) -> bool:
+    """Whether nvcc's toolkit holds a file matching ``pattern``, where CMake's FindCUDAToolkit looks first."""
     nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None
-    found = next(Path(nvcc).resolve().parents[1].glob("**/cublas_v2.h"), None)
-    return str(found) if found else None
+    return bool(nvcc) and next(Path(nvcc).resolve().parents[1].glob(f"**/{pattern}"), None) is not None
+
+
+def link_shim(shim: Path) -> list[str]:
+    """CMake options for what ggml-cuda links but a pip-installed toolkit lacks; [] when nvcc's toolkit has it all.
+
+    A toolkit installed from NVIDIA's wheels (nvcc 13.0 in /usr/local/cuda-13.0 on the development machine,
+    seen there without either) has neither cuBLAS nor the driver stub libcuda.so, and CMake's configure
+    stops. cuBLAS then comes from torch's nvidia-cublas wheel
+    (nvidia/cu13/include, and only versioned libcublas.so.13, which find_library does not match), the
+    driver library from the driver's own folder. ``shim`` gets headers and libraries under the names CMake
+    and the loader look for; the build's RPATH then finds them at run time.
+    """
+    links: dict[Path, Path] = {}
+    if not toolkit_has("cublas_v2.h"):
+        header = next((h for root in sys.path if root for h in Path(root).glob("nvidia/*/include/cublas_v2.h")), None)
+        if header is not None:
+            links |= {shim / "include" / h.name: h for h in header.parent.glob("cublas*.h")}
+            for lib in header.parents[1].joinpath("lib").glob("libcublas*.so.*"):
+                links |= {shim / "lib" / lib.name: lib, shim / "lib" / (lib.name.split(".so")[0] + ".so"): lib}
+    if not toolkit_has("libcuda.so"):
+        driver = next((d / "libcuda.so.1" for d in map(Path, DRIVER_DIRS) if (d / "libcuda.so.1").is_file()), None)
+        if driver is not None:
+            links[shim / "lib" / "libcuda.so"] = driver
+    for link, target in links.items():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+    if not links:
+        return []
+    inc = shim / "include"
+    return [f"-DCMAKE_LIBRARY_PATH={shim / 'lib'}", f"-DCMAKE_CUDA_FLAGS=-I{inc}", f"-DCMAKE_CXX_FLAGS=-I{inc}"]
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -401,8 +432,9 @@ def main() -> int:
             sdist = next(args.carry.glob("llama_cpp_python-*.tar.gz"), None)
             if sdist is None:
                 raise FileNotFoundError(f"no llama_cpp_python-*.tar.gz in {args.carry}: run benchmarks/gpu/prepare.py here and carry .device")
-            row["cublas_v2.h"] = cublas_header()
-            os.environ["CMAKE_ARGS"] = "-DGGML_CCACHE=OFF"  # a fresh machine: a compiler cache only costs
+            hints = link_shim(work / "cuda-shim")
+            row["cuda_shim"] = sorted(str(p.relative_to(work / "cuda-shim")) for p in (work / "cuda-shim").rglob("*") if p.is_symlink())
+            os.environ["CMAKE_ARGS"] = " ".join(["-DGGML_CCACHE=OFF", *hints])  # a fresh machine: a compiler cache only costs
             tools = build(work / "cache", cuda=True, cuda_architectures=gpu["sm"], sdist=sdist, log=print)
             install_llama_cpp(tools, work / "site")
         if not steps.ok("install carried wheels and edgepack") or not steps.ok(f"build llama.cpp with CUDA for sm_{gpu['sm']}"):
