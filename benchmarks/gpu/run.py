@@ -31,6 +31,7 @@ step failed.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -110,6 +111,20 @@ def detect_gpu() -> dict[str, Any] | None:
         return None
     name, cap, mib, driver = (x.strip() for x in lines[0].split(","))
     return {"name": name, "sm": cap.replace(".", ""), "memory_bytes": int(float(mib)) * 2**20, "driver": driver}
+
+
+def toolchain() -> dict[str, str | None]:
+    """cmake's and nvcc's versions and the Python's torch and transformers: what a failed build or convert is read against."""
+    out: dict[str, str | None] = {}
+    for tool, line in (("cmake", 0), ("nvcc", -1)):
+        proc = subprocess.run([tool, "--version"], capture_output=True, text=True) if shutil.which(tool) else None
+        out[tool] = proc.stdout.strip().splitlines()[line] if proc and proc.returncode == 0 and proc.stdout.strip() else None
+    for package in ("torch", "transformers"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    return out
 
 
 def install(carry: Path, site: Path) -> list[str]:
@@ -473,7 +488,6 @@ def finish(
     out: Path, steps: Steps, gpu: dict[str, Any] | None, results: list[dict[str, Any]], extra: dict[str, Any], tools: Tools | None, bench: dict[str, Any]
 ) -> int:
     """Write the JSON and the table, print the last line; 1 when a step failed."""
-    import importlib.metadata
     import platform
 
     try:
@@ -483,7 +497,7 @@ def finish(
     failed = [s["step"] for s in steps.rows if s["status"] == "failed"]
     report = {
         "gpu": gpu,
-        "machine": {"cpu_count": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpu_count": os.cpu_count(), "os": platform.platform(), "python": platform.python_version(), **toolchain()},
         "llama_cpp_python": version,
         "llama_bench": str(tools.bench) if tools else None,
         "cmake_flags": list(tools.flags) if tools else None,
