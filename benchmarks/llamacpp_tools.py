@@ -1,6 +1,6 @@
 """llama.cpp's own C++ tools (``llama-bench``, ``llama-perplexity``), built from the sources of the installed llama-cpp-python.
 
-    .venv/bin/python benchmarks/llamacpp_tools.py [--cuda [--cuda-architectures 90]] [--cache DIR]
+    .venv/bin/python benchmarks/llamacpp_tools.py [--cuda [--cuda-architectures 90]] [--cache DIR] [--sdist FILE]
 
     from llamacpp_tools import build      # from another script in benchmarks/
     tools = build()                       # the first call builds (minutes), later ones reuse
@@ -14,7 +14,9 @@ CMakeLists.txt sets for pip's build (shared libraries, common on, curl off: a re
 option at this commit, a deprecation warning when given) and llama.cpp's defaults for
 the rest, so ``GGML_NATIVE`` stays on as in pip's build; ``CMAKE_ARGS``, which pip's
 build reads too, is added. Tools on; tests, examples, server and the unified app off;
-only the two targets are built.
+only the two targets are built. ``--sdist`` builds from a given sdist instead (a machine
+with no network, no llama-cpp-python installed: the GPU kit in ``benchmarks/gpu/``); the
+shared libraries in ``build/bin`` are then the ones llama-cpp-python itself loads there.
 
 Cache layout (``--cache``, else ``$EDGEPACK_BENCH_CACHE``, else ``~/.cache/edgepack-bench``;
 never inside the edgepack checkout)::
@@ -72,6 +74,7 @@ class Tools:
     perplexity: Path
     version: str  # llama-cpp-python's, whose vendored llama.cpp they were built from
     flags: tuple[str, ...]
+    home: Path  # the cache folder of this build: src/ (the sdist), build/bin/ (tools and libllama.so)
 
 
 def load_llama(path: str | Path, **kwargs: Any):
@@ -103,35 +106,28 @@ def build(
     *,
     cuda: bool = False,
     cuda_architectures: str | None = None,
+    sdist: Path | None = None,
     jobs: int | None = None,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
 ) -> Tools:
     """Paths of llama-bench and llama-perplexity, built once per version and flags, then reused.
 
     ``cuda`` adds ``-DGGML_CUDA=on`` (and ``CMAKE_CUDA_ARCHITECTURES`` when given) in a
-    separate ``-cuda`` folder. Raises ToolsError when cmake, pip or the build fails.
+    separate ``-cuda`` folder. ``sdist`` (``llama_cpp_python-VERSION.tar.gz``) is built instead
+    of the installed version's, which pip would download. Raises ToolsError when cmake, pip or
+    the build fails.
     """
-    try:
-        version = importlib.metadata.version("llama_cpp_python")
-    except importlib.metadata.PackageNotFoundError as e:
-        raise ToolsError("llama-cpp-python is not installed: install edgepack's dependencies first") from e
-    flags = list(FLAGS)
-    if cuda:
-        flags.append("-DGGML_CUDA=ON")
-        if cuda_architectures:
-            flags.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures}")
-    flags += os.environ.get("CMAKE_ARGS", "").split()
-    home = cache_root(cache) / f"llama.cpp-{version}{'-cuda' if cuda else ''}"
-    marker = home / "complete.json"
-    bins = home / "build" / "bin"
-    tools = Tools(bins / TARGETS[0], bins / TARGETS[1], version, tuple(flags))
-    if marker.is_file() and json.loads(marker.read_text()).get("flags") == flags and tools.bench.is_file() and tools.perplexity.is_file():
+    version = _sdist_version(sdist) if sdist else _installed_version()
+    tools = _planned(cache, version, _flags(cuda, cuda_architectures))
+    if _complete(tools):
         return tools
-
     if shutil.which("cmake") is None:
         raise ToolsError("cmake is not on PATH: install CMake >= 3.21 (apt install cmake, or pip install cmake)")
-    marker.unlink(missing_ok=True)
+    home, flags = tools.home, list(tools.flags)
+    (home / "complete.json").unlink(missing_ok=True)
     home.mkdir(parents=True, exist_ok=True)
+    if sdist and not (home / sdist.name).is_file():
+        shutil.copy2(sdist, home / sdist.name)
     src = _sources(home, version, log)
     log(f"building {', '.join(TARGETS)} from llama-cpp-python {version}'s llama.cpp in {home / 'build'} (minutes)")
     jobs = jobs or os.cpu_count() or 1
@@ -143,8 +139,51 @@ def build(
     for exe in (tools.bench, tools.perplexity):
         if not exe.is_file():
             raise ToolsError(f"the build finished without {exe}: see {home / 'build.log'}")
-    marker.write_text(json.dumps({"version": version, "flags": flags, "targets": list(TARGETS)}, indent=2) + "\n")
+    (home / "complete.json").write_text(json.dumps({"version": version, "flags": flags, "targets": list(TARGETS)}, indent=2) + "\n")
     return tools
+
+
+def cached(cache: str | Path | None = None, *, cuda: bool = False, cuda_architectures: str | None = None) -> Tools | None:
+    """The tools ``build`` would return for the installed version, if they are already built; never builds."""
+    try:
+        tools = _planned(cache, _installed_version(), _flags(cuda, cuda_architectures))
+    except ToolsError:
+        return None
+    return tools if _complete(tools) else None
+
+
+def _installed_version() -> str:
+    try:
+        return importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ToolsError("llama-cpp-python is not installed: install edgepack's dependencies first") from e
+
+
+def _sdist_version(sdist: Path) -> str:
+    name = sdist.name.removesuffix(".tar.gz")
+    if not sdist.is_file() or not name.startswith("llama_cpp_python-"):
+        raise ToolsError(f"{sdist} is not a llama_cpp_python-VERSION.tar.gz sdist: pass the file pip downloaded")
+    return name.removeprefix("llama_cpp_python-")
+
+
+def _flags(cuda: bool, cuda_architectures: str | None) -> list[str]:
+    flags = list(FLAGS)
+    if cuda:
+        flags.append("-DGGML_CUDA=ON")
+        if cuda_architectures:
+            flags.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures}")
+    return flags + os.environ.get("CMAKE_ARGS", "").split()
+
+
+def _planned(cache: str | Path | None, version: str, flags: list[str]) -> Tools:
+    home = cache_root(cache) / f"llama.cpp-{version}{'-cuda' if '-DGGML_CUDA=ON' in flags else ''}"
+    bins = home / "build" / "bin"
+    return Tools(bins / TARGETS[0], bins / TARGETS[1], version, tuple(flags), home)
+
+
+def _complete(tools: Tools) -> bool:
+    marker = tools.home / "complete.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("flags") == list(tools.flags) and tools.bench.is_file() and tools.perplexity.is_file()
 
 
 def _sources(home: Path, version: str, log: Callable[[str], None]) -> Path:
@@ -190,10 +229,11 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, help=f"cache folder (default ${CACHE_ENV} or ~/.cache/edgepack-bench)")
     ap.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=ON (into a separate -cuda folder)")
     ap.add_argument("--cuda-architectures", help="CMAKE_CUDA_ARCHITECTURES, e.g. 90 (default: llama.cpp's list)")
+    ap.add_argument("--sdist", type=Path, help="build this llama_cpp_python-VERSION.tar.gz (default: the installed version's, downloaded)")
     ap.add_argument("--jobs", type=int, help="parallel compile jobs (default: every core)")
     args = ap.parse_args()
     try:
-        tools = build(args.cache, cuda=args.cuda, cuda_architectures=args.cuda_architectures, jobs=args.jobs)
+        tools = build(args.cache, cuda=args.cuda, cuda_architectures=args.cuda_architectures, sdist=args.sdist, jobs=args.jobs)
     except ToolsError as e:
         raise SystemExit(f"error: {e}") from None
     paths = {"llama-bench": str(tools.bench), "llama-perplexity": str(tools.perplexity)}
