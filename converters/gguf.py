@@ -139,6 +139,34 @@ def convert(
     return Result(dest, outtype, params, sum(t.nbytes for t in plan), fallbacks, warnings)
 
 
+def write_vocab(src: Path, dest: Path) -> None:
+    """Write only the checkpoint's tokenizer (and the hyperparameters llama.cpp reads before it) as a GGUF.
+
+    The ONNX stage puts it beside the model: the runtime then tokenizes ONNX models with llama.cpp's
+    tokenizer and edgepack's fixes (runtime/llamacpp.py ``Vocab``), as it does GGUF ones, without the
+    ``tokenizers`` package. Raises what ``convert`` raises for the config and the tokenizer.
+    """
+    model = gguf_arch.read_model(src)
+    n_vocab = model.config.get("vocab_size")
+    if not isinstance(n_vocab, int) or n_vocab < 1:
+        raise InvalidModelError(f"{src}/config.json has no vocab_size: add the embedding's row count as vocab_size")
+    vocab = gguf_vocab.VocabJob(src).result(n_vocab)
+    with atomic_path(dest) as tmp:
+        writer = GGUFWriter(tmp, model.spec.name)
+        try:
+            writer.add_type("vocab")
+            if name := _config_name(model.config):
+                writer.add_name(name)
+            model.write_metadata(writer)
+            writer.add_vocab_size(len(vocab.tokens))
+            vocab.add_to(writer)
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+        finally:
+            writer.close()
+
+
 def plan_tensors(src: Path, model: gguf_arch.Model, outtype: str) -> tuple[list[TensorPlan], list[str]]:
     """Every tensor of the output, in file order, from the safetensors headers alone (no data is read)."""
     files = sorted(src.glob("*.safetensors"))

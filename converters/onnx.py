@@ -53,7 +53,9 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 PROVIDERS = ("cpu", "cuda")
 INT4_METHODS = ("gptq", "rtn")
 GENAI_CONFIG = "genai_config.json"
+VOCAB_FILE = "tokenizer.gguf"  # read by runtime/onnx.py
 GPTQ_DEFAULTS = {"mixed": True, "desc_act": False}  # calibrated INT4's own GPTQ defaults (see the module docstring)
+log = logging.getLogger(__name__)
 _GGUF_HINT = "Convert it to GGUF instead (gguf:Q4_K_M), which llama.cpp runs."
 
 
@@ -125,13 +127,13 @@ class OnnxStage(Stage):
     """HF or GPTQ checkpoint -> onnxruntime-genai folder."""
 
     name: ClassVar[str] = "onnx"
-    version: ClassVar[int] = 3
+    version: ClassVar[int] = 4  # 4: tokenizer.gguf
     input_kinds: ClassVar[tuple[Kind, ...]] = (Kind.HF, Kind.GPTQ)
     output_kind: ClassVar[Kind] = Kind.ONNX
     Config = OnnxConfig
 
     def plan(self, inp: Artifact | None, config: OnnxConfig) -> list[Planned]:
-        return [Planned(n) for n in (GENAI_CONFIG, "model.onnx", "model.onnx.data", "tokenizer.json")]
+        return [Planned(n) for n in (GENAI_CONFIG, "model.onnx", "model.onnx.data", "tokenizer.json", VOCAB_FILE)]
 
     def run(self, inp: Artifact, config: OnnxConfig, out_dir: Path) -> Artifact:
         from onnxruntime_genai.models.builder import create_model, parse_extra_options
@@ -159,6 +161,13 @@ class OnnxStage(Stage):
                 tail = " | ".join(log.getvalue().strip().splitlines()[-3:])[-400:]
                 raise BackendError(f"onnxruntime-genai's builder failed on {inp.path.name}: {type(e).__name__}: {e} [{tail}]") from e
         check_folder(out_dir)
+        from .gguf import write_vocab
+
+        try:  # the runtime's tokenizer (runtime/onnx.py); without it the runtime falls back to og.Tokenizer
+            write_vocab(inp.path, out_dir / VOCAB_FILE)
+        except UnsupportedArchitectureError as e:
+            log.warning(f"no {VOCAB_FILE} for {inp.path.name} ({e}): the runtime will tokenize with onnxruntime-genai's tokenizer, "
+                        "whose ids can differ from transformers' around special tokens")
         meta: dict[str, Any] = {"precision": config.precision, "execution_provider": config.execution_provider}
         if inp.kind == Kind.GPTQ:  # the calibrated weights it repacked
             meta["gptq"] = {k: inp.meta[k] for k in ("bits", "group_size", "mixed", "rows", "dropped_short_rows") if k in inp.meta}

@@ -105,8 +105,11 @@ def resolve(ref: str, *, allow_pickle: bool = False) -> Artifact | None:
 
 
 def _cached_hub(ref: str, allow_pickle: bool) -> Artifact | None:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub import errors as hf_errors
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub import errors as hf_errors
+    except ImportError:  # the runtime-only install: nothing was downloaded with it
+        return None
 
     repo, _, revision = ref.partition("@")
     try:
@@ -148,8 +151,11 @@ def _pull_recipe(recipe: recipes.Recipe, *, allow_pickle: bool) -> Artifact:
 
 
 def from_hub(ref: str, *, allow_pickle: bool = False) -> Artifact:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub import errors as hf_errors
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+        from huggingface_hub import errors as hf_errors
+    except ImportError as e:
+        raise MissingDependencyError("huggingface_hub", extra="convert", purpose="models from the Hugging Face hub") from e
 
     repo, _, revision = ref.partition("@")
     revision = revision or None
@@ -290,6 +296,7 @@ def _read_gguf(path: Path):
 def _dequantize(gguf_path: Path, out: Path) -> None:
     try:
         import torch
+        from tokenizers import pre_tokenizers
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:  # the runtime-only install: a GGUF becomes a checkpoint only to be converted
         raise MissingDependencyError(e.name or "torch", extra="convert", purpose=f"turning {gguf_path.name} into a checkpoint") from e
@@ -316,18 +323,16 @@ def _dequantize(gguf_path: Path, out: Path) -> None:
         tok.chat_template = template
     pre = reader.get_field("tokenizer.ggml.pre")
     if pre is not None and pre.contents() == "smollm":
-        _split_digits(tok)
+        _split_digits(tok, pre_tokenizers)
     tok.save_pretrained(out)
 
 
-def _split_digits(tok) -> None:
+def _split_digits(tok, pre_tokenizers) -> None:
     """Restore the digit-by-digit split that llama.cpp's "smollm" pre-tokenizer implies.
 
     transformers rebuilds a GGUF's BPE tokenizer with a plain byte-level
     pre-tokenizer, so "2026" would become one token instead of four.
     """
-    from tokenizers import pre_tokenizers
-
     backend = tok.backend_tokenizer
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), backend.pre_tokenizer])
 

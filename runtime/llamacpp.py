@@ -130,6 +130,142 @@ def _kv_overrides(*parts: dict[str, bool | str]):
     return array
 
 
+class Vocab:
+    """llama.cpp's tokenizer of one GGUF, giving transformers' ids (see the module docstring).
+
+    The ONNX backend tokenizes with it too, from the vocabulary-only GGUF edgepack writes into
+    its folders (``open_vocab``): one tokenizer, so both backends give the same ids.
+    """
+
+    def __init__(self, path: Path) -> None:
+        try:
+            meta = gguf_metadata(path, stop_at=VOCAB_START)
+        except InvalidModelError:  # a damaged header: llama.cpp's load says what is wrong with it
+            meta = {}
+        self.prepend = meta.get(PREPEND_SCHEME)
+        self.lstrip, self.rstrip = set(meta.get(LSTRIP_TOKENS, ())), set(meta.get(RSTRIP_TOKENS, ()))
+        self.ptr = None
+        self.n_tokens = 0
+        self._pieces: dict[int, bytes] = {}
+        self._owned = None  # the vocabulary-only model this Vocab loaded itself (open_vocab)
+
+    def overrides(self) -> dict[str, bool | str]:
+        """Load-time metadata overrides so llama.cpp's tokenizer leaves transformers' rules to this class."""
+        return {
+            **({"tokenizer.ggml.add_space_prefix": False} if self.prepend else {}),
+            # llama.cpp's own strip rule for models named Phi-3 would add to the tokens listed
+            **({"general.name": ""} if self.lstrip or self.rstrip else {}),
+        }
+
+    def bind(self, model) -> None:
+        self.ptr = ll.llama_model_get_vocab(model)
+        self.n_tokens = ll.llama_vocab_n_tokens(self.ptr)
+
+    def specials(self) -> dict[str, str]:
+        """The text of BOS and EOS, as chat templates read them (``bos_token``, ``eos_token``)."""
+        out = {}
+        for name, fn in (("bos_token", ll.llama_vocab_bos), ("eos_token", ll.llama_vocab_eos)):
+            tok = fn(self.ptr)
+            if tok >= 0:
+                out[name] = ll.llama_vocab_get_text(self.ptr, tok).decode("utf-8", "replace")
+        return out
+
+    def stream(self):
+        """A function from each generated token to its new text (a UTF-8 character split across tokens waits)."""
+        decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        return lambda token: decode(self.piece(token))
+
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        if (self.prepend or self.lstrip or self.rstrip) and data:
+            data = self._as_transformers(data)
+        return self._tokenize(data, add_special)
+
+    def _as_transformers(self, data: bytes) -> bytes:
+        """``data`` with transformers' whitespace stripping and Metaspace prefixes applied (module docstring)."""
+        special = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED | ll.LLAMA_TOKEN_ATTR_UNKNOWN
+        specials, cursor = [], 0  # (start, end, id) of each special token, from a first, prefix-free split
+        for tok in self._tokenize(data, False):
+            if ll.llama_vocab_get_attr(self.ptr, tok) & special:
+                text = ll.llama_vocab_get_text(self.ptr, tok)
+                start = data.find(text, cursor)  # by search: llama.cpp's own lstrip/rstrip rules skip whitespace
+                specials.append((start, start + len(text), tok))
+                cursor = start + len(text)
+            else:
+                cursor += len(self.piece(tok))
+        bounds = [0, *(x for start, end, _ in specials for x in (start, end)), len(data)]
+        stretches = [data[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2)]
+        for i, (_, _, tok) in enumerate(specials):
+            if tok in self.lstrip:
+                stretches[i] = _TRAILING_WS.sub(b"", stretches[i])
+            if tok in self.rstrip:
+                stretches[i + 1] = _LEADING_WS.sub(b"", stretches[i + 1])
+        prefixed = range(len(stretches)) if self.prepend == "always" else [0] if self.prepend == "first" else []
+        for i in prefixed:
+            if stretches[i] and not stretches[i].startswith(b" "):
+                stretches[i] = b" " + stretches[i]
+        out = bytearray(stretches[0])
+        for (start, end, _), stretch in zip(specials, stretches[1:]):
+            out += data[start:end] + stretch
+        return bytes(out)
+
+    def _tokenize(self, data: bytes, add_special: bool) -> list[int]:
+        cap = len(data) + 8
+        buf = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self.ptr, data, len(data), buf, cap, add_special, True)
+        if n < 0:
+            cap = -n
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self.ptr, data, len(data), buf, cap, add_special, True)
+        if n < 0:
+            raise BackendError(f"llama.cpp failed to tokenize {len(data)} bytes of text: report it with the text")
+        return list(buf[:n])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Text of ``tokens`` with special tokens written out, like transformers' ``decode``."""
+        ids = (ll.llama_token * len(tokens))(*tokens)
+        cap = max(64, 8 * len(tokens))
+        buf = ctypes.create_string_buffer(cap)
+        n = ll.llama_detokenize(self.ptr, ids, len(tokens), buf, cap, False, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = ll.llama_detokenize(self.ptr, ids, len(tokens), buf, -n, False, True)
+        text = buf.raw[:n].decode("utf-8", "replace")
+        return text[1:] if self.prepend and text.startswith(" ") else text  # transformers strips the prefix once
+
+    def piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = ll.llama_token_to_piece(self.ptr, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = ll.llama_token_to_piece(self.ptr, token, buf, -n, 0, False)
+            piece = self._pieces[token] = buf.raw[:n]
+        return piece
+
+    def close(self) -> None:
+        if self._owned is not None:
+            ll.llama_model_free(self._owned)
+            self._owned = self.ptr = None
+
+
+def open_vocab(path: Path) -> Vocab:
+    """The tokenizer of the GGUF at ``path`` without its weights (llama.cpp's vocab-only load); close() frees it."""
+    _init()
+    vocab = Vocab(path)
+    mp = ll.llama_model_default_params()
+    mp.vocab_only = True
+    if overrides := _kv_overrides(vocab.overrides()):
+        mp.kv_overrides = overrides
+    model = ll.llama_model_load_from_file(str(path).encode(), mp)
+    if not model:
+        raise InvalidModelError(f"llama.cpp could not read the tokenizer {path}{_recent_log()}: re-convert the model")
+    vocab._owned = model
+    vocab.bind(model)
+    return vocab
+
+
 class LlamaCppSession(Session):
     def __init__(
         self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16", draft: str | None = None
@@ -140,24 +276,14 @@ class LlamaCppSession(Session):
             if f.read(4) != b"GGUF":
                 raise InvalidModelError(f"{path} is not a GGUF file (bad magic): re-download or re-convert it")
         mp = model_params(device)
-        try:
-            meta = gguf_metadata(path, stop_at=VOCAB_START)
-        except InvalidModelError:  # a damaged header: llama.cpp's load below says what is wrong with it
-            meta = {}
-        self._prepend = meta.get(PREPEND_SCHEME)
-        self._lstrip, self._rstrip = set(meta.get(LSTRIP_TOKENS, ())), set(meta.get(RSTRIP_TOKENS, ()))
-        overrides = _kv_overrides(
-            {"tokenizer.ggml.add_space_prefix": False} if self._prepend else {},
-            # llama.cpp's own strip rule for models named Phi-3 would add to the tokens listed
-            {"general.name": ""} if self._lstrip or self._rstrip else {},
-        )
-        if overrides:
+        self._tok = Vocab(path)
+        if overrides := _kv_overrides(self._tok.overrides()):
             mp.kv_overrides = overrides
         self._model = ll.llama_model_load_from_file(str(path).encode(), mp)
         if not self._model:
             raise BackendError(f"llama.cpp could not load {path}{_recent_log()}: check it with `edgepack inspect {path}`")
-        self._vocab = ll.llama_model_get_vocab(self._model)
-        self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        self._tok.bind(self._model)
+        self._vocab, self._n_vocab = self._tok.ptr, self._tok.n_tokens
         trained = ll.llama_model_n_ctx_train(self._model)
         n_ctx = min(n_ctx or 4096, trained)  # past the trained context quality drops without warning
         cp = ll.llama_context_default_params()
@@ -181,7 +307,6 @@ class LlamaCppSession(Session):
             hint = "try a smaller n_ctx" if kv_type == "f16" else f"try a smaller n_ctx, or kv_type='f16' (a {kv_type} cache needs flash attention on {device})"
             raise BackendError(f"llama.cpp could not create a context of {n_ctx} tokens{_recent_log()}: {hint}")
         self._n_batch, self._n_threads = cp.n_batch, cp.n_threads
-        self._pieces: dict[int, bytes] = {}
         self._one = (ll.llama_token * 1)()
         super().__init__(
             ModelInfo(path=path, backend="llama.cpp", device=device, n_ctx=ll.llama_n_ctx(self._ctx), threads=self._threads.most, kv_type=kv_type)
@@ -190,86 +315,22 @@ class LlamaCppSession(Session):
     # -- tokens --------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
         self._check_open()
-        data = text.encode("utf-8")
-        if (self._prepend or self._lstrip or self._rstrip) and data:
-            data = self._as_transformers(data)
-        return self._tokenize(data, add_special)
-
-    def _as_transformers(self, data: bytes) -> bytes:
-        """``data`` with transformers' whitespace stripping and Metaspace prefixes applied (module docstring)."""
-        special = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_USER_DEFINED | ll.LLAMA_TOKEN_ATTR_UNKNOWN
-        specials, cursor = [], 0  # (start, end, id) of each special token, from a first, prefix-free split
-        for tok in self._tokenize(data, False):
-            if ll.llama_vocab_get_attr(self._vocab, tok) & special:
-                text = ll.llama_vocab_get_text(self._vocab, tok)
-                start = data.find(text, cursor)  # by search: llama.cpp's own lstrip/rstrip rules skip whitespace
-                specials.append((start, start + len(text), tok))
-                cursor = start + len(text)
-            else:
-                cursor += len(self._piece(tok))
-        bounds = [0, *(x for start, end, _ in specials for x in (start, end)), len(data)]
-        stretches = [data[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2)]
-        for i, (_, _, tok) in enumerate(specials):
-            if tok in self._lstrip:
-                stretches[i] = _TRAILING_WS.sub(b"", stretches[i])
-            if tok in self._rstrip:
-                stretches[i + 1] = _LEADING_WS.sub(b"", stretches[i + 1])
-        prefixed = range(len(stretches)) if self._prepend == "always" else [0] if self._prepend == "first" else []
-        for i in prefixed:
-            if stretches[i] and not stretches[i].startswith(b" "):
-                stretches[i] = b" " + stretches[i]
-        out = bytearray(stretches[0])
-        for (start, end, _), stretch in zip(specials, stretches[1:]):
-            out += data[start:end] + stretch
-        return bytes(out)
-
-    def _tokenize(self, data: bytes, add_special: bool) -> list[int]:
-        cap = len(data) + 8
-        buf = (ll.llama_token * cap)()
-        n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
-        if n < 0:
-            cap = -n
-            buf = (ll.llama_token * cap)()
-            n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
-        if n < 0:
-            raise BackendError(f"llama.cpp failed to tokenize {len(data)} bytes of text: report it with the text")
-        return list(buf[:n])
+        return self._tok.tokenize(text, add_special=add_special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         """Text of ``tokens`` with special tokens written out, like transformers' ``decode``."""
         self._check_open()
-        ids = (ll.llama_token * len(tokens))(*tokens)
-        cap = max(64, 8 * len(tokens))
-        buf = ctypes.create_string_buffer(cap)
-        n = ll.llama_detokenize(self._vocab, ids, len(tokens), buf, cap, False, True)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = ll.llama_detokenize(self._vocab, ids, len(tokens), buf, -n, False, True)
-        text = buf.raw[:n].decode("utf-8", "replace")
-        return text[1:] if self._prepend and text.startswith(" ") else text  # transformers strips the prefix once
+        return self._tok.detokenize(tokens)
 
     def _piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            buf = ctypes.create_string_buffer(64)
-            n = ll.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = ll.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
-            piece = self._pieces[token] = buf.raw[:n]
-        return piece
+        return self._tok.piece(token)
 
     def _chat_template(self) -> tuple[str, dict[str, str]]:
         self._check_open()
         src = ll.llama_model_chat_template(self._model, None)
         if not src:
             raise UsageError(f"{self.info.path} has no chat template (tokenizer.chat_template), so it cannot chat: {NO_TEMPLATE_HINT}")
-        specials = {}
-        for name, fn in (("bos_token", ll.llama_vocab_bos), ("eos_token", ll.llama_vocab_eos)):
-            tok = fn(self._vocab)
-            if tok >= 0:
-                specials[name] = ll.llama_vocab_get_text(self._vocab, tok).decode("utf-8", "replace")
-        return src.decode("utf-8"), specials
+        return src.decode("utf-8"), self._tok.specials()
 
     # -- running -------------------------------------------------------------------------------
     def _reset(self) -> None:

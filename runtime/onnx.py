@@ -4,10 +4,12 @@ A folder qualifies when it holds ``genai_config.json`` (what onnxruntime-genai's
 builder writes). Sampling stays inside ``og.Generator``'s own search; only ``min_p``,
 which genai lacks, reads the logits in Python, and only when it is asked for.
 
-Text goes through the folder's ``tokenizer.json`` with Hugging Face ``tokenizers``, not
-``og.Tokenizer``: genai's tokenizer adds SentencePiece's dummy-prefix space after special
-tokens where transformers does not, so chat ids would differ. The chat template comes
-from ``chat_template.jinja`` or ``tokenizer_config.json``.
+Text goes through ``tokenizer.gguf``, the vocabulary-only GGUF edgepack's ONNX stage writes,
+with llama.cpp's tokenizer as the GGUF backend uses it (``llamacpp.Vocab``), so both backends
+give transformers' ids without the ``tokenizers`` package in the runtime. ``og.Tokenizer``
+differs from transformers around SentencePiece whitespace and special tokens (it adds the
+dummy-prefix space after them), so it serves only folders made elsewhere, which have no
+``tokenizer.gguf``. The chat template comes from ``chat_template.jinja`` or ``tokenizer_config.json``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +26,9 @@ from ..errors import BackendError, InvalidModelError, MissingDependencyError, Us
 from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
 from .registry import Backend
 from .threads import physical_cores
+
+if TYPE_CHECKING:
+    from .llamacpp import Vocab
 
 # The doctor's probe, y = x + x on a float[1], serialized; the runtime has no onnx package to build it. Made by
 # onnx.helper: make_model(make_graph([make_node("Add", ["x", "x"], ["y"])], "probe", [x], [y]), opset 13, ir_version=8)
@@ -34,6 +40,7 @@ PROBE_MODEL = bytes.fromhex(
 
 # onnxruntime_genai, imported by _og() on first use: importing this module (as the registry does) loads no library.
 og = None
+VOCAB_FILE = "tokenizer.gguf"  # written by the ONNX stage (converters/gguf.py write_vocab)
 
 
 def _og():
@@ -59,7 +66,7 @@ class OnnxBackend(Backend):
     what = "an ONNX folder (with genai_config.json)"
     install = "install the CUDA extra: pip install 'edgepack[cuda]'"
 
-    needs = {"onnxruntime_genai": "onnxruntime-genai", "tokenizers": "tokenizers"}
+    needs = {"onnxruntime_genai": "onnxruntime-genai"}
 
     def claims(self, path: Path) -> bool:
         return path.is_dir() and (path / "genai_config.json").is_file()
@@ -99,12 +106,6 @@ class OnnxSession(Session):
                 f"{path}/genai_config.json is unreadable or lacks model.context_length or vocab_size ({e}): re-convert the model"
             ) from e
         try:
-            from tokenizers import Tokenizer
-
-            self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file
-            raise InvalidModelError(f"{path}/tokenizer.json is missing or unreadable ({e}): re-convert the model") from e
-        try:
             config = og.Config(str(path))
             config.clear_providers()
             if device == "cuda":
@@ -114,6 +115,12 @@ class OnnxSession(Session):
         except Exception as e:  # noqa: BLE001 - og raises plain RuntimeError for every failure
             raise BackendError(f"onnxruntime-genai could not load {path}: {e}. Re-convert it, or check `edgepack doctor`") from e
         self._path = path
+        if (path / VOCAB_FILE).is_file():
+            from .llamacpp import open_vocab
+
+            self._tok: Vocab | _OgTokenizer = open_vocab(path / VOCAB_FILE)
+        else:
+            self._tok = _OgTokenizer(self._model, path)
         eos = genai["model"].get("eos_token_id", [])
         self._eos = set(eos if isinstance(eos, list) else [eos])
         n_ctx = min(n_ctx or 4096, trained)
@@ -122,12 +129,12 @@ class OnnxSession(Session):
     # -- tokens --------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
         self._check_open()
-        return self._tok.encode(text, add_special_tokens=add_special).ids
+        return self._tok.tokenize(text, add_special=add_special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         """Text of ``tokens`` with special tokens written out, like transformers' ``decode``."""
         self._check_open()
-        return self._tok.decode([int(t) for t in tokens], skip_special_tokens=False)
+        return self._tok.detokenize([int(t) for t in tokens])
 
     def _chat_template(self) -> tuple[str, dict[str, str]]:
         cfg = {}
@@ -173,9 +180,7 @@ class OnnxSession(Session):
             gen.append_tokens(np.asarray(tokens, dtype=np.int32))
         except Exception as e:  # noqa: BLE001
             raise BackendError(f"onnxruntime-genai failed on a {len(tokens)}-token prompt: {e}") from e
-        from tokenizers.decoders import DecodeStream
-
-        stream, tok_ = DecodeStream(skip_special_tokens=True), self._tok
+        text = self._tok.stream()
         min_p = params.min_p if params.temperature > 0 else 0.0
         while not gen.is_done():
             if min_p:
@@ -184,7 +189,7 @@ class OnnxSession(Session):
             tok = int(gen.get_next_tokens()[0])
             if tok in self._eos:
                 return
-            yield stream.step(tok_, tok) or ""
+            yield text(tok)
 
     def _score(self, tokens: list[int], top_k: int) -> Scores:
         self._check_open()
@@ -198,6 +203,7 @@ class OnnxSession(Session):
             raise UsageError("this session is closed: load the model again")
 
     def _close(self) -> None:
+        self._tok.close()
         self._model = None
 
 
@@ -217,3 +223,29 @@ def _min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
     """Drop tokens less likely than min_p times the likeliest, as llama.cpp's min-p sampler does."""
     floor = logits.max(axis=-1, keepdims=True) + np.log(min_p)
     return np.where(logits >= floor, logits, np.float32(-np.inf))
+
+
+class _OgTokenizer:
+    """onnxruntime-genai's own tokenizer, for ONNX folders without ``tokenizer.gguf`` (see the module docstring)."""
+
+    def __init__(self, model, path: Path) -> None:
+        try:
+            self._tok = og.Tokenizer(model)
+        except Exception as e:  # noqa: BLE001 - og raises plain RuntimeError
+            raise InvalidModelError(f"{path} has no tokenizer onnxruntime-genai can read ({e}): re-convert the model") from e
+        self._lock = threading.Lock()  # add_special is an option of the tokenizer, set per call
+
+    def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
+        with self._lock:
+            self._tok.update_options(add_special_tokens="true" if add_special else "false")
+            return [int(t) for t in self._tok.encode(text)]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._tok.decode(np.asarray(tokens, dtype=np.int32))
+
+    def stream(self):
+        """A function from each generated token to its new text."""
+        return self._tok.create_stream().decode
+
+    def close(self) -> None:
+        self._tok = None

@@ -277,6 +277,18 @@ def _build_spm(kind: str, out: Path) -> None:
     shutil.copy2(src / "tokenizer.model", out / "tokenizer.model")
 
 
+def build_onnx(src: Path, out: Path) -> Path:
+    """int4 CPU ONNX folder of the checkpoint at ``src`` through edgepack's ONNX stage (round-to-nearest)."""
+    from edgepack.converters.onnx import OnnxConfig, OnnxStage
+    from edgepack.stages import Artifact, Kind
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    OnnxStage().run(Artifact(Kind.HF, src), OnnxConfig(precision="int4"), tmp)
+    tmp.rename(out)
+    return out
+
+
 def gguf_bundle(root: Path, gguf: Path, steps: tuple[str, ...] = ()) -> Path:
     """A bundle named ``smollm2-135m`` at ``root`` whose one variant, ``gguf-q4_1``, is ``gguf`` (linked);
     ``steps`` are cache keys its manifest lists, as ``convert`` records them."""

@@ -1,6 +1,6 @@
 """The runtime-only install, for real: ``pip install <checkout>`` without extras into a fresh venv, then the runtime in it.
 
-The CI bar of issue 14: no torch or transformers in that venv, and an app's three lines (import,
+The CI bar of issue 14: no torch, transformers, tokenizers or huggingface_hub in that venv, and an app's three lines (import,
 load, chat) work there on the real SmolLM2 GGUF with transformers' chat ids. A bundle whose
 first variant needs the gptq extra still loads its GGUF variant, and asking for the GPTQ one
 (or for ``convert``) fails in one line naming the extra. Needs PyPI; pip's wheel cache holds
@@ -31,14 +31,18 @@ pytestmark = [pytest.mark.slim, pytest.mark.slow]
 IN_VENV = """
 import importlib.util, json, sys
 from pathlib import Path
-present = [m for m in ("torch", "transformers", "safetensors", "gptqmodel") if importlib.util.find_spec(m) is not None]
+present = [m for m in ("torch", "transformers", "safetensors", "gptqmodel", "tokenizers", "huggingface_hub")
+           if importlib.util.find_spec(m) is not None]
 assert not present, f"the runtime-only install has {present}"
 import edgepack
 from edgepack.errors import MissingDependencyError
-gguf, bundle, cases = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(Path(sys.argv[3]).read_text())
+gguf, bundle, cases, onnx = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(Path(sys.argv[3]).read_text()), Path(sys.argv[4])
 with edgepack.load(gguf, threads=1, n_ctx=512) as s:
     ids = [s.chat_tokens(c) for c in cases["chats"]]
     answer = s.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=12, temperature=0).text
+with edgepack.load(onnx, threads=1, n_ctx=512) as s:
+    onnx_ids = [s.chat_tokens(c) for c in cases["chats"]]
+    onnx_answer = s.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=12, temperature=0).text
 with edgepack.load(bundle, threads=1, n_ctx=256) as s:  # the first variant needs the gptq extra: the GGUF one loads
     picked = s.info.variant
 try:
@@ -47,7 +51,8 @@ try:
 except MissingDependencyError as e:
     gptq = str(e)
 print(json.dumps({"ids_equal": ids == cases["ids"], "answer": answer, "picked": picked, "gptq": gptq,
-                  "modules": sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers"})}))
+                  "onnx_ids_equal": onnx_ids == cases["ids"], "onnx_answer": onnx_answer,
+                  "modules": sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "tokenizers"})}))
 """
 
 
@@ -80,18 +85,19 @@ def _mixed_bundle(root: Path, gguf: Path) -> Path:
     return root
 
 
-def test_the_runtime_runs_without_torch_or_transformers(slim_venv, smollm2_gguf, tmp_path):
+def test_the_runtime_runs_without_torch_or_transformers(slim_venv, smollm2_gguf, smollm2_onnx, tmp_path):
     cases = tmp_path / "cases.json"
     cases.write_text(json.dumps({"chats": CHATS, "ids": json.loads(GOLDEN.read_text())["ids"]}))
     bundle = _mixed_bundle(tmp_path / "bundle", smollm2_gguf)
     env = {**os.environ, "PYTHONPATH": ""}
-    proc = subprocess.run([str(slim_venv / "bin" / "python"), "-c", IN_VENV, str(smollm2_gguf), str(bundle), str(cases)],
+    proc = subprocess.run([str(slim_venv / "bin" / "python"), "-c", IN_VENV, str(smollm2_gguf), str(bundle), str(cases), str(smollm2_onnx)],
                           capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["modules"] == []
     assert out["ids_equal"]  # transformers' chat ids, without transformers
     assert out["answer"].strip()  # a chat turn (this 135M Q4_1 is no geographer: its answer is not checked)
+    assert out["onnx_ids_equal"] and out["onnx_answer"].strip()  # the same ids on ONNX, without the tokenizers package
     assert out["picked"] == "gguf-q4_1"
     assert "pip install 'edgepack[gptq]'" in out["gptq"]
 

@@ -16,7 +16,7 @@ import pytest
 import edgepack
 from edgepack.bundle import Bundle, Variant
 
-from models import tiny_model
+from models import build_onnx, tiny_model
 
 COUNTING = "A long list of numbers: 1, 2, 3,"
 CHAT = [
@@ -27,28 +27,6 @@ CHAT = [
 ]
 
 pytestmark = pytest.mark.slow
-
-
-def build_onnx(src: Path, out: Path) -> Path:
-    """int4 CPU ONNX folder of the checkpoint at ``src`` through edgepack's ONNX stage (round-to-nearest)."""
-    from edgepack.converters.onnx import OnnxConfig, OnnxStage
-    from edgepack.stages import Artifact, Kind
-
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    OnnxStage().run(Artifact(Kind.HF, src), OnnxConfig(precision="int4"), tmp)
-    tmp.rename(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def smollm2_onnx(smollm2, request) -> Path:
-    import onnxruntime_genai as og
-
-    from edgepack.converters.onnx import OnnxStage
-
-    out = Path(request.config.cache.mkdir("edgepack-onnx")) / f"smollm2-int4-stage{OnnxStage.version}-og{og.__version__}"
-    return out if (out / "genai_config.json").is_file() else build_onnx(smollm2, out)
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +117,20 @@ def _link(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
+def test_a_folder_made_elsewhere_tokenizes_with_onnxruntime_genai(session, smollm2_onnx, hf_tokenizer, tmp_path):
+    """Without edgepack's tokenizer.gguf (a folder another tool made), onnxruntime-genai's own tokenizer serves."""
+    folder = tmp_path / "elsewhere"
+    shutil.copytree(smollm2_onnx, folder, copy_function=_link, ignore=shutil.ignore_patterns("tokenizer.gguf"))
+    text = "The capital of France is"
+    with edgepack.load(folder, threads=1, n_ctx=256) as s:
+        assert s.tokenize(text) == hf_tokenizer(text, add_special_tokens=False)["input_ids"] == session.tokenize(text)
+        assert s.generate(text, max_tokens=8, temperature=0).text == session.generate(text, max_tokens=8, temperature=0).text
+        assert s.detokenize(s.tokenize(text)) == text
+
+
 def test_chat_ids_on_spm_tokenizer_with_dummy_prefix(tmp_path):
-    """SentencePiece with a dummy prefix: genai's own tokenizer would add a space after special tokens."""
+    """SentencePiece with a dummy prefix: genai's own tokenizer would add a space after special tokens (the ids
+    come from the tokenizer.gguf the ONNX stage writes, through llama.cpp's tokenizer as for GGUF models)."""
     from transformers import AutoTokenizer
 
     ckpt = tiny_model("phi3", tmp_path / "phi3")
