@@ -27,6 +27,7 @@ Default model: the Q4_K_M of the bundle ``llama_bench.py`` converts into its cac
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import socket
 import statistics
@@ -85,11 +86,12 @@ def start(cmd: list[str], base: str) -> subprocess.Popen:
 def stream_one(client, prompt: str, tokens: int) -> dict:
     """One streaming completion: send time, token arrival times (one chunk per token on both servers)."""
     t0 = time.perf_counter()
-    stamps = []
+    stamps, text = [], ""
     for c in client.completions.create(model="m", prompt=prompt, max_tokens=tokens, temperature=0, stream=True):
         if c.choices and c.choices[0].text:
             stamps.append(time.perf_counter())
-    return {"sent": t0, "first": stamps[0] if stamps else None, "end": time.perf_counter(), "tokens": len(stamps)}
+            text += c.choices[0].text
+    return {"sent": t0, "first": stamps[0] if stamps else None, "end": time.perf_counter(), "tokens": len(stamps), "prompt": prompt, "text": text}
 
 
 def phase(client, clients: int, requests: int, tokens: int, tag: str) -> dict:
@@ -118,7 +120,20 @@ def phase(client, clients: int, requests: int, tokens: int, tag: str) -> dict:
         "tokens": sum(d["tokens"] for d in done),
         "wall_s": wall,
         "ttft_s": ttft,
+        "texts": {d["prompt"]: d["text"] for d in done},
     }
+
+
+def same_alone(client, texts: dict[str, str], tokens: int) -> dict:
+    """How many greedy answers given under load equal the same prompt's answer alone on the server."""
+    alone = {p: stream_one(client, p, tokens)["text"] for p in texts}
+    differ = {p: first_difference(alone[p], texts[p]) for p in texts if alone[p] != texts[p]}
+    return {"identical": len(texts) - len(differ), "of": len(texts), "differ": differ}
+
+
+def first_difference(a: str, b: str) -> dict:
+    n = next(i for i, (x, y) in enumerate(zip(a + "\0", b + "\1")) if x != y)
+    return {"at_char": n, "alone": a[max(0, n - 20) : n + 20], "under_load": b[max(0, n - 20) : n + 20]}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -127,12 +142,9 @@ def pct(xs: list[float], q: float) -> float:
 
 def reuse_in_process(gguf: Path, threads: int) -> dict:
     """A second chat turn in one session against the same prompt read cold."""
-    import inspect
-    import textwrap
-
     import edgepack
 
-    long_turn = "Summarise this documentation:\n\n" + (inspect.getdoc(textwrap) or "")[:1800]
+    long_turn = "Summarise this documentation:\n\n" + (inspect.getdoc(json) or "")[:1800]
     out = {}
     with edgepack.load(gguf, threads=threads, n_ctx=4096) as s:
         first = [{"role": "user", "content": long_turn}]
@@ -150,10 +162,8 @@ def reuse_in_process(gguf: Path, threads: int) -> dict:
 
 
 def reuse_through_server(client) -> dict:
-    import inspect
-    import textwrap
 
-    long_turn = "Explain this documentation:\n\n" + (inspect.getdoc(textwrap) or "")[:1800]
+    long_turn = "Explain this documentation:\n\n" + (inspect.getdoc(json) or "")[:1800]
     first = [{"role": "user", "content": long_turn}]
     a = client.chat.completions.create(model="m", messages=first, temperature=0, max_tokens=48)
     second = [*first, {"role": "assistant", "content": a.choices[0].message.content}, {"role": "user", "content": "Now in one sentence."}]
@@ -205,6 +215,8 @@ def main() -> None:
                 stream_one(client, "Warm-up: 1, 2,", 8)
                 runs[name]["one"].append(phase(client, 1, args.requests, args.tokens, f"r{rep}"))
                 runs[name]["four"].append(phase(client, SLOTS, args.requests, args.tokens, f"r{rep}"))
+                if rep == 0:
+                    result.setdefault("greedy_under_load_equals_alone", {})[name] = same_alone(client, runs[name]["four"][-1]["texts"], args.tokens)
                 if name == "edgepack" and rep == 0:
                     result["reuse_through_server"] = reuse_through_server(client)
             finally:

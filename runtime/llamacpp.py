@@ -134,15 +134,21 @@ def _kv_overrides(*parts: dict[str, bool | str]):
     return array
 
 
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` have in common."""
+    n, most = 0, min(len(a), len(b))
+    while n < most and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def keep(ctx, seq: int, cached: list[int], tokens: list[int]) -> int:
     """Cut sequence ``seq`` of ``ctx`` back to the prefix its ``cached`` tokens share with ``tokens``; that prefix's length.
 
     ``cached`` is trimmed to match. The last token of ``tokens`` is never kept: reading it again
     gives the logits of the first answer token.
     """
-    n, most = 0, min(len(cached), len(tokens) - 1)
-    while n < most and cached[n] == tokens[n]:
-        n += 1
+    n = shared_prefix(cached, tokens[:-1])
     memory = ll.llama_get_memory(ctx)
     if not ll.llama_memory_seq_rm(memory, seq, n, -1):  # a recurrent model's state cannot be cut back: start over
         ll.llama_memory_seq_rm(memory, seq, -1, -1)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError
 from .base import SamplingParams, Slots, Stream, _Run, run_loop
-from .llamacpp import keep
+from .llamacpp import keep, shared_prefix
 
 if TYPE_CHECKING:
     from .llamacpp import LlamaCppSession
@@ -155,7 +155,7 @@ class LlamaCppSlots(Slots):
             if not free:
                 return
             self._waiting.popleft()
-            slot = max(free, key=lambda s: (_common(s.cached, req.tokens), -s.used))
+            slot = max(free, key=lambda s: (shared_prefix(s.cached, req.tokens), -s.used))
             n = keep(self._session._ctx, slot.seq, slot.cached, req.tokens)
             req.run.cached = n
             self._step += 1
@@ -223,9 +223,3 @@ class LlamaCppSlots(Slots):
         self._ll.llama_sampler_free(slot.chain)
         slot.req, slot.chain, slot.todo, slot.next, slot.decoder = None, None, [], None, None
 
-
-def _common(a: list[int], b: list[int]) -> int:
-    n, most = 0, min(len(a), len(b))
-    while n < most and a[n] == b[n]:
-        n += 1
-    return n
