@@ -5,7 +5,8 @@ server-sent events with ``"stream": true``), ``GET /v1/models``, ``GET /health``
 
 Three modules: ``server_protocol`` checks requests and shapes responses the way
 OpenAI's API does, ``server_queue`` runs generations in arrival order, one at a
-time or ``parallel`` at once on the model's slots (``Session.slots``), and this one wires them into routes: API key, a client that disconnects
+time on the session or several at once on its slots (``Session.slots``), and
+this one wires them into routes: API key, a client that disconnects
 (while queued or mid-generation) cancelling its generation, optional CORS for
 browser and desktop front ends, and the uvicorn process.
 """
@@ -95,17 +96,17 @@ def create_app(
     api_key: str | None = None,
     limits: Limits | None = None,
     cors: Sequence[str] = (),
-    parallel: int = 1,
+    slots: Slots | None = None,
 ):
     """The Starlette app serving ``session``; ``model_id`` is the name ``/v1/models`` reports.
 
-    ``parallel`` > 1 serves that many requests at once, decoded in one batch per step
-    (``Session.slots``: the session's context is split between them).
+    ``slots`` (``session.slots(n)``) serves ``n`` requests at once, decoded in one batch per step;
+    without them requests take turns on the session.
 
     ``cors``: origins (see ``cors_origins``) whose pages may call the API from a browser;
     none by default, so pages elsewhere cannot read answers from a local server.
     The app owns worker threads: call ``app.state.gate.close()`` once it stops serving.
-    Raises UsageError for a bad origin, for ``parallel`` < 1, a backend without slots or slots too small.
+    Raises UsageError for a bad origin.
     """
     limits = limits or Limits()
     model_id = model_id or session.info.name or session.info.path.name
@@ -115,9 +116,7 @@ def create_app(
         # still needs it. Private network: a listed https page may call this loopback server (Chrome asks).
         middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins(cors), allow_methods=["GET", "POST"],
                                      allow_headers=["*"], allow_private_network=True, max_age=600))
-    if parallel < 1:
-        raise UsageError(f"--parallel must be at least 1, got {parallel}")
-    slots: Slots | None = session.slots(parallel) if parallel > 1 else None
+    parallel = slots.n if slots is not None else 1
     gate = Gate(limits.max_queue, workers=parallel)
     created = int(time.time())
     can = registry.capabilities(session.info.backend)
@@ -263,12 +262,12 @@ def serve(
     limits: Limits | None = None,
     cors: Sequence[str] = (),
     log_level: str = "info",
-    parallel: int = 1,
+    slots: Slots | None = None,
 ) -> None:
     """Serve ``session`` on the bound socket until Ctrl+C; running generations are cancelled at shutdown."""
     import uvicorn
 
-    app = create_app(session, model_id=model_id, api_key=api_key, limits=limits, cors=cors, parallel=parallel)
+    app = create_app(session, model_id=model_id, api_key=api_key, limits=limits, cors=cors, slots=slots)
     gate: Gate = app.state.gate
     host, port = sock.getsockname()[:2]
 

@@ -80,6 +80,7 @@ def register(app: typer.Typer) -> None:
         with session:
             i = session.info
             parallel = parallel or default_parallel(session)
+            slots = session.slots(parallel) if parallel > 1 else None  # UsageError: a backend without, or slots too small
             actual = sock.getsockname()[1]
             shown = f"[{host}]" if ":" in host else host
             shared = f", {parallel} requests at once" if parallel > 1 else ""
@@ -89,7 +90,7 @@ def register(app: typer.Typer) -> None:
             if cors:
                 info(f"browser pages from {', '.join(cors)} may call this server (CORS)")
             limits = Limits(max_body_bytes=max_body_kb * 1024, max_messages=max_messages, max_tokens=max_tokens, max_queue=max_queue)
-            run_server(session, sock, model_id=name, api_key=api_key, limits=limits, cors=cors, log_level=log_level, parallel=parallel)
+            run_server(session, sock, model_id=name, api_key=api_key, limits=limits, cors=cors, log_level=log_level, slots=slots)
 
 
 def _loopback(host: str) -> bool:
