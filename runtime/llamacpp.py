@@ -145,10 +145,12 @@ def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 def keep(ctx, seq: int, cached: list[int], tokens: list[int]) -> int:
     """Cut sequence ``seq`` of ``ctx`` back to the prefix its ``cached`` tokens share with ``tokens``; that prefix's length.
 
-    ``cached`` is trimmed to match. The last token of ``tokens`` is never kept: reading it again
-    gives the logits of the first answer token.
+    ``cached`` is trimmed to match. The last two tokens of ``tokens`` are always read again: the
+    last one's logits start the answer, and one token alone would run other kernels than a prompt
+    does (llamafile's sgemm takes batches of 2 or more), so a greedy answer could part from the
+    one a cold prompt gives at a near-tie (seen on SmolLM2 Q4_1 with the same prompt twice).
     """
-    n = shared_prefix(cached, tokens[:-1])
+    n = shared_prefix(cached, tokens[: max(0, len(tokens) - 2)])
     memory = ll.llama_get_memory(ctx)
     if not ll.llama_memory_seq_rm(memory, seq, n, -1):  # a recurrent model's state cannot be cut back: start over
         ll.llama_memory_seq_rm(memory, seq, -1, -1)
@@ -317,7 +319,7 @@ class LlamaCppSession(Session):
     def _reuse(self, tokens: list[int]) -> int:
         """Keep the cached tokens ``tokens`` starts with (prompt reuse) and drop the rest; how many were kept.
 
-        At least the last prompt token is read again: its logits give the first answer token.
+        At least the last two prompt tokens are read again (``keep``).
         """
         n = keep(self._ctx, 0, self._kv, tokens)
         self._reused(n)
