@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
@@ -91,10 +91,11 @@ class Completion:
     completion_tokens: int
     finish_reason: Literal["stop", "length", "cancelled"]
     ttft_s: float  # prompt in -> first token out (prefill plus one sampling step)
-    prefill_tokens_per_s: float
+    prefill_tokens_per_s: float  # prompt tokens read (those not reused from the cache) over ttft_s
     decode_tokens_per_s: float  # tokens after the first, over the time after the first
     wall_s: float
     truncated_tokens: int = 0  # prompt tokens dropped by truncate="left"
+    cached_tokens: int = 0  # leading prompt tokens reused from the previous generation's cache, not read again
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -160,6 +161,7 @@ class ModelInfo:
     n_ctx: int
     threads: int | None = None
     kv_type: str = "f16"  # element type of the KV cache
+    draft: str | None = None  # how it drafts tokens ("lookup"), when it does
     name: str = ""
     variant: str | None = None  # the bundle variant id, when loaded from a bundle
     bundle: Path | None = None
@@ -170,19 +172,24 @@ class ModelInfo:
 
 class _Run:
     """One generation's shared state. The loop holds this, never the ``Stream``, so a stream
-    dropped unfinished is freed at once and its loop's ``finally`` releases the session."""
+    dropped unfinished is freed at once and its loop's ``finally`` releases the session.
+    ``cached`` is set by whoever runs the model: prompt tokens it found in its cache."""
 
     def __init__(self) -> None:
         self.cancel = threading.Event()
         self.completion: Completion | None = None
+        self.cached = 0
 
 
 class Stream(Iterator[str]):
-    """Text pieces of one generation; ``completion`` is set once it ends (by stop, length or cancel)."""
+    """Text pieces of one generation; ``completion`` is set once it ends (by stop, length or cancel).
 
-    def __init__(self, session: Session, tokens: list[int], params: SamplingParams, truncated: int) -> None:
+    ``drive`` starts the generation loop for a ``_Run`` (``Session._drive``, or a server slot's ``run_loop``).
+    """
+
+    def __init__(self, drive: Callable[[_Run], Iterator[str]]) -> None:
         self._run = _Run()
-        self._gen = session._drive(self._run, tokens, params, truncated)
+        self._gen = drive(self._run)
 
     @property
     def completion(self) -> Completion | None:
@@ -271,7 +278,7 @@ class Session(ABC):
         if not tokens:
             raise UsageError("the prompt is empty: give some text")
         tokens, dropped = self._fit(tokens, params, truncate)
-        return Stream(self, tokens, params, dropped)
+        return Stream(lambda run: self._drive(run, tokens, params, dropped))
 
     def chat(self, messages: Sequence[Message], *, truncate: Truncate = "error", **sampling: Any) -> Completion:
         """Answer a conversation formatted with the model's own chat template.
@@ -297,7 +304,7 @@ class Session(ABC):
                 dropped += len(tokens) - len(shorter)
                 tokens = shorter
         tokens, _ = self._fit(tokens, params, "error")
-        return Stream(self, tokens, params, dropped)
+        return Stream(lambda run: self._drive(run, tokens, params, dropped))
 
     def chat_tokens(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
         """The exact ids a chat feeds the model: equal to transformers' ``apply_chat_template(tokenize=True)``."""
@@ -389,69 +396,115 @@ class Session(ABC):
         return stream.completion
 
     def _drive(self, run: _Run, tokens: list[int], params: SamplingParams, truncated: int) -> Iterator[str]:
-        """The generation loop every backend shares: lock, stop strings, limits, cancel, timing."""
+        """One generation on this session: holds the lock around ``run_loop`` over the backend's ``_generate``."""
         with self._lock:
             self._running = run
-            limit = min(params.max_tokens or self.n_ctx, self.n_ctx - len(tokens))
-            hold = max((len(s) for s in params.stop), default=0)  # text held back: may start a stop string
-            text, emitted, n, reason, flushing = "", 0, 0, "length", False
-            t0 = time.perf_counter()
-            t_first = t_last = t0
-            gen = self._generate(tokens, params, run.cancel)
             try:
+                yield from run_loop(run, tokens, params, truncated, self._generate(tokens, params, run.cancel), self.n_ctx)
+            finally:
+                self._running = None
+                self.last = run.completion
+
+    def _reused(self, n: int) -> None:
+        """A backend's ``_generate`` reports the leading prompt tokens it kept in its cache (prompt reuse)."""
+        if self._running is not None:
+            self._running.cached = n
+
+    def slots(self, n: int) -> Slots:
+        """``n`` generations at once on this model, each step decoding all of them in one batch (``edgepack serve --parallel``).
+
+        The session hands its context over: use only the returned ``Slots`` (and ``tokenize``,
+        ``chat_tokens``) afterwards. Raises UsageError when the backend runs one generation at a time.
+        """
+        raise UsageError(f"the {self.info.backend} backend runs one generation at a time: serve it with --parallel 1")
+
+
+class Slots(ABC):
+    """Parallel generations on one model (``Session.slots``): ``stream`` as ``Session.stream``, ``free``/``n`` for /health."""
+
+    n: int  # slots
+    n_ctx: int  # context of each slot
+
+    @property
+    @abstractmethod
+    def free(self) -> int:
+        """Slots not running a generation now."""
+
+    @abstractmethod
+    def stream(self, tokens: list[int], **sampling: Any) -> Stream:
+        """A generation on a free slot (or the next one to free up); raises like ``Session.stream``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Cancel what runs and stop the batching thread."""
+
+
+def run_loop(run: _Run, tokens: list[int], params: SamplingParams, truncated: int, gen: Iterator[str], n_ctx: int) -> Iterator[str]:
+    """The generation loop every backend and every slot shares: stop strings, limits, cancel, timing.
+
+    ``gen`` yields one text piece per token (``Session._generate``'s contract); the pieces are
+    re-yielded with stop strings held back and cut, and ``run.completion`` is set when it ends.
+    """
+    limit = min(params.max_tokens or n_ctx, n_ctx - len(tokens))
+    hold = max((len(s) for s in params.stop), default=0)  # text held back: may start a stop string
+    text, emitted, n, reason, flushing = "", 0, 0, "length", False
+    t0 = time.perf_counter()
+    t_first = t_last = t0
+    try:
+        if run.cancel.is_set():
+            reason = "cancelled"
+        else:
+            reason = "stop"
+            for piece in gen:
+                t_last = time.perf_counter()
+                n += 1
+                if n == 1:
+                    t_first = t_last
+                text += piece
+                if hold:
+                    cut = min((i for s in params.stop if (i := text.find(s, max(0, emitted - hold))) >= 0), default=-1)
+                    if cut >= 0:
+                        text = text[:cut]
+                        break
+                    safe = len(text) - hold + 1
+                else:
+                    safe = len(text)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
                 if run.cancel.is_set():
                     reason = "cancelled"
-                else:
-                    reason = "stop"
-                    for piece in gen:
-                        t_last = time.perf_counter()
-                        n += 1
-                        if n == 1:
-                            t_first = t_last
-                        text += piece
-                        if hold:
-                            cut = min((i for s in params.stop if (i := text.find(s, max(0, emitted - hold))) >= 0), default=-1)
-                            if cut >= 0:
-                                text = text[:cut]
-                                break
-                            safe = len(text) - hold + 1
-                        else:
-                            safe = len(text)
-                        if safe > emitted:
-                            yield text[emitted:safe]
-                            emitted = safe
-                        if run.cancel.is_set():
-                            reason = "cancelled"
-                            break
-                        if n >= limit:
-                            reason = "length"
-                            break
-                    else:  # the backend returned: end of text, or it saw the cancel (e.g. during prefill)
-                        if run.cancel.is_set():
-                            reason = "cancelled"
-                if len(text) > emitted:
-                    flushing = True
-                    yield text[emitted:]
-            except GeneratorExit:  # the consumer closed the stream early
-                if not flushing:
+                    break
+                if n >= limit:
+                    reason = "length"
+                    break
+            else:  # the backend returned: end of text, or it saw the cancel (e.g. during prefill)
+                if run.cancel.is_set():
                     reason = "cancelled"
-                raise
-            finally:
-                gen.close()
-                now = time.perf_counter()
-                ttft = (t_first - t0) if n else now - t0
-                self.last = run.completion = Completion(
-                    text=text,
-                    prompt_tokens=len(tokens),
-                    completion_tokens=n,
-                    finish_reason=reason if n or reason == "cancelled" else "stop",
-                    ttft_s=ttft,
-                    prefill_tokens_per_s=len(tokens) / ttft if n and ttft > 0 else 0.0,
-                    decode_tokens_per_s=(n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0,
-                    wall_s=now - t0,
-                    truncated_tokens=truncated,
-                )
-                self._running = None
+        if len(text) > emitted:
+            flushing = True
+            yield text[emitted:]
+    except GeneratorExit:  # the consumer closed the stream early
+        if not flushing:
+            reason = "cancelled"
+        raise
+    finally:
+        gen.close()
+        now = time.perf_counter()
+        ttft = (t_first - t0) if n else now - t0
+        cached = run.cached
+        run.completion = Completion(
+            text=text,
+            prompt_tokens=len(tokens),
+            completion_tokens=n,
+            finish_reason=reason if n or reason == "cancelled" else "stop",
+            ttft_s=ttft,
+            prefill_tokens_per_s=(len(tokens) - cached) / ttft if n and ttft > 0 else 0.0,
+            decode_tokens_per_s=(n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0,
+            wall_s=now - t0,
+            truncated_tokens=truncated,
+            cached_tokens=cached,
+        )
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:

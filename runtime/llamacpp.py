@@ -29,6 +29,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +40,9 @@ from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
 from .registry import Backend
 from .lookup import DRAFT_MAX, PromptLookup
 from .threads import Governor, physical_cores
+
+if TYPE_CHECKING:
+    from .slots import LlamaCppSlots
 
 # llama_cpp itself, imported by _init() on first use: importing this module (as the registry does) loads no library.
 ll = None
@@ -266,6 +270,31 @@ def open_vocab(path: Path) -> Vocab:
     return vocab
 
 
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` have in common."""
+    n, most = 0, min(len(a), len(b))
+    while n < most and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def keep(ctx, seq: int, cached: list[int], tokens: list[int]) -> int:
+    """Cut sequence ``seq`` of ``ctx`` back to the prefix its ``cached`` tokens share with ``tokens``; that prefix's length.
+
+    ``cached`` is trimmed to match. The last two tokens of ``tokens`` are always read again: the
+    last one's logits start the answer, and one token alone would run other kernels than a prompt
+    does (llamafile's sgemm takes batches of 2 or more), so a greedy answer could part from the
+    one a cold prompt gives at a near-tie (seen on SmolLM2 Q4_1 with the same prompt twice).
+    """
+    n = shared_prefix(cached, tokens[: max(0, len(tokens) - 2)])
+    memory = ll.llama_get_memory(ctx)
+    if not ll.llama_memory_seq_rm(memory, seq, n, -1):  # a recurrent model's state cannot be cut back: start over
+        ll.llama_memory_seq_rm(memory, seq, -1, -1)
+        n = 0
+    del cached[n:]
+    return n
+
+
 class LlamaCppSession(Session):
     def __init__(
         self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16", draft: str | None = None
@@ -286,31 +315,42 @@ class LlamaCppSession(Session):
         self._vocab, self._n_vocab = self._tok.ptr, self._tok.n_tokens
         trained = ll.llama_model_n_ctx_train(self._model)
         n_ctx = min(n_ctx or 4096, trained)  # past the trained context quality drops without warning
-        cp = ll.llama_context_default_params()
-        cp.n_ctx = n_ctx
-        cp.n_batch = cp.n_ubatch = min(n_ctx, 512)
         self._threads = Governor(threads or physical_cores(), fixed=threads is not None)
-        cp.n_threads = cp.n_threads_batch = self._threads.most
-        cp.no_perf = True
-        cp.type_k = cp.type_v = KV_TYPES[kv_type]
-        # llama.cpp keeps a quantized V cache only with flash attention. With an f16 cache it stays off: on the CPU its
-        # decode splits the attention by thread, so greedy answers changed with the thread count (which follows the
-        # machine's load, ``threads``), and it decoded slower (SmolLM2 Q4_K_M, 1024-token prompt, 2 threads: 38.9 vs
-        # 65.7 tok/s; prefill 532 vs 443 tok/s).
-        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED if kv_type == "f16" else ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        if device == "cpu":
-            cp.op_offload = False  # keep big prefill matmuls off a GPU the caller did not ask for
-        self._ctx = ll.llama_init_from_model(self._model, cp)
+        self._kv_type = kv_type
+        self._cpu = device == "cpu"
+        self._ctx = self._new_context(n_ctx, 1)
         if not self._ctx:
             ll.llama_model_free(self._model)
             self._model = None
             hint = "try a smaller n_ctx" if kv_type == "f16" else f"try a smaller n_ctx, or kv_type='f16' (a {kv_type} cache needs flash attention on {device})"
             raise BackendError(f"llama.cpp could not create a context of {n_ctx} tokens{_recent_log()}: {hint}")
-        self._n_batch, self._n_threads = cp.n_batch, cp.n_threads
+        self._n_threads = self._threads.most
+        self._kv: list[int] = []  # the tokens in the KV cache, in order: what the next prompt may reuse
+        self._slots: LlamaCppSlots | None = None
         self._one = (ll.llama_token * 1)()
         super().__init__(
-            ModelInfo(path=path, backend="llama.cpp", device=device, n_ctx=ll.llama_n_ctx(self._ctx), threads=self._threads.most, kv_type=kv_type)
+            ModelInfo(path=path, backend="llama.cpp", device=device, n_ctx=ll.llama_n_ctx(self._ctx), threads=self._threads.most, kv_type=kv_type,
+                      draft=draft)
         )
+
+    def _new_context(self, n_ctx: int, n_seq: int):
+        """A llama.cpp context of ``n_ctx`` tokens holding ``n_seq`` sequences of ``n_ctx / n_seq`` each; NULL when it fails."""
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_seq_max = n_seq
+        cp.kv_unified = False  # each sequence its own cells: one slot cannot fill the cache of another
+        cp.n_batch = cp.n_ubatch = self._n_batch = min(n_ctx, 512)
+        cp.n_threads = cp.n_threads_batch = self._threads.most
+        cp.no_perf = True
+        cp.type_k = cp.type_v = KV_TYPES[self._kv_type]
+        # llama.cpp keeps a quantized V cache only with flash attention. With an f16 cache it stays off: on the CPU its
+        # decode splits the attention by thread, so greedy answers changed with the thread count (which follows the
+        # machine's load, ``threads``), and it decoded slower (SmolLM2 Q4_K_M, 1024-token prompt, 2 threads: 38.9 vs
+        # 65.7 tok/s; prefill 532 vs 443 tok/s).
+        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED if self._kv_type == "f16" else ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if self._cpu:
+            cp.op_offload = False  # keep big prefill matmuls off a GPU the caller did not ask for
+        return ll.llama_init_from_model(self._model, cp)
 
     # -- tokens --------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
@@ -335,6 +375,16 @@ class LlamaCppSession(Session):
     # -- running -------------------------------------------------------------------------------
     def _reset(self) -> None:
         ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
+        self._kv.clear()
+
+    def _reuse(self, tokens: list[int]) -> int:
+        """Keep the cached tokens ``tokens`` starts with (prompt reuse) and drop the rest; how many were kept.
+
+        At least the last two prompt tokens are read again (``keep``).
+        """
+        n = keep(self._ctx, 0, self._kv, tokens)
+        self._reused(n)
+        return n
 
     def _pace(self) -> None:
         """Set the thread count the governor gives for the next ``llama_decode`` (``threads`` module)."""
@@ -347,16 +397,18 @@ class LlamaCppSession(Session):
         self._pace()
         rc = ll.llama_decode(self._ctx, batch)
         if rc != 0:
+            self._reset()  # what the cache holds after a failed decode is not known
             raise BackendError(f"llama_decode failed with code {rc} while {what}{_recent_log()}: try a smaller n_ctx or prompt")
 
     def _prefill(self, tokens: list[int], cancelled: threading.Event | None) -> bool:
-        """Feed the prompt in n_batch chunks, logits for the last token only; False if cancelled."""
-        for start in range(0, len(tokens), self._n_batch):
+        """Feed the prompt past what the cache reuses in n_batch chunks, logits for the last token only; False if cancelled."""
+        for start in range(self._reuse(tokens), len(tokens), self._n_batch):
             if cancelled is not None and cancelled.is_set():
                 return False
             chunk = tokens[start : start + self._n_batch]
             arr = (ll.llama_token * len(chunk))(*chunk)
             self._decode(ll.llama_batch_get_one(arr, len(chunk)), "reading the prompt")
+            self._kv += chunk
         return True
 
     def _sampler(self, params: SamplingParams, prompt: list[int]):
@@ -381,8 +433,7 @@ class LlamaCppSession(Session):
         return chain
 
     def _generate(self, tokens: list[int], params: SamplingParams, cancelled: threading.Event) -> Iterator[str]:
-        self._check_open()
-        self._reset()
+        self._check_single()
         if not self._prefill(tokens, cancelled):
             return
         if self._draft == "lookup" and params.temperature == 0 and params.repeat_penalty == 1.0:
@@ -390,7 +441,7 @@ class LlamaCppSession(Session):
             return
         chain = self._sampler(params, tokens)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        one, ctx, vocab, pace = self._one, self._ctx, self._vocab, self._pace
+        one, ctx, vocab, pace, kv = self._one, self._ctx, self._vocab, self._pace, self._kv
         sample, is_eog, decode, batch_one = ll.llama_sampler_sample, ll.llama_vocab_is_eog, ll.llama_decode, ll.llama_batch_get_one
         try:
             while True:
@@ -402,6 +453,7 @@ class LlamaCppSession(Session):
                 pace()
                 if decode(ctx, batch_one(one, 1)) != 0:
                     self._decode(batch_one(one, 1), "generating")
+                kv.append(tok)
         finally:
             ll.llama_sampler_free(chain)
 
@@ -420,7 +472,7 @@ class LlamaCppSession(Session):
         chain = self._sampler(SamplingParams(temperature=0), tokens)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         lookup = self._lookup = PromptLookup(tokens)
-        memory, vocab, n_past = ll.llama_get_memory(self._ctx), self._vocab, len(tokens)
+        memory, vocab, n_past = ll.llama_get_memory(self._ctx), self._vocab, len(self._kv)
         batch = ll.llama_batch_init(DRAFT_MAX + 1, 0, 1)
         try:
             tok = ll.llama_sampler_sample(chain, self._ctx, -1)
@@ -443,6 +495,7 @@ class LlamaCppSession(Session):
                 n_past += kept + 1
                 if kept < len(draft):
                     ll.llama_memory_seq_rm(memory, 0, n_past, -1)  # the rejected part of the draft
+                self._kv += [tok, *draft[:kept]]
                 for t in picks[:-1]:  # accepted draft tokens: already in the cache
                     if ll.llama_vocab_is_eog(vocab, t):
                         return
@@ -454,7 +507,7 @@ class LlamaCppSession(Session):
             ll.llama_sampler_free(chain)
 
     def _score(self, tokens: list[int], top_k: int) -> Scores:
-        self._check_open()
+        self._check_single()
         self._reset()
         n = len(tokens)
         scores = Scores.empty(n - 1, min(top_k, self._n_vocab))
@@ -476,11 +529,51 @@ class LlamaCppSession(Session):
             ll.llama_batch_free(batch)
         return scores
 
+    def slots(self, n: int) -> LlamaCppSlots:
+        """``n`` slots of ``n_ctx / n`` tokens each (rounded down to llama.cpp's 256), as llama-server's ``-np`` splits ``-c``.
+
+        The session's context is replaced by one holding ``n`` sequences; ``n_ctx`` becomes the
+        slot's. Raises UsageError when a slot would hold under 256 tokens, BackendError when
+        llama.cpp cannot make the context.
+        """
+        from .slots import MIN_SLOT_CTX, LlamaCppSlots
+
+        self._check_open()
+        if n < 1:
+            raise UsageError(f"the number of slots must be at least 1, got {n}")
+        if self._slots is not None:
+            raise UsageError("this session already serves slots: use the Slots it returned")
+        if self._draft:
+            raise UsageError(f"drafting ({self._draft}) checks one generation at a time: serve with --parallel 1, or without --draft")
+        each = self.n_ctx // n // MIN_SLOT_CTX * MIN_SLOT_CTX
+        if each < MIN_SLOT_CTX:
+            raise UsageError(
+                f"{n} slots leave {self.n_ctx // n} tokens of context each (n_ctx {self.n_ctx}); a slot needs at least {MIN_SLOT_CTX}: "
+                "use fewer slots (--parallel) or a larger context (--n-ctx)"
+            )
+        with self._lock:
+            ctx = self._new_context(each * n, n)
+            if not ctx:
+                raise BackendError(f"llama.cpp could not create a context of {n} x {each} tokens{_recent_log()}: use fewer slots or a smaller n_ctx")
+            ll.llama_free(self._ctx)
+            self._ctx, self._kv = ctx, []
+            self.info.n_ctx = ll.llama_n_ctx_seq(ctx)
+            self._slots = LlamaCppSlots(self, n)
+        return self._slots
+
     def _check_open(self) -> None:
         if self._ctx is None:
             raise UsageError("this session is closed: load the model again")
 
+    def _check_single(self) -> None:
+        self._check_open()
+        if self._slots is not None:
+            raise UsageError("this session serves parallel slots (Session.slots): generate through them")
+
     def _close(self) -> None:
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None
         if self._ctx is not None:
             ll.llama_free(self._ctx)
             self._ctx = None
@@ -502,6 +595,7 @@ class LlamaCppBackend(Backend):
     what = "a .gguf file"
     kv_types = KV_BYTES
     drafts = ("lookup",)
+    can_parallel = True
     install = "install a GPU build of llama-cpp-python (CUDA: CMAKE_ARGS='-DGGML_CUDA=on' pip install --force-reinstall --no-cache-dir llama-cpp-python)"
 
     needs = {"llama_cpp": "llama-cpp-python"}

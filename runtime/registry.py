@@ -47,6 +47,7 @@ class Backend(ABC):
     can_score: ClassVar[bool] = True
     can_chat: ClassVar[bool] = True
     can_cancel: ClassVar[bool] = True
+    can_parallel: ClassVar[bool] = False  # several generations at once, batched (``Session.slots``, ``serve --parallel``)
     # KV-cache element types its sessions can hold (``load(kv_type=...)``) and the bytes each stores per element, for
     # recommend; "f16" is the backend's own default cache, whose real dtype recommend reads from the model.
     kv_types: ClassVar[dict[str, float]] = {"f16": 2.0}
@@ -156,6 +157,6 @@ def runs(fmt: str) -> bool:
 
 
 def capabilities(name: str) -> dict[str, bool]:
-    """What sessions of the backend ``name`` can do (``stream``, ``score``, ``chat``, ``cancel``); all True for a backend not registered."""
+    """What sessions of the backend ``name`` can do (``stream``, ``score``, ``chat``, ``cancel``, ``parallel``); all True for a backend not registered."""
     b = _backends().get(name)
-    return {cap: getattr(b, f"can_{cap}", True) for cap in ("stream", "score", "chat", "cancel")}
+    return {cap: getattr(b, f"can_{cap}", True) for cap in ("stream", "score", "chat", "cancel", "parallel")}

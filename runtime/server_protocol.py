@@ -237,7 +237,8 @@ class Reply:
 
     @staticmethod
     def _usage(c: Completion) -> dict[str, int]:
-        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "total_tokens": c.prompt_tokens + c.completion_tokens}
+        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "total_tokens": c.prompt_tokens + c.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": c.cached_tokens}}
 
     @staticmethod
     def _timings(c: Completion) -> dict[str, float]:

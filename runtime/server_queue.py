@@ -1,11 +1,12 @@
-"""The generation queue of ``edgepack serve``: one model, one context, one generation at a time.
+"""The generation queue of ``edgepack serve``: one model, ``workers`` generations at a time (its slots, ``--parallel``).
 
-Generations run on a single worker thread, in arrival order (a FIFO
-``asyncio.Lock``). The lock is released by the worker's own completion, not by
+Generations start in arrival order (a FIFO ``asyncio.Semaphore`` of ``workers``),
+each on a worker thread that reads its ``Stream``. With one worker they take turns
+on the session; with more, each reads a slot of ``Session.slots`` and the slots'
+thread batches them. A place is given back by the worker's own completion, not by
 the request handler, so a handler that is cancelled (client gone, shutdown) can
-never let the next request start while the previous generation still runs. A
-job cancelled while queued or mid-generation cancels its ``Stream``; the rest
-of the queue moves on.
+never let another request start while its generation still runs. A job cancelled
+while queued or mid-generation cancels its ``Stream``; the rest of the queue moves on.
 """
 
 from __future__ import annotations
@@ -68,15 +69,15 @@ class Job:
 
 
 class Gate:
-    """FIFO of generations on one session: one worker thread, one running job at a time."""
+    """FIFO of generations on one model: ``workers`` worker threads, as many running jobs at a time."""
 
-    def __init__(self, max_queue: int) -> None:
+    def __init__(self, max_queue: int, workers: int = 1) -> None:
         self.max_queue = max_queue
         self.pending = 0  # queued plus running
         self.closing = False
-        self._lock = asyncio.Lock()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="edgepack-generate")
-        self._running: Job | None = None
+        self._places = asyncio.Semaphore(workers)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="edgepack-generate")
+        self._running: set[Job] = set()
         self.finished: Counter[str] = Counter()  # finish reasons ("stop", "length", "cancelled", "error"), for /health
 
     async def submit(self, start: Callable[[], Stream]) -> Job:
@@ -86,7 +87,7 @@ class Gate:
             raise ApiError(503, f"{self.pending} requests are already queued: retry later (edgepack serve --max-queue)", code="queue_full")
         self.pending += 1
         try:
-            await self._lock.acquire()
+            await self._places.acquire()
         except BaseException:
             self.pending -= 1
             raise
@@ -94,22 +95,27 @@ class Gate:
             self._release(None)
             raise ApiError(503, "the server is shutting down", code="shutting_down")
         loop = asyncio.get_running_loop()
-        job = self._running = Job(start, loop)
+        job = Job(start, loop)
+        self._running.add(job)
         loop.run_in_executor(self._pool, job.run).add_done_callback(lambda _: self._release(job))
         return job
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     def _release(self, job: Job | None) -> None:
         if job is not None:
             self.finished[job.finish] += 1
-        self._running = None
+            self._running.discard(job)
         self.pending -= 1
-        self._lock.release()
+        self._places.release()
 
     def stop(self) -> None:
-        """Refuse new work and cancel the running generation (server shutdown)."""
+        """Refuse new work and cancel the running generations (server shutdown)."""
         self.closing = True
-        if self._running is not None:
-            self._running.cancel()
+        for job in list(self._running):
+            job.cancel()
 
     def close(self) -> None:
         self.stop()

@@ -30,6 +30,9 @@ def register(app: typer.Typer) -> None:
         max_messages: int = typer.Option(256, "--max-messages", help="Most messages one chat request may carry."),
         max_body_kb: int = typer.Option(1024, "--max-body-kb", help="Largest request body in KiB."),
         max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting or running before new ones get 503."),
+        parallel: int | None = typer.Option(
+            None, "--parallel", help="Requests answered at once, decoded in one batch (llama.cpp); they share --n-ctx. Default: 4 on a CPU, 8 on a GPU, fewer when each would get under 1024 tokens; 1 with --draft or ONNX."
+        ),
         log_level: str = typer.Option("info", "--log-level", help="Server log level: debug, info, warning, error."),
         trusted: list[Path] = typer.Option(
             [], "--trusted", help="Serve MODEL only if a key in this .pub file signed it and its files are what was signed; repeatable."
@@ -37,7 +40,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve MODEL over an OpenAI-compatible HTTP API: chat and text completions (streaming or not), models, health.
 
-        Requests run one at a time, in arrival order; a client that disconnects cancels its generation.
+        Requests start in arrival order, --parallel of them at once; a client that disconnects cancels its generation.
+        A request that continues an earlier one (the next turn of a chat) reads only its new tokens.
 
         Example: edgepack serve model.gguf --port 8080, then
         curl http://127.0.0.1:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
@@ -51,6 +55,8 @@ def register(app: typer.Typer) -> None:
         for flag, value, low in (("--max-tokens", max_tokens, 1), ("--max-messages", max_messages, 1), ("--max-body-kb", max_body_kb, 1), ("--max-queue", max_queue, 1)):
             if value < low:
                 raise UsageError(f"{flag} must be at least {low}, got {value}")
+        if parallel is not None and parallel < 1:
+            raise UsageError(f"--parallel must be at least 1, got {parallel}")
         if not 0 <= port <= 65535:
             raise UsageError(f"--port must be between 0 and 65535, got {port}")
         if api_key is not None and not api_key.strip():
@@ -59,7 +65,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
 
         from .. import load
-        from ..runtime.server import Limits, bind, cors_origins
+        from ..runtime.server import Limits, bind, cors_origins, default_parallel
         from ..runtime.server import serve as run_server
 
         cors = cors_origins(cors_origin)
@@ -73,15 +79,18 @@ def register(app: typer.Typer) -> None:
             raise
         with session:
             i = session.info
+            parallel = parallel or default_parallel(session)
+            slots = session.slots(parallel) if parallel > 1 else None  # UsageError: a backend without, or slots too small
             actual = sock.getsockname()[1]
             shown = f"[{host}]" if ":" in host else host
-            info(f"serving {name or i.name} ({i.backend} on {i.device}, n_ctx {i.n_ctx}) at http://{shown}:{actual}/v1")
+            shared = f", {parallel} requests at once" if parallel > 1 else ""
+            info(f"serving {name or i.name} ({i.backend} on {i.device}, n_ctx {i.n_ctx}{shared}) at http://{shown}:{actual}/v1")
             if api_key is None and not _loopback(host):
                 info(f"warning: {host} is reachable from other machines and no --api-key is set")
             if cors:
                 info(f"browser pages from {', '.join(cors)} may call this server (CORS)")
             limits = Limits(max_body_bytes=max_body_kb * 1024, max_messages=max_messages, max_tokens=max_tokens, max_queue=max_queue)
-            run_server(session, sock, model_id=name, api_key=api_key, limits=limits, cors=cors, log_level=log_level)
+            run_server(session, sock, model_id=name, api_key=api_key, limits=limits, cors=cors, log_level=log_level, slots=slots)
 
 
 def _loopback(host: str) -> bool:

@@ -151,7 +151,7 @@ def test_a_backend_registered_in_a_test_is_seen_everywhere(echo, tmp_path, monke
         app = create_app(s)
         try:
             with TestClient(app) as client:
-                assert client.get("/health").json()["capabilities"] == {"stream": True, "score": False, "chat": True, "cancel": True}
+                assert client.get("/health").json()["capabilities"] == {"stream": True, "score": False, "chat": True, "cancel": True, "parallel": False}
                 answer = client.post("/v1/completions", json={"prompt": "to be or not", "max_tokens": 8}).json()
                 assert answer["choices"][0]["text"] == "to be or not"
         finally:
@@ -173,7 +173,7 @@ def test_names_are_unique_and_unknown_ones_listed(echo):
     with pytest.raises(UsageError, match="unknown backend 'vllm': choose auto, llama.cpp, onnx, transformers, echo"):
         edgepack.load("model.gguf", backend="vllm")
     assert [b.name for b in registry.backends()] == ["llama.cpp", "onnx", "transformers", "echo"]
-    assert registry.capabilities("echo") == {"stream": True, "score": False, "chat": True, "cancel": True}
+    assert registry.capabilities("echo") == {"stream": True, "score": False, "chat": True, "cancel": True, "parallel": False}
 
 
 def test_the_built_in_backends_claim_their_formats(tmp_path):
