@@ -123,7 +123,7 @@ class _Grammar:
         return name
 
     def rule(self, path: str, body: str) -> str:
-        """A new rule named after ``path`` (``#/properties/a`` -> ``properties-a``)."""
+        """A new rule named after ``path`` (``#/properties/a`` -> ``root-properties-a``)."""
         stem = "-".join(["root", *re.findall(r"[a-zA-Z0-9]+", path)])
         name, i = stem, 1
         while name in self.rules or name in _BASE:
@@ -188,11 +188,8 @@ class _Grammar:
         return "(" + " | ".join(literal(json.dumps(v, ensure_ascii=False)) for v in values) + ")"
 
     def typed(self, t: str, schema: dict, path: str) -> str:
-        keys = TYPE_KEYWORDS[t] & schema.keys()
-        if t in ("boolean", "null"):
+        if not TYPE_KEYWORDS[t] & schema.keys():  # the plain JSON rule of that type
             return self.base(t)
-        if not keys:
-            return self.base({"object": "object", "array": "array", "string": "string", "integer": "integer", "number": "number"}[t])
         return getattr(self, f"_{t}")(schema, path)
 
     def ref(self, ref: Any, path: str) -> str:
