@@ -207,7 +207,7 @@ class LlamaCppSlots(Slots):
         for s in self._slots:
             if s.row < 0:
                 continue
-            tok = ll.llama_sampler_sample(s.chain, session._ctx, s.row)
+            tok = session._sample(s.chain, s.row)
             if ll.llama_vocab_is_eog(session._vocab, tok):
                 self._end(s, _END)
                 continue

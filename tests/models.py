@@ -306,3 +306,4 @@ def gguf_bundle(root: Path, gguf: Path, steps: tuple[str, ...] = ()) -> Path:
         b.add_step({"stage": "test", "key": key})
     b.save()
     return root
+

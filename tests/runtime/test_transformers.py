@@ -193,3 +193,9 @@ def test_without_the_gptq_extra_the_variant_is_skipped_or_named(gptq_bundle, mon
         assert s.info.variant == "gguf-q8_0"
     with pytest.raises(MissingDependencyError, match=r"pip install 'edgepack\[gptq\]'"):
         edgepack.load(b.root, variant="gptq-4")
+
+
+def test_structured_output_is_refused_not_ignored(session):
+    for options in ({"schema": {"type": "object"}}, {"grammar": 'root ::= "a"'}):
+        with pytest.raises(UsageError, match="transformers backend cannot constrain output"):
+            session.generate("Hi", max_tokens=2, **options)
