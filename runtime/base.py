@@ -323,6 +323,10 @@ class Session(ABC):
         msgs = _check_messages(messages)
         use = self.tool_use(tools, tool_choice) if tools is not None else None
         tools = use.tools if use else None
+        if use and use.grammar:
+            if params.schema is not None or params.grammar is not None:
+                raise UsageError("a forced tool_choice constrains the answer to a call: leave out schema and grammar", option="tool_choice")
+            params.grammar = use.grammar
         tokens = self.chat_tokens(msgs, tools=tools)
         dropped = 0
         if truncate == "left":

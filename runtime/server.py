@@ -171,7 +171,12 @@ def create_app(
         messages = parse_messages(body, limits)
         asked = parse_tools(body)
         tools = session.tool_use(asked.tools, asked.choice, parallel=asked.parallel) if asked else None  # UsageError: 400
-        start = starter(lambda: session.chat_tokens(messages, tools=tools and tools.tools), req.sampling)
+        sampling = req.sampling
+        if tools and tools.grammar:  # tool_choice required or a name: the answer is sampled as one call
+            if "schema" in sampling:
+                raise ApiError(400, "response_format and a forced tool_choice cannot both shape the answer: drop one", param="tool_choice")
+            sampling = {**sampling, "grammar": tools.grammar}
+        start = starter(lambda: session.chat_tokens(messages, tools=tools and tools.tools), sampling)
         return await unless_disconnected(request, run(Reply(True, model_id, req.include_usage, tools), req.stream, start))
 
     async def completions(request: Request) -> Response:

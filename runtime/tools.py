@@ -55,6 +55,7 @@ class ToolFormat:
     array: bool  # a block holds a JSON array of calls
     bare: bool = False  # a JSON object opening the answer is a call too (Llama 3 writes no marker)
     id_length: int = 0  # ids the template insists on: Mistral's are 9 letters and digits
+    pad: str = ""  # what the family writes between a marker and the JSON (Qwen: a newline)
 
     def new_id(self) -> str:
         if self.id_length:
@@ -65,8 +66,35 @@ class ToolFormat:
         """Calls (``{"name", "arguments": dict}``) as the model writes them, for templates that do not render ``tool_calls``."""
         objs = [{"name": c["name"], self.args: c["arguments"]} for c in calls]
         if self.array:
-            return f"{self.start}{json.dumps(objs, ensure_ascii=False)}{self.end}"
-        return "".join(f"{self.start}{json.dumps(o, ensure_ascii=False)}{self.end}" for o in objs)
+            return self._wrap(json.dumps(objs, ensure_ascii=False))
+        return "".join(self._wrap(json.dumps(o, ensure_ascii=False)) for o in objs)
+
+    def _wrap(self, body: str) -> str:
+        return f"{self.start}{self.pad}{body}{self.pad if self.end else ''}{self.end}"
+
+    def grammar(self, functions: Sequence[dict[str, Any]]) -> str:
+        """llama.cpp GBNF of one call, as this family writes it, of one of ``functions`` (OpenAI's ``function``
+        objects), its arguments valid against that function's parameters. UsageError for a schema keyword
+        constrained sampling cannot enforce (``schema`` module)."""
+        from .schema import grammar, literal
+
+        defs: dict[str, Any] = {}
+        calls = []
+        for f in functions:
+            params = dict(f.get("parameters") or {"type": "object", "properties": {}})
+            own = {**params.pop("$defs", {}), **params.pop("definitions", {})}
+            key = f["name"]  # each function's schema becomes a definition of its own, its definitions beside it
+            defs[key] = _refs(params, key)
+            defs.update({f"{key}--{name}": _refs(d, key) for name, d in own.items()})
+            calls.append({"type": "object", "properties": {"name": {"const": f["name"]}, self.args: {"$ref": f"#/$defs/{key}"}},
+                          "required": ["name", self.args], "additionalProperties": False})  # fmt: skip
+        call: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        if self.array:
+            call = {"type": "array", "items": call, "minItems": 1, "maxItems": 1}
+        inner = _rename_root(grammar({**call, "$defs": defs}), "tool-call")
+        parts = [] if self.bare else [literal(self.start + self.pad)]
+        parts += ["tool-call", literal(self.pad + self.end)] if self.end else ["tool-call"]
+        return f"root ::= {' '.join(parts)}\n{inner}"
 
     def parse(self, text: str) -> tuple[list[tuple[str, dict]], str] | None:
         """The calls ``text`` opens with, as (name, arguments), and the text after them; None if it holds no valid call."""
@@ -99,7 +127,7 @@ class ToolFormat:
 
 
 FORMATS = {
-    "hermes": ToolFormat("hermes", "<tool_call>", "</tool_call>", "arguments", array=False),
+    "hermes": ToolFormat("hermes", "<tool_call>", "</tool_call>", "arguments", array=False, pad="\n"),
     "mistral": ToolFormat("mistral", "[TOOL_CALLS]", "", "arguments", array=True, id_length=9),
     "phi": ToolFormat("phi", "<|tool_call|>", "<|/tool_call|>", "arguments", array=True),
     "llama3": ToolFormat("llama3", "<|python_tag|>", "", "parameters", array=False, bare=True),
@@ -115,6 +143,31 @@ _MARKERS = (
 )
 # Phi-4-mini's template reads tools from the system message (``message['tools']``), not from a variable.
 _MESSAGE_TOOLS = re.compile(r"""\w+\[\s*['"]tools['"]\s*\]|\w+\.tools\b|['"]tools['"]\s+in\s+\w+""")
+
+
+def _refs(schema: Any, key: str) -> Any:
+    """``schema`` with its local ``$ref``s pointing where ``ToolFormat.grammar`` moves a function's definitions."""
+    if isinstance(schema, list):
+        return [_refs(s, key) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _refs(v, key) for k, v in schema.items()}
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        if ref == "#":
+            out["$ref"] = f"#/$defs/{key}"
+        elif m := re.fullmatch(r"#/(?:\$defs|definitions)/([^/]+)", ref):
+            out["$ref"] = f"#/$defs/{key}--{m[1]}"
+    return out
+
+
+# A GBNF text's tokens: string literals, character classes, rule names, anything else one character at a time.
+_GBNF_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|[A-Za-z0-9-]+|.', re.S)
+
+
+def _rename_root(gbnf: str, name: str) -> str:
+    """``gbnf`` with its rule ``root`` called ``name``, so another root can wrap it (literals are left alone)."""
+    return "".join(name if t == "root" else t for t in _GBNF_TOKEN.findall(gbnf))
 
 
 def _skip(text: str, i: int, chars: str) -> int:
@@ -344,6 +397,7 @@ class ToolUse:
     tools: list[dict[str, Any]]
     choice: str = "auto"  # "none" | "auto" | "required" | the one function's name
     parallel: bool = True  # several calls in one answer; False keeps the first
+    grammar: str | None = None  # "required" or a name: GBNF that makes the answer one call (``SamplingParams.grammar``)
 
     def parser(self) -> CallParser | None:
         """A parser for one answer; None with tool_choice none (the answer is all content)."""
@@ -357,7 +411,27 @@ def use(source: str, tools: Any, tool_choice: Any = "auto", *, parallel: bool = 
     how = template_tools(source)
     if how is None:
         raise UsageError(NO_TOOLS, option="tools")
-    return ToolUse(how.format, checked, choice, parallel)
+    return ToolUse(how.format, checked, choice, parallel, _forced(how.format, checked, choice))
+
+
+def _forced(fmt: ToolFormat, tools: list[dict[str, Any]], choice: str) -> str | None:
+    """The grammar of a forced call (tool_choice required or a name), None when the model may answer in text."""
+    if choice in ("none", "auto"):
+        return None
+    from .schema import check
+
+    functions = []
+    for i, t in enumerate(tools):
+        f = t["function"]
+        if choice not in ("required", f["name"]):
+            continue
+        try:
+            check(f.get("parameters") or {"type": "object"})
+        except UsageError as e:
+            where = f"tools[{i}].function.parameters"
+            raise UsageError(f"{where}: {e} (a forced tool_choice samples the arguments under their schema)", option=where) from e
+        functions.append(f)
+    return fmt.grammar(functions)
 
 
 class CallParser:
