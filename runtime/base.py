@@ -47,6 +47,9 @@ class SamplingParams:
     ``max_tokens=None`` generates until end of text or a full context.
     ``top_k=0``, ``top_p=1``, ``min_p=0`` and ``repeat_penalty=1`` switch that filter off.
     ``repeat_penalty`` covers every token in the context (prompt and output), as in transformers.
+    ``schema`` (a JSON schema; ``{"type": "object"}`` for any object) or ``grammar`` (llama.cpp
+    GBNF, root rule ``root``) constrains every sampled token, so the answer is a valid JSON
+    text of that schema (``schema`` module) or a string of that grammar once it ends by itself.
     """
 
     max_tokens: int | None = 256
@@ -57,6 +60,8 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    schema: dict[str, Any] | None = None
+    grammar: str | None = None
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> SamplingParams:
@@ -66,6 +71,14 @@ class SamplingParams:
         if unknown:
             raise UsageError(f"unknown sampling option(s) {', '.join(unknown)}: use {', '.join(sorted(known))}")
         p = cls(**{k: v for k, v in kwargs.items() if v is not None or k in ("max_tokens", "seed")})
+        if p.schema is not None and p.grammar is not None:
+            raise UsageError("give schema or grammar, not both")
+        if p.schema is not None:
+            from .schema import check
+
+            check(p.schema)
+        if p.grammar is not None and (not isinstance(p.grammar, str) or "root" not in p.grammar):
+            raise UsageError("grammar must be llama.cpp GBNF text with a rule named root")
         if isinstance(p.stop, str):
             p.stop = [p.stop]
         p.stop = [s for s in p.stop if s]
@@ -269,6 +282,11 @@ class Session(ABC):
     @abstractmethod
     def _close(self) -> None: ...
 
+    def _check_constraint(self, params: SamplingParams) -> None:
+        """Raise UsageError when this backend cannot enforce ``params.schema`` or ``params.grammar``."""
+        if params.schema is not None or params.grammar is not None:
+            raise UsageError(f"the {self.info.backend} backend cannot constrain output to a schema or grammar: load a GGUF or ONNX variant")
+
     # -- public API -----------------------------------------------------------------------------
     @property
     def n_ctx(self) -> int:
@@ -285,6 +303,7 @@ class Session(ABC):
     def stream(self, prompt: Prompt, *, truncate: Truncate = "error", **sampling: Any) -> Stream:
         """Like ``generate`` but returns a ``Stream`` of text pieces."""
         params = SamplingParams.from_kwargs(sampling)
+        self._check_constraint(params)
         tokens = self.tokenize(prompt, add_special=True) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not tokens:
             raise UsageError("the prompt is empty: give some text")
@@ -320,6 +339,7 @@ class Session(ABC):
     ) -> Stream:
         """Like ``chat`` but returns a ``Stream``; with tools it yields the content only, the calls are in ``completion``."""
         params = SamplingParams.from_kwargs(sampling)
+        self._check_constraint(params)
         msgs = _check_messages(messages)
         use = self.tool_use(tools, tool_choice) if tools is not None else None
         tools = use.tools if use else None

@@ -36,6 +36,7 @@ from .. import constants
 from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
 from ..gguf_header import LSTRIP_TOKENS, PREPEND_SCHEME, RSTRIP_TOKENS, VOCAB_START, gguf_metadata
 from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
+from .schema import grammar
 from .registry import Backend
 from .lookup import DRAFT_MAX, PromptLookup
 from .threads import Governor, physical_cores
@@ -299,8 +300,16 @@ class LlamaCppSession(Session):
         return True
 
     def _sampler(self, params: SamplingParams, prompt: list[int]):
+        """The sampler chain for ``params``; a schema or grammar puts llama.cpp's grammar sampler first (see ``_sample``)."""
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         add = ll.llama_sampler_chain_add
+        text = params.grammar if params.schema is None else grammar(params.schema)
+        if text is not None:
+            constraint = ll.llama_sampler_init_grammar(self._vocab, text.encode(), b"root")
+            if not constraint:
+                ll.llama_sampler_free(chain)
+                raise UsageError(f"llama.cpp refused the grammar{_recent_log()}: check its GBNF syntax (llama.cpp's grammars/README.md)")
+            add(chain, constraint)
         if params.repeat_penalty != 1.0:
             add(chain, ll.llama_sampler_init_penalties(self._n_vocab, self.n_ctx, params.repeat_penalty, 0.0, 0.0))
         if params.temperature == 0:
@@ -324,7 +333,7 @@ class LlamaCppSession(Session):
         self._reset()
         if not self._prefill(tokens, cancelled):
             return
-        if self._draft == "lookup" and params.temperature == 0 and params.repeat_penalty == 1.0:
+        if self._draft == "lookup" and params.temperature == 0 and params.repeat_penalty == 1.0 and not _constrained(params):
             yield from self._generate_lookup(tokens)
             return
         chain = self._sampler(params, tokens)
@@ -415,6 +424,9 @@ class LlamaCppSession(Session):
             ll.llama_batch_free(batch)
         return scores
 
+    def _check_constraint(self, params: SamplingParams) -> None:
+        """Schemas and grammars both hold here."""
+
     def _check_open(self) -> None:
         if self._ctx is None:
             raise UsageError("this session is closed: load the model again")
@@ -433,6 +445,10 @@ class LlamaCppSession(Session):
         if not _finalizing() and (getattr(self, "_ctx", None) is not None or getattr(self, "_model", None) is not None):
             self._close()
 
+
+
+def _constrained(params: SamplingParams) -> bool:
+    return params.schema is not None or params.grammar is not None
 
 
 class LlamaCppBackend(Backend):
