@@ -339,7 +339,6 @@ class Session(ABC):
     ) -> Stream:
         """Like ``chat`` but returns a ``Stream``; with tools it yields the content only, the calls are in ``completion``."""
         params = SamplingParams.from_kwargs(sampling)
-        self._check_constraint(params)
         msgs = _check_messages(messages)
         use = self.tool_use(tools, tool_choice) if tools is not None else None
         tools = use.tools if use else None
@@ -347,6 +346,7 @@ class Session(ABC):
             if params.schema is not None or params.grammar is not None:
                 raise UsageError("a forced tool_choice constrains the answer to a call: leave out schema and grammar", option="tool_choice")
             params.grammar = use.grammar
+        self._check_constraint(params)
         tokens = self.chat_tokens(msgs, tools=tools)
         dropped = 0
         if truncate == "left":

@@ -184,7 +184,7 @@ class ToolRequest:
     """A request's ``tools``, checked; the template's say comes with ``Session.tool_use``."""
 
     tools: list[dict[str, Any]]
-    choice: str
+    choice: str | dict[str, Any]  # as given: ``Session.tool_use`` takes it
     parallel: bool
 
 
@@ -196,10 +196,10 @@ def parse_tools(body: dict) -> ToolRequest | None:
         return None
     try:
         checked = check_tools(tools)
-        choice = check_choice(body.get("tool_choice"), checked)
+        check_choice(body.get("tool_choice"), checked)
     except UsageError as e:
         raise ApiError(400, str(e), param=e.option) from e
-    return ToolRequest(checked, choice, _get(body, "parallel_tool_calls", bool, "a boolean", True))
+    return ToolRequest(checked, body.get("tool_choice") or "auto", _get(body, "parallel_tool_calls", bool, "a boolean", True))
 
 
 def _text(content: Any, where: str) -> Any:

@@ -34,7 +34,8 @@ WEATHER = {
         },
     },
 }
-TIME = {"type": "function", "function": {"name": "get_time", "description": "The time now", "parameters": {"type": "object", "properties": {}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "The time now",
+                                         "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}  # fmt: skip
 TOOLS = [WEATHER, TIME]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
@@ -51,7 +52,7 @@ def run_tool(name: str, arguments: str) -> str:
 
 def tiny_gguf(root: Path, arch: str, template: str) -> Path:
     """A tiny random ``arch`` model with ``template`` as its chat template, as an f32 GGUF."""
-    ckpt = tiny_model(arch, root / "hf")
+    ckpt = tiny_model(arch, root / "hf", max_position_embeddings=2048)  # tools take a few hundred tokens
     (ckpt / "chat_template.jinja").write_text(template)
     config = json.loads((ckpt / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)  # the .jinja file is the template
@@ -87,7 +88,7 @@ def test_round_trip_with_the_openai_client(family, stream):
         messages = list(ASK)
         ask = dict(model="tiny", messages=messages, tools=TOOLS, tool_choice=choice, temperature=0.8, seed=7, max_tokens=128)
         if stream:
-            with client.chat.completions.stream(**ask) as events:
+            with client.chat.completions.stream(**ask, stream_options={"include_usage": True}) as events:
                 kinds = {e.type for e in events}
                 first = events.get_final_completion()
             assert "tool_calls.function.arguments.done" in kinds  # the client saw the calls arrive as deltas
