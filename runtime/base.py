@@ -126,8 +126,9 @@ class Completion:
     tool_calls: list[ToolCall] = field(default_factory=list)  # a chat with tools: the calls; ``text`` is then the rest
 
     def to_json(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["tool_calls"] = [c.to_json() for c in self.tool_calls]
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tool_calls"}
+        if self.tool_calls:  # only a chat with tools has them
+            out["tool_calls"] = [c.to_json() for c in self.tool_calls]
         return out
 
 

@@ -177,3 +177,30 @@ def test_a_gemma_like_template_is_refused_in_python(tmp_path):
         with pytest.raises(UsageError, match="no tool support"):
             s.chat(ASK, tools=TOOLS)
         assert s.chat(ASK, max_tokens=2).completion_tokens >= 1
+
+
+@pytest.mark.slow
+def test_round_trip_in_python_and_a_cut_off_call(tmp_path, smollm2_gguf):
+    """``Session.chat``/``chat_stream`` with tools: the calls in ``completion.tool_calls``, fed back as OpenAI messages."""
+    import edgepack
+    from edgepack.errors import UsageError
+
+    with edgepack.load(tiny_gguf(tmp_path, "qwen2", FAMILIES["hermes"][0]), threads=1, n_ctx=1024) as s:
+        messages = list(ASK)
+        for turn in range(2):
+            stream = s.chat_stream(messages, tools=TOOLS, tool_choice="required", temperature=0.8, seed=turn, max_tokens=128)
+            assert "".join(stream) == ""  # a forced call holds no content
+            c = stream.completion
+            assert c.finish_reason == "tool_calls" and len(c.tool_calls) == 1
+            call = c.tool_calls[0]
+            messages += [{"role": "assistant", "content": None, "tool_calls": [call.to_json()]},
+                         {"role": "tool", "tool_call_id": call.id, "content": run_tool(call.name, call.arguments)}]  # fmt: skip
+        answer = s.chat(messages, tools=TOOLS, temperature=0, max_tokens=6)
+        assert answer.finish_reason in ("stop", "length") and answer.tool_calls == [] and answer.to_json().keys() >= {"text"}
+        cut = s.chat(ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=16)
+        assert cut.finish_reason == "length" and cut.tool_calls == [] and cut.text.startswith("<tool_call>")  # given back as text
+        with pytest.raises(UsageError, match="constrains the answer to a call"):
+            s.chat(ASK, tools=TOOLS, tool_choice="required", schema={"type": "object"})
+    with edgepack.load(smollm2_gguf, threads=1, n_ctx=512) as s:
+        with pytest.raises(UsageError, match="no tool support"):
+            s.chat(ASK, tools=TOOLS)
