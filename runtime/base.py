@@ -33,6 +33,8 @@ from ..errors import ContextOverflowError, UsageError
 if TYPE_CHECKING:
     import numpy as np
 
+    from .tools import ToolUse
+
 # {"role": "system"|"user"|"assistant", "content": "..."}; also {"role": "tool", "content", "tool_call_id"}
 # and {"role": "assistant", "content": None, "tool_calls": [{"id", "type": "function", "function": {"name", "arguments"}}]}
 Message = dict[str, Any]
@@ -341,7 +343,9 @@ class Session(ABC):
         """Like ``chat`` but returns a ``Stream``; with tools it yields the content only, the calls are in ``completion``."""
         params = SamplingParams.from_kwargs(sampling)
         msgs = _check_messages(messages)
-        use = self.tool_use(tools, tool_choice) if tools is not None else None
+        if not tools and tool_choice not in ("auto", "none"):
+            raise UsageError("`tool_choice` needs `tools`: list the functions the model may call", option="tool_choice")
+        use = self.tool_use(tools, tool_choice) if tools else None
         tools = use.tools if use else None
         if use and use.grammar:
             if params.schema is not None or params.grammar is not None:
@@ -388,7 +392,7 @@ class Session(ABC):
         msgs, tools = for_template(source, _check_messages(messages), tools)
         return render(source, msgs, specials, add_generation_prompt=add_generation_prompt, tools=tools)
 
-    def tool_use(self, tools: Sequence[dict[str, Any]], tool_choice: str | dict[str, Any] = "auto", *, parallel: bool = True):
+    def tool_use(self, tools: Sequence[dict[str, Any]], tool_choice: str | dict[str, Any] = "auto", *, parallel: bool = True) -> ToolUse:
         """``tools`` and ``tool_choice`` checked against this model's chat template: a ``tools.ToolUse``.
 
         ``tool_choice``: "auto" (the model decides), "none" (no calls are read), "required" or

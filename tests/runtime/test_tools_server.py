@@ -65,12 +65,25 @@ def client_of(base: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base}/v1", api_key="none", timeout=120, max_retries=0, http_client=httpx.Client(trust_env=False))
 
 
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory):
+    """The tiny GGUF of a family, built once per module."""
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            template, arch = FAMILIES[family]
+            made[family] = tiny_gguf(tmp_path_factory.mktemp(family), arch, template)
+        return made[family]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory, edgepack_serve):
+def family(request, ggufs, tmp_path_factory, edgepack_serve):
     """(family, openai client) of a served tiny model with that family's template."""
-    template, arch = FAMILIES[request.param]
-    root = tmp_path_factory.mktemp(request.param)
-    with edgepack_serve(tiny_gguf(root, arch, template), root, "--n-ctx", "1024", "--max-tokens", "128") as (base, _):
+    model = ggufs(request.param)
+    with edgepack_serve(model, tmp_path_factory.mktemp("serve"), "--n-ctx", "1024", "--max-tokens", "128") as (base, _):
         yield request.param, client_of(base)
 
 
@@ -109,10 +122,9 @@ def test_round_trip_with_the_openai_client(family, stream):
 
 
 @pytest.fixture(scope="module")
-def hermes(tmp_path_factory, edgepack_serve):
+def hermes(ggufs, tmp_path_factory, edgepack_serve):
     """Base url of a served tiny Qwen-style model, for the bad requests."""
-    root = tmp_path_factory.mktemp("hermes-bad")
-    with edgepack_serve(tiny_gguf(root, "qwen2", FAMILIES["hermes"][0]), root, "--n-ctx", "512") as (base, _):
+    with edgepack_serve(ggufs("hermes"), tmp_path_factory.mktemp("serve"), "--n-ctx", "512") as (base, _):
         yield base
 
 
@@ -180,12 +192,34 @@ def test_a_gemma_like_template_is_refused_in_python(tmp_path):
 
 
 @pytest.mark.slow
-def test_round_trip_in_python_and_a_cut_off_call(tmp_path, smollm2_gguf):
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_calls_the_model_writes_by_itself_are_read_after_its_text(ggufs, name):
+    """tool_choice auto: whatever the model writes. A grammar of our own makes the tiny model write some text
+    and then two calls in its family's format, as a trained model would; the stream passes the text on and
+    the calls arrive in ``completion`` (Llama 3's bare JSON is a call only when it opens the answer)."""
+    import edgepack
+    from edgepack.runtime import schema
+    from edgepack.runtime.tools import FORMATS
+
+    fmt = FORMATS[name]
+    lead = "" if fmt.bare else "Checking both. "
+    calls = [{"name": "get_weather", "arguments": {"city": "Lima", "celsius": False}}, {"name": "get_time", "arguments": {}}]
+    with edgepack.load(ggufs(name), threads=1, n_ctx=1024) as s:
+        stream = s.chat_stream(ASK, tools=TOOLS, grammar=f"root ::= {schema.literal(lead + fmt.write(calls))}", max_tokens=200)
+        pieces = list(stream)
+        c = stream.completion
+    assert "".join(pieces) == lead and (len(pieces) > 1 or not lead)  # passed on as it came, not at the end
+    assert c.finish_reason == "tool_calls" and c.text == lead.strip()
+    assert [(t.name, json.loads(t.arguments)) for t in c.tool_calls] == [(k["name"], k["arguments"]) for k in calls]
+
+
+@pytest.mark.slow
+def test_round_trip_in_python_and_a_cut_off_call(ggufs, smollm2_gguf):
     """``Session.chat``/``chat_stream`` with tools: the calls in ``completion.tool_calls``, fed back as OpenAI messages."""
     import edgepack
     from edgepack.errors import UsageError
 
-    with edgepack.load(tiny_gguf(tmp_path, "qwen2", FAMILIES["hermes"][0]), threads=1, n_ctx=1024) as s:
+    with edgepack.load(ggufs("hermes"), threads=1, n_ctx=1024) as s:
         messages = list(ASK)
         for turn in range(2):
             stream = s.chat_stream(messages, tools=TOOLS, tool_choice="required", temperature=0.8, seed=turn, max_tokens=128)
