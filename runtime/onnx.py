@@ -2,7 +2,10 @@
 
 A folder qualifies when it holds ``genai_config.json`` (what onnxruntime-genai's model
 builder writes). Sampling stays inside ``og.Generator``'s own search; only ``min_p``,
-which genai lacks, reads the logits in Python, and only when it is asked for.
+which genai lacks, reads the logits in Python, and only when it is asked for. A JSON
+schema or a GBNF grammar is enforced by genai's guidance (llguidance) as the same grammar
+the llama.cpp backend uses (``schema.grammar``), rewritten in llguidance's Lark syntax, so
+both backends allow exactly the same answers.
 
 Text goes through the folder's ``tokenizer.json`` with Hugging Face ``tokenizers``, not
 ``og.Tokenizer``: genai's tokenizer adds SentencePiece's dummy-prefix space after special
@@ -13,6 +16,7 @@ from ``chat_template.jinja`` or ``tokenizer_config.json``.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +26,7 @@ import numpy as np
 from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
 from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
 from .registry import Backend
+from .schema import grammar
 from .threads import physical_cores
 
 # The doctor's probe, y = x + x on a float[1], serialized; the runtime has no onnx package to build it. Made by
@@ -164,12 +169,17 @@ class OnnxSession(Session):
                 if params.seed is not None:
                     opts["random_seed"] = params.seed
         gp.set_search_options(**opts)
+        if params is not None and (params.schema is not None or params.grammar is not None):
+            gp.set_guidance("lark_grammar", lark(params.grammar if params.schema is None else grammar(params.schema)))
         return og.Generator(self._model, gp)
 
     def _generate(self, tokens: list[int], params: SamplingParams, cancelled: threading.Event) -> Iterator[str]:
         self._check_open()
         try:
             gen = self._generator(params, self.n_ctx)
+        except Exception as e:  # noqa: BLE001
+            raise BackendError(f"onnxruntime-genai could not start a generation with these options: {e}") from e
+        try:
             gen.append_tokens(np.asarray(tokens, dtype=np.int32))
         except Exception as e:  # noqa: BLE001
             raise BackendError(f"onnxruntime-genai failed on a {len(tokens)}-token prompt: {e}") from e
@@ -192,6 +202,10 @@ class OnnxSession(Session):
         # One append: genai's chunked prefill runs other int4 kernels, so chunks would shift the numbers.
         gen.append_tokens(np.asarray(tokens[:-1], dtype=np.int32))
         return Scores.of(gen.get_output("logits")[0], tokens[1:], top_k)
+
+    def _check_constraint(self, params: SamplingParams) -> None:
+        if (params.schema is not None or params.grammar is not None) and not hasattr(og.GeneratorParams, "set_guidance"):
+            raise UsageError(f"onnxruntime-genai {og.__version__} cannot constrain output (no guidance): pip install -U onnxruntime-genai")
 
     def _check_open(self) -> None:
         if self._model is None:
@@ -217,3 +231,76 @@ def _min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
     """Drop tokens less likely than min_p times the likeliest, as llama.cpp's min-p sampler does."""
     floor = logits.max(axis=-1, keepdims=True) + np.log(min_p)
     return np.where(logits >= floor, logits, np.float32(-np.inf))
+
+
+_GBNF = re.compile(
+    r"""(?P<skip>\s+|\#[^\n]*) | (?P<define>::=) | (?P<literal>"(?:[^"\\]|\\.)*") | (?P<klass>\[(?:[^\]\\]|\\.)*\])
+      | (?P<name>[a-zA-Z0-9_-]+) | (?P<repeat>\{\s*\d+\s*(?:,\s*\d*\s*)?\}) | (?P<op>[()|?*+.])""",
+    re.X,
+)
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t"}
+
+
+def lark(gbnf: str) -> str:
+    """llama.cpp GBNF (root rule ``root``) as an llguidance Lark grammar: rules become ``g_<name>``
+    (Lark wants lower case, no dashes), character classes and ``.`` regex terminals; UsageError on
+    text that is not GBNF."""
+    out, pos = [], 0
+    while pos < len(gbnf):
+        m = _GBNF.match(gbnf, pos)
+        if m is None:
+            raise UsageError(f"grammar: cannot read GBNF at {gbnf[pos : pos + 20]!r}: check its syntax (llama.cpp's grammars/README.md)")
+        pos, kind, text = m.end(), m.lastgroup, m.group()
+        if kind == "skip":
+            continue
+        if kind == "name":
+            nxt = _GBNF.match(gbnf, pos)
+            while nxt is not None and nxt.lastgroup == "skip":
+                nxt = _GBNF.match(gbnf, nxt.end())
+            name = "g_" + text.lower().replace("-", "_")
+            out.append(f"\n{name}:" if nxt is not None and nxt.lastgroup == "define" else name)
+        elif kind == "define":
+            continue
+        elif kind == "literal":
+            chars = _gbnf_chars(text[1:-1])
+            out.append(json.dumps("".join(chr(c) for c in chars), ensure_ascii=False) if chars else '""')
+        elif kind == "klass":
+            negate = text.startswith("[^")
+            chars, ranges = _gbnf_chars(text[2 if negate else 1 : -1], dashes=True), []
+            i = 0
+            while i < len(chars):  # a dash between two characters makes a range
+                if i + 2 < len(chars) and chars[i + 1] == -1:
+                    ranges.append((chars[i], chars[i + 2]))
+                    i += 3
+                else:
+                    ranges.append((45, 45) if chars[i] == -1 else (chars[i], chars[i]))
+                    i += 1
+            body = "".join(f"\\x{{{a:X}}}" if a == b else f"\\x{{{a:X}}}-\\x{{{b:X}}}" for a, b in ranges)
+            out.append(f"/[{'^' if negate else ''}{body}]/")
+        elif text == ".":
+            out.append("/(?s:.)/")
+        elif kind == "repeat" or text in "?*+":
+            out[-1] += text.replace(" ", "")  # postfix: no space before it
+        else:
+            out.append(text)
+    return "start: g_root" + " ".join(out).replace(" \n", "\n") + "\n"
+
+
+def _gbnf_chars(text: str, dashes: bool = False) -> list[int]:
+    """Code points of GBNF literal or class text, escapes decoded; with ``dashes`` an unescaped ``-`` is -1."""
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            e = text[i + 1]
+            width = {"x": 2, "u": 4, "U": 8}.get(e)
+            if width:
+                out.append(int(text[i + 2 : i + 2 + width], 16))
+                i += 2 + width
+                continue
+            out.append(ord(_ESCAPES.get(e, e)))
+            i += 2
+            continue
+        out.append(-1 if dashes and c == "-" else ord(c))
+        i += 1
+    return out

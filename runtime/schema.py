@@ -312,7 +312,7 @@ class _Grammar:
             low, low_in = (0, True) if a is None or a < 0 else (a, a_in)
             parts.append(_magnitude(low, low_in, b, b_in))
         if a is None or a < 0:  # x < 0, as "-" and its magnitude: x <= b means magnitude >= -b
-            low, low_in = (0, False) if b is None or b >= 0 else (-b, b_in)
+            low, low_in = (0, b is None or b > 0 or b_in) if b is None or b >= 0 else (-b, b_in)  # "-0" when 0 may be
             parts.append('"-" (' + _magnitude(low, low_in, None if a is None else -a, a_in) + ")")
         return self.rule(path, " | ".join(parts))
 

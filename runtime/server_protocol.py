@@ -2,10 +2,12 @@
 
 Requests are checked before they queue: body size (413), JSON shape and
 types, message count and ``max_tokens`` against ``Limits`` (400 naming the
-field), and options edgepack cannot honour (logprobs, n > 1, ...) are
+field), ``response_format`` (a JSON schema: 400 naming a keyword edgepack cannot
+enforce), and options edgepack cannot honour (logprobs, n > 1, ...) are
 refused rather than ignored. Tools are checked here and against the model's
 chat template (``tools``); the model's calls go out as ``message.tool_calls``
-or, streamed, as ``delta.tool_calls`` chunks, one per call once it is complete. Response and error bodies follow OpenAI's shapes
+or, streamed, as ``delta.tool_calls`` chunks, one per call once it is complete.
+Response and error bodies follow OpenAI's shapes
 so the official clients work unchanged; ``timings`` (from ``Completion``) is an
 extra field, as llama.cpp's server adds one.
 
@@ -26,6 +28,7 @@ from starlette.responses import JSONResponse
 
 from ..errors import ContextOverflowError, EdgepackError, UsageError
 from .base import Completion, SamplingParams
+from .schema import check
 from .tools import CallParser, ToolUse, check_choice, check_message, check_tools, finished, split
 
 
@@ -139,9 +142,7 @@ def parse_common(body: dict, limits: Limits) -> Parsed:
         v = body.get(name)
         if v is not None and v != neutral:
             raise ApiError(400, f"{what} is not supported by edgepack serve: leave '{name}' out", param=name)
-    fmt = _get(body, "response_format", dict, "an object")
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise ApiError(400, "response_format other than text is not supported: leave it out", param="response_format")
+    schema = parse_response_format(body)
     max_tokens = _get(body, "max_completion_tokens", int, "an integer")
     max_tokens = _get(body, "max_tokens", int, "an integer", max_tokens)
     if max_tokens is not None and not 1 <= max_tokens <= limits.max_tokens:
@@ -165,6 +166,7 @@ def parse_common(body: dict, limits: Limits) -> Parsed:
         "repeat_penalty": _get(body, "repeat_penalty", (int, float), "a number"),
         "seed": _get(body, "seed", int, "an integer"),
         "stop": stop,
+        "schema": schema,
     }
     sampling = {k: v for k, v in sampling.items() if v is not None}
     try:
@@ -208,6 +210,42 @@ def _text(content: Any, where: str) -> Any:
             raise ApiError(400, f"{where}.content may only hold text parts ({{type: text, text: ...}})", param=f"{where}.content")
         return "\n".join(p["text"] for p in content)
     return content
+
+
+def parse_response_format(body: dict) -> dict | None:
+    """The JSON schema ``response_format`` asks for (``{"type": "object"}`` for json_object), None for text.
+
+    Every keyword is checked here (``schema.check``): one edgepack cannot enforce is a 400 naming it.
+    """
+    fmt = _get(body, "response_format", dict, "an object")
+    kind = "text" if fmt is None else fmt.get("type")
+    allowed = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+    if kind not in allowed:
+        raise ApiError(400, f"response_format.type must be text, json_object or json_schema, got {json.dumps(kind)}", param="response_format")
+    extra = sorted(set(fmt or {}) - allowed[kind])
+    if extra:
+        raise ApiError(400, f"response_format of type {kind} takes no {', '.join(extra)}: leave it out", param="response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    spec = fmt.get("json_schema")
+    where = "response_format.json_schema"
+    if not isinstance(spec, dict):
+        raise ApiError(400, f"{where} must be an object with name, schema and strict, got {_kind(spec)}", param=where)
+    extra = sorted(set(spec) - {"name", "description", "schema", "strict"})
+    if extra:
+        raise ApiError(400, f"{where} has unknown field(s) {', '.join(extra)}: it takes name, description, schema and strict", param=where)
+    for field, want, what in (("name", str, "a string"), ("description", str, "a string"), ("strict", bool, "a boolean")):
+        _get(spec, field, want, what)
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise ApiError(400, f"{where}.schema must be a JSON schema object, got {_kind(schema)}", param=f"{where}.schema")
+    try:
+        check(schema)
+    except UsageError as e:
+        raise ApiError(400, f"{where}.schema: {e}", param=f"{where}.schema") from e
+    return schema
 
 
 def parse_messages(body: dict, limits: Limits) -> list[dict[str, Any]]:

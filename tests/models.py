@@ -294,3 +294,15 @@ def gguf_bundle(root: Path, gguf: Path, steps: tuple[str, ...] = ()) -> Path:
         b.add_step({"stage": "test", "key": key})
     b.save()
     return root
+
+
+def build_onnx(src: Path, out: Path) -> Path:
+    """int4 CPU ONNX folder of the checkpoint at ``src`` through edgepack's ONNX stage (round-to-nearest)."""
+    from edgepack.converters.onnx import OnnxConfig, OnnxStage
+    from edgepack.stages import Artifact, Kind
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    OnnxStage().run(Artifact(Kind.HF, src), OnnxConfig(precision="int4"), tmp)
+    tmp.rename(out)
+    return out

@@ -16,7 +16,7 @@ import pytest
 import edgepack
 from edgepack.bundle import Bundle, Variant
 
-from models import tiny_model
+from models import build_onnx, tiny_model
 
 COUNTING = "A long list of numbers: 1, 2, 3,"
 CHAT = [
@@ -27,28 +27,6 @@ CHAT = [
 ]
 
 pytestmark = pytest.mark.slow
-
-
-def build_onnx(src: Path, out: Path) -> Path:
-    """int4 CPU ONNX folder of the checkpoint at ``src`` through edgepack's ONNX stage (round-to-nearest)."""
-    from edgepack.converters.onnx import OnnxConfig, OnnxStage
-    from edgepack.stages import Artifact, Kind
-
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    OnnxStage().run(Artifact(Kind.HF, src), OnnxConfig(precision="int4"), tmp)
-    tmp.rename(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def smollm2_onnx(smollm2, request) -> Path:
-    import onnxruntime_genai as og
-
-    from edgepack.converters.onnx import OnnxStage
-
-    out = Path(request.config.cache.mkdir("edgepack-onnx")) / f"smollm2-int4-stage{OnnxStage.version}-og{og.__version__}"
-    return out if (out / "genai_config.json").is_file() else build_onnx(smollm2, out)
 
 
 @pytest.fixture(scope="module")
