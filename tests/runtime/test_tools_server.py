@@ -238,3 +238,18 @@ def test_round_trip_in_python_and_a_cut_off_call(ggufs, smollm2_gguf):
     with edgepack.load(smollm2_gguf, threads=1, n_ctx=512) as s:
         with pytest.raises(UsageError, match="no tool support"):
             s.chat(ASK, tools=TOOLS)
+
+
+@pytest.mark.slow
+def test_a_forced_call_on_onnx(tmp_path):
+    """The same grammar reaches onnxruntime-genai (its guidance): a tiny Qwen-style int4 ONNX model calls get_weather."""
+    import edgepack
+    from models import build_onnx
+
+    ckpt = tiny_model("qwen2", tmp_path / "hf", max_position_embeddings=2048)
+    (ckpt / "chat_template.jinja").write_text(FAMILIES["hermes"][0])
+    with edgepack.load(build_onnx(ckpt, tmp_path / "onnx"), n_ctx=1024) as s:
+        assert s.info.backend == "onnx"
+        c = s.chat(ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0.8, seed=3, max_tokens=128)
+    assert c.finish_reason == "tool_calls" and [t.name for t in c.tool_calls] == ["get_weather"]
+    run_tool(c.tool_calls[0].name, c.tool_calls[0].arguments)
