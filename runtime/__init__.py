@@ -14,14 +14,14 @@ from ..bundle import MANIFEST, Bundle, Variant
 from .. import library
 from ..errors import BundleError, EdgepackError, SourceNotFoundError, UsageError
 from . import registry
-from .base import Completion, Message, ModelInfo, SamplingParams, Scores, Session, Stream
+from .base import Completion, Message, ModelInfo, SamplingParams, Scores, Session, Stream, ToolCall
 from .loader import Loader
 from .registry import Backend
 
 DEVICES = ("auto", "cpu", "cuda", "metal")
 KV_TYPES = ("f16", "q8_0", "q4_0")
 
-__all__ = ["Backend", "Completion", "Loader", "Message", "ModelInfo", "SamplingParams", "Scores", "Session", "Stream", "load", "registry"]
+__all__ = ["Backend", "Completion", "Loader", "Message", "ModelInfo", "SamplingParams", "Scores", "Session", "Stream", "ToolCall", "load", "registry"]
 
 
 def load(

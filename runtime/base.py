@@ -33,7 +33,11 @@ from ..errors import ContextOverflowError, UsageError
 if TYPE_CHECKING:
     import numpy as np
 
-Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": "..."}
+    from .tools import ToolUse
+
+# {"role": "system"|"user"|"assistant", "content": "..."}; also {"role": "tool", "content", "tool_call_id"}
+# and {"role": "assistant", "content": None, "tool_calls": [{"id", "type": "function", "function": {"name", "arguments"}}]}
+Message = dict[str, Any]
 Truncate = Literal["error", "left"]
 Prompt = str | Sequence[int]
 
@@ -95,6 +99,19 @@ class SamplingParams:
         return p
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool call the model made (``Completion.tool_calls``); ``arguments`` is JSON text of an object, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_json(self) -> dict[str, Any]:
+        """OpenAI's shape, as an assistant message's ``tool_calls`` holds it."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
 @dataclass
 class Completion:
     """A finished generation, with the counts and timings ``--json``, the server and bench report."""
@@ -102,16 +119,20 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: Literal["stop", "length", "cancelled", "tool_calls"]
     ttft_s: float  # prompt in -> first token out (prefill plus one sampling step)
     prefill_tokens_per_s: float  # prompt tokens read (those not reused from the cache) over ttft_s
     decode_tokens_per_s: float  # tokens after the first, over the time after the first
     wall_s: float
     truncated_tokens: int = 0  # prompt tokens dropped by truncate="left"
     cached_tokens: int = 0  # leading prompt tokens reused from the previous generation's cache, not read again
+    tool_calls: list[ToolCall] = field(default_factory=list)  # a chat with tools: the calls; ``text`` is then the rest
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tool_calls"}
+        if self.tool_calls:  # only a chat with tools has them
+            out["tool_calls"] = [c.to_json() for c in self.tool_calls]
+        return out
 
 
 @dataclass
@@ -299,19 +320,46 @@ class Session(ABC):
         tokens, dropped = self._fit(tokens, params, truncate)
         return Stream(lambda run: self._drive(run, tokens, params, dropped))
 
-    def chat(self, messages: Sequence[Message], *, truncate: Truncate = "error", **sampling: Any) -> Completion:
+    def chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] = "auto",
+        truncate: Truncate = "error",
+        **sampling: Any,
+    ) -> Completion:
         """Answer a conversation formatted with the model's own chat template.
 
+        ``tools`` (OpenAI's shape) are rendered by the template and the model's calls come back in
+        ``tool_calls`` (finish_reason "tool_calls"); ``tool_choice`` as in OpenAI's API (see ``tool_use``).
         With truncate="left", the oldest non-system messages are dropped whole until it fits;
-        ContextOverflowError if even the last message does not fit.
+        ContextOverflowError if even the last message does not fit. UsageError for a template without tool support.
         """
-        return self._finish(self.chat_stream(messages, truncate=truncate, **sampling))
+        return self._finish(self.chat_stream(messages, tools=tools, tool_choice=tool_choice, truncate=truncate, **sampling))
 
-    def chat_stream(self, messages: Sequence[Message], *, truncate: Truncate = "error", **sampling: Any) -> Stream:
+    def chat_stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] = "auto",
+        truncate: Truncate = "error",
+        **sampling: Any,
+    ) -> Stream:
+        """Like ``chat`` but returns a ``Stream``; with tools it yields the content only, the calls are in ``completion``."""
         params = SamplingParams.from_kwargs(sampling)
-        self._check_constraint(params)
         msgs = _check_messages(messages)
-        tokens = self.chat_tokens(msgs)
+        if not tools and tool_choice not in ("auto", "none"):
+            raise UsageError("`tool_choice` needs `tools`: list the functions the model may call", option="tool_choice")
+        use = self.tool_use(tools, tool_choice) if tools else None
+        tools = use.tools if use else None
+        if use and use.grammar:
+            if params.schema is not None or params.grammar is not None:
+                raise UsageError("a forced tool_choice constrains the answer to a call: leave out schema and grammar", option="tool_choice")
+            params.grammar = use.grammar
+        self._check_constraint(params)
+        tokens = self.chat_tokens(msgs, tools=tools)
         dropped = 0
         if truncate == "left":
             system = msgs[:1] if msgs[0]["role"] == "system" else []
@@ -320,24 +368,53 @@ class Session(ABC):
                 rest = rest[1:]
                 while len(rest) > 1 and rest[0]["role"] != "user":  # templates may insist on user first
                     rest = rest[1:]
-                shorter = self.chat_tokens(system + rest)
+                shorter = self.chat_tokens(system + rest, tools=tools)
                 dropped += len(tokens) - len(shorter)
                 tokens = shorter
         tokens, _ = self._fit(tokens, params, "error")
-        return Stream(lambda run: self._drive(run, tokens, params, dropped))
+        drive = lambda run: self._drive(run, tokens, params, dropped)  # noqa: E731
+        parser = use.parser() if use else None
+        if parser is None:
+            return Stream(drive)
+        from .tools import ToolStream
 
-    def chat_tokens(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        return ToolStream(drive, parser)
+
+    def chat_tokens(
+        self, messages: Sequence[Message], *, tools: Sequence[dict[str, Any]] | None = None, add_generation_prompt: bool = True
+    ) -> list[int]:
         """The exact ids a chat feeds the model: equal to transformers' ``apply_chat_template(tokenize=True)``."""
-        return self.tokenize(self.format_chat(messages, add_generation_prompt=add_generation_prompt))
+        return self.tokenize(self.format_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt))
 
-    def format_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
-        """``messages`` rendered with the model's chat template (the text ``chat_tokens`` tokenizes)."""
+    def format_chat(
+        self, messages: Sequence[Message], *, tools: Sequence[dict[str, Any]] | None = None, add_generation_prompt: bool = True
+    ) -> str:
+        """``messages`` (and ``tools``) rendered with the model's chat template (the text ``chat_tokens`` tokenizes).
+
+        Raises UsageError when there are tools, tool calls or tool results and the template has no tool support.
+        """
         from .chat_template import render
+        from .tools import for_template
 
+        source, specials = self._chat_template_cached()
+        msgs, tools = for_template(source, _check_messages(messages), tools)
+        return render(source, msgs, specials, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    def tool_use(self, tools: Sequence[dict[str, Any]], tool_choice: str | dict[str, Any] = "auto", *, parallel: bool = True) -> ToolUse:
+        """``tools`` and ``tool_choice`` checked against this model's chat template: a ``tools.ToolUse``.
+
+        ``tool_choice``: "auto" (the model decides), "none" (no calls are read), "required" or
+        ``{"type": "function", "function": {"name": ...}}``. ``parallel=False`` keeps one call per answer.
+        Raises UsageError naming the field at fault, or when the template has no tool support.
+        """
+        from .tools import use
+
+        return use(self._chat_template_cached()[0], tools, tool_choice, parallel=parallel)
+
+    def _chat_template_cached(self) -> tuple[str, dict[str, str]]:
         if self._template is None:
             self._template = self._chat_template()
-        source, specials = self._template
-        return render(source, _check_messages(messages), specials, add_generation_prompt=add_generation_prompt)
+        return self._template
 
     def score(self, tokens: Sequence[int], *, top_k: int = 0) -> Scores:
         """Log-probabilities of each next token, and with ``top_k`` the k likeliest per position.
@@ -542,6 +619,11 @@ def _check_messages(messages: Sequence[Message]) -> list[Message]:
         raise UsageError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     out = []
     for i, m in enumerate(messages):
+        if isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls") is not None):
+            from .tools import check_message
+
+            out.append(check_message(i, m))
+            continue
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise UsageError(f"message {i} must be a dict with string 'role' and 'content', got {m!r}")
         out.append(m)

@@ -24,8 +24,15 @@ from ..errors import InvalidModelError, UsageError
 _REASONING = ("reasoning_content", "thinking", "reasoning")
 
 
-def render(source: str, messages: Sequence[dict[str, Any]], specials: dict[str, str], *, add_generation_prompt: bool) -> str:
-    """The conversation as text. Raises UsageError when the template rejects the messages."""
+def render(
+    source: str,
+    messages: Sequence[dict[str, Any]],
+    specials: dict[str, str],
+    *,
+    add_generation_prompt: bool,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> str:
+    """The conversation as text; ``tools`` as transformers passes them (OpenAI's shape). Raises UsageError when the template rejects the messages."""
     import jinja2
 
     template = _compile(source)
@@ -33,7 +40,7 @@ def render(source: str, messages: Sequence[dict[str, Any]], specials: dict[str, 
         return template.render(
             messages=[_with_reasoning(dict(m)) for m in messages],
             add_generation_prompt=add_generation_prompt,
-            tools=None,
+            tools=tools,
             documents=None,
             **specials,
         )
@@ -46,8 +53,26 @@ def _with_reasoning(message: dict[str, Any]) -> dict[str, Any]:
     return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
+def variables(source: str) -> set[str]:
+    """The variables ``source`` reads from outside (``messages``, ``tools``, ...): what the template can take."""
+    from jinja2 import meta
+
+    _compile(source)  # InvalidModelError when it does not parse
+    return meta.find_undeclared_variables(_environment().parse(source))
+
+
 @functools.lru_cache(maxsize=8)
 def _compile(source: str):
+    import jinja2
+
+    try:
+        return _environment().from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise InvalidModelError(f"the model's chat template does not parse ({e}): use generate() with your own prompt format") from e
+
+
+@functools.cache
+def _environment():
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -63,10 +88,7 @@ def _compile(source: str):
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: _dt.datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise InvalidModelError(f"the model's chat template does not parse ({e}): use generate() with your own prompt format") from e
+    return env
 
 
 @functools.cache

@@ -32,7 +32,7 @@ from starlette.routing import Route
 from ..errors import ContextOverflowError, EdgepackError, UsageError
 from . import registry
 from .base import Session, Slots, Stream
-from .server_protocol import ApiError, Limits, Reply, from_exception, parse_common, parse_messages, parse_prompt, read_json
+from .server_protocol import ApiError, Limits, Reply, from_exception, parse_common, parse_messages, parse_prompt, parse_tools, read_json
 from .server_queue import Gate, Job
 
 __all__ = ["Limits", "bind", "cors_origins", "create_app", "default_parallel", "serve"]
@@ -187,8 +187,15 @@ def create_app(
         body = await read_json(request, limits.max_body_bytes)
         req = parse_common(body, limits)
         messages = parse_messages(body, limits)
-        start = starter(lambda: session.chat_tokens(messages), req.sampling)
-        return await unless_disconnected(request, run(Reply(True, model_id, req.include_usage), req.stream, start))
+        asked = parse_tools(body)
+        tools = session.tool_use(asked.tools, asked.choice, parallel=asked.parallel) if asked else None  # UsageError: 400
+        sampling = req.sampling
+        if tools and tools.grammar:  # tool_choice required or a name: the answer is sampled as one call
+            if "schema" in sampling:
+                raise ApiError(400, "response_format and a forced tool_choice cannot both shape the answer: drop one", param="tool_choice")
+            sampling = {**sampling, "grammar": tools.grammar}
+        start = starter(lambda: session.chat_tokens(messages, tools=tools and tools.tools), sampling)
+        return await unless_disconnected(request, run(Reply(True, model_id, req.include_usage, tools), req.stream, start))
 
     async def completions(request: Request) -> Response:
         authorize(request)

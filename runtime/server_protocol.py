@@ -3,8 +3,11 @@
 Requests are checked before they queue: body size (413), JSON shape and
 types, message count and ``max_tokens`` against ``Limits`` (400 naming the
 field), ``response_format`` (a JSON schema: 400 naming a keyword edgepack cannot
-enforce), and options edgepack cannot honour (tools, logprobs, n > 1, ...) are
-refused rather than ignored. Response and error bodies follow OpenAI's shapes
+enforce), and options edgepack cannot honour (logprobs, n > 1, ...) are
+refused rather than ignored. Tools are checked here and against the model's
+chat template (``tools``); the model's calls go out as ``message.tool_calls``
+or, streamed, as ``delta.tool_calls`` chunks, one per call once it is complete.
+Response and error bodies follow OpenAI's shapes
 so the official clients work unchanged; ``timings`` (from ``Completion``) is an
 extra field, as llama.cpp's server adds one.
 
@@ -26,6 +29,7 @@ from starlette.responses import JSONResponse
 from ..errors import ContextOverflowError, EdgepackError, UsageError
 from .base import Completion, SamplingParams
 from .schema import check
+from .tools import CallParser, ToolUse, check_choice, check_message, check_tools, finished, split
 
 
 @dataclass
@@ -64,7 +68,7 @@ def from_exception(e: BaseException) -> ApiError:
             code="context_length_exceeded",
         )
     if isinstance(e, UsageError):
-        return ApiError(400, str(e))
+        return ApiError(400, str(e), param=e.option)
     if isinstance(e, EdgepackError):
         return ApiError(500, str(e), code="backend_error")
     return ApiError(500, f"internal error: {type(e).__name__}: {e} (see the server log)", code="internal_error")
@@ -82,8 +86,7 @@ _UNSUPPORTED = {
     "echo": (False, "echo"),
     "suffix": ("", "suffix"),
     "logit_bias": ({}, "logit_bias"),
-    "tools": ([], "tool calling (tools)"),
-    "functions": ([], "function calling (functions)"),
+    "functions": ([], "function calling with `functions` (use `tools`)"),
     "presence_penalty": (0, "presence_penalty (use repeat_penalty)"),
     "frequency_penalty": (0, "frequency_penalty (use repeat_penalty)"),
 }
@@ -178,6 +181,37 @@ def parse_common(body: dict, limits: Limits) -> Parsed:
     )
 
 
+@dataclass
+class ToolRequest:
+    """A request's ``tools``, checked; the template's say comes with ``Session.tool_use``."""
+
+    tools: list[dict[str, Any]]
+    choice: str | dict[str, Any]  # as given: ``Session.tool_use`` takes it
+    parallel: bool
+
+
+def parse_tools(body: dict) -> ToolRequest | None:
+    tools = body.get("tools")
+    if tools is None or tools == []:
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            raise ApiError(400, "'tool_choice' needs 'tools': list the functions the model may call", param="tool_choice")
+        return None
+    try:
+        checked = check_tools(tools)
+        check_choice(body.get("tool_choice"), checked)
+    except UsageError as e:
+        raise ApiError(400, str(e), param=e.option) from e
+    return ToolRequest(checked, body.get("tool_choice") or "auto", _get(body, "parallel_tool_calls", bool, "a boolean", True))
+
+
+def _text(content: Any, where: str) -> Any:
+    if isinstance(content, list):  # content parts: only text ones make sense to a text model
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise ApiError(400, f"{where}.content may only hold text parts ({{type: text, text: ...}})", param=f"{where}.content")
+        return "\n".join(p["text"] for p in content)
+    return content
+
+
 def parse_response_format(body: dict) -> dict | None:
     """The JSON schema ``response_format`` asks for (``{"type": "object"}`` for json_object), None for text.
 
@@ -214,7 +248,7 @@ def parse_response_format(body: dict) -> dict | None:
     return schema
 
 
-def parse_messages(body: dict, limits: Limits) -> list[dict[str, str]]:
+def parse_messages(body: dict, limits: Limits) -> list[dict[str, Any]]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ApiError(400, f"'messages' must be a non-empty array of {{role, content}} objects, got {_kind(msgs)}", param="messages")
@@ -230,13 +264,17 @@ def parse_messages(body: dict, limits: Limits) -> list[dict[str, str]]:
         if not isinstance(m, dict):
             raise ApiError(400, f"{where} must be an object with 'role' and 'content', got {_kind(m)}", param=where)
         role = "system" if m.get("role") == "developer" else m.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"{where}.role must be system, developer, user or assistant, got {role!r}", param=f"{where}.role")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text ones make sense to a text model
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise ApiError(400, f"{where}.content may only hold text parts ({{type: text, text: ...}})", param=f"{where}.content")
-            content = "\n".join(p["text"] for p in content)
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ApiError(400, f"{where}.role must be system, developer, user, assistant or tool, got {role!r}", param=f"{where}.role")
+        content = _text(m.get("content"), where)
+        if role == "tool" or (role == "assistant" and m.get("tool_calls") is not None):
+            msg = {"role": role, "content": content}
+            msg.update({k: m[k] for k in ("tool_call_id", "tool_calls", "name") if k in m})
+            try:
+                out.append(check_message(i, msg))
+            except UsageError as e:
+                raise ApiError(400, str(e), param=e.option) from e
+            continue
         if not isinstance(content, str):
             raise ApiError(400, f"{where}.content must be a string or an array of text parts, got {_kind(content)}", param=f"{where}.content")
         out.append({"role": role, "content": content})
@@ -256,8 +294,8 @@ def parse_prompt(body: dict) -> str:
 class Reply:
     """Builds OpenAI's response bodies for one request, chat or text completion."""
 
-    def __init__(self, chat: bool, model: str, include_usage: bool) -> None:
-        self.chat, self.model, self.include_usage = chat, model, include_usage
+    def __init__(self, chat: bool, model: str, include_usage: bool, tools: ToolUse | None = None) -> None:
+        self.chat, self.model, self.include_usage, self.tools = chat, model, include_usage, tools
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
@@ -272,6 +310,11 @@ class Reply:
             return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None, "finish_reason": finish}
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
 
+    def _calls_chunk(self, calls) -> dict[str, Any]:
+        """Each call whole in one delta, at its index: OpenAI's clients add up ``arguments`` pieces, one is enough."""
+        deltas = [{"index": k, **c.to_json()} for k, c in enumerate(calls)]
+        return {**self._head(True), "choices": [{"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}]}
+
     @staticmethod
     def _usage(c: Completion) -> dict[str, int]:
         return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "total_tokens": c.prompt_tokens + c.completion_tokens,
@@ -282,7 +325,13 @@ class Reply:
         return {"ttft_s": c.ttft_s, "prefill_tokens_per_s": c.prefill_tokens_per_s, "decode_tokens_per_s": c.decode_tokens_per_s, "wall_s": c.wall_s}
 
     def whole(self, c: Completion) -> dict[str, Any]:
-        return {**self._head(False), "choices": [self._choice(c.text, c.finish_reason, False)], "usage": self._usage(c), "timings": self._timings(c)}
+        choice = self._choice(c.text, c.finish_reason, False)
+        if self.tools is not None:
+            c = finished(c, *split(self.tools, c.text))
+            choice = self._choice(c.text or None if c.tool_calls else c.text, c.finish_reason, False)
+            if c.tool_calls:
+                choice["message"]["tool_calls"] = [t.to_json() for t in c.tool_calls]
+        return {**self._head(False), "choices": [choice], "usage": self._usage(c), "timings": self._timings(c)}
 
     async def events(self, first: tuple[str, Any], next_event: Callable[[], Awaitable[tuple[str, Any]]]) -> AsyncIterator[str]:
         """The SSE body: a role chunk (chat), one chunk per piece, a finish chunk, usage if asked, [DONE].
@@ -295,14 +344,24 @@ class Reply:
 
         if self.chat:
             yield data({**self._head(True), "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
+        parser: CallParser | None = self.tools.parser() if self.tools is not None else None
         kind, value = first
         while kind == "piece":
-            yield data({**self._head(True), "choices": [self._choice(value, None, True)]})
+            text = parser.feed(value) if parser else value
+            if text:
+                yield data({**self._head(True), "choices": [self._choice(text, None, True)]})
             kind, value = await next_event()
         if kind == "error":  # headers are gone: OpenAI's clients raise on an "error" event
             e = from_exception(value)
             yield data({"error": {"message": e.message, "type": "server_error", "param": e.param, "code": e.code}})
             return
+        if parser:
+            text, calls = parser.finish()
+            if text and not (calls and text.isspace()):
+                yield data({**self._head(True), "choices": [self._choice(text, None, True)]})
+            if calls:
+                yield data(self._calls_chunk(calls))
+            value = finished(value, "", calls)
         yield data({**self._head(True), "choices": [self._choice(None, value.finish_reason, True)], "timings": self._timings(value)})
         if self.include_usage:
             yield data({**self._head(True), "choices": [], "usage": self._usage(value)})
