@@ -525,6 +525,7 @@ class LlamaCppSession(Session):
             batch = ll.llama_batch_init(self._n_batch, 0, 1)
             try:
                 for group in _packs(lengths, self._n_batch, EMBED_SEQS):
+                    ll.llama_memory_clear(ll.llama_get_memory(ctx), True)  # also after a failed call
                     rows = [(i, seq, pos) for seq, i in enumerate(group) for pos in range(lengths[i])]
                     for start in range(0, len(rows), self._n_batch):
                         chunk = rows[start : start + self._n_batch]
@@ -544,7 +545,6 @@ class LlamaCppSession(Session):
                         else:
                             keep = pos == (0 if kind == "cls" else lengths[which] - 1)
                             out[which[keep]] = states[keep]
-                    ll.llama_memory_clear(ll.llama_get_memory(ctx), True)
             finally:
                 ll.llama_batch_free(batch)
         return out / lengths[:, None] if kind == "mean" else out
