@@ -2,7 +2,7 @@
 
     flock /tmp/edgepack-cpu.lock .venv/bin/python benchmarks/embeddings.py [--gguf F.gguf] [--threads 2] [--reps 5] [--out embeddings.json]
 
-32 short texts (8-14 tokens each), embedded in one call (packed into one batch) and one call per text,
+32 short texts (about 14 tokens each), embedded in one call (packed into one batch) and one call per text,
 alternating, ``--reps`` rounds after one warm-up call (which also makes the embedding context). Prints the
 median texts/s and tokens/s of each and the first call's time (context creation included). Default model:
 the Q4_K_M of the bundle ``llama_bench.py`` converts into its cache.
