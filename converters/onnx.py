@@ -127,7 +127,7 @@ class OnnxStage(Stage):
     """HF or GPTQ checkpoint -> onnxruntime-genai folder."""
 
     name: ClassVar[str] = "onnx"
-    version: ClassVar[int] = 4  # 4: tokenizer.gguf
+    version: ClassVar[int] = 5  # 4: tokenizer.gguf; 5: a hidden_states output, for embeddings
     input_kinds: ClassVar[tuple[Kind, ...]] = (Kind.HF, Kind.GPTQ)
     output_kind: ClassVar[Kind] = Kind.ONNX
     Config = OnnxConfig
@@ -138,7 +138,7 @@ class OnnxStage(Stage):
     def run(self, inp: Artifact, config: OnnxConfig, out_dir: Path) -> Artifact:
         from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
-        extra = []
+        extra = ["include_hidden_states=true"]  # the final norm's output beside the logits: what Session.embed pools
         if config.precision in ("int4", "int8"):
             # Over a GPTQ checkpoint the builder quantizes only what GPTQ left in float: the LM head.
             block = config.lm_head_block if inp.kind == Kind.GPTQ else config.block_size

@@ -97,11 +97,12 @@ class BackendError(EdgepackError, RuntimeError):
 class ContextOverflowError(EdgepackError, ValueError):
     """A prompt does not fit the context window: raise n_ctx, shorten the prompt, or choose truncate='left'."""
 
-    def __init__(self, needed: int, n_ctx: int) -> None:
+    def __init__(self, needed: int, n_ctx: int, message: str | None = None) -> None:
         self.needed = needed
         self.n_ctx = n_ctx
         super().__init__(
-            f"prompt plus generation needs {needed} tokens but the context holds {n_ctx}: "
+            message
+            or f"prompt plus generation needs {needed} tokens but the context holds {n_ctx}: "
             "raise n_ctx, shorten the prompt or max_tokens, or pass truncate='left'"
         )
 

@@ -431,6 +431,44 @@ class Session(ABC):
         with self._lock:
             return self._score(tokens, top_k)
 
+    def embed(self, inputs: Sequence[str] | Sequence[Sequence[int]], *, normalize: bool = True) -> np.ndarray:
+        """One vector per input (a text, or its token ids), float32 ``[n, dim]``; unit length, as OpenAI's are, unless ``normalize=False``.
+
+        Texts get the tokenizer's specials (e.g. BOS), as in ``generate``; each is pooled as its
+        backend documents (llama.cpp: the model's declared pooling, else the mean of the tokens'
+        last hidden states). Embedding may run while a generation streams on another thread.
+        Raises UsageError (no inputs, an empty one, a backend or model that cannot embed) and
+        ContextOverflowError (an input longer than n_ctx: shorten or split it, or load with a larger n_ctx).
+        """
+        import numpy as np
+
+        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or not inputs:
+            raise UsageError(f"embed takes a non-empty list of texts (or of token-id lists), got {inputs!r:.60}: e.g. embed(['some text'])")
+        tokens = []
+        for i, x in enumerate(inputs):
+            if isinstance(x, str):
+                ids = self.tokenize(x, add_special=True) if x else []
+            elif isinstance(x, Sequence) and not isinstance(x, bytes) and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+                ids = list(x)
+            else:
+                raise UsageError(f"input {i} must be a string or a list of token ids, got {type(x).__name__}")
+            if not ids:
+                raise UsageError(f"input {i} is empty: give some text")
+            if len(ids) > self.n_ctx:
+                raise ContextOverflowError(
+                    len(ids), self.n_ctx, f"input {i} has {len(ids)} tokens but the context holds {self.n_ctx}: shorten or split it, or load with a larger n_ctx"
+                )
+            tokens.append(ids)
+        vectors = np.asarray(self._embed(tokens), dtype=np.float32)
+        if normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors /= np.where(norms > 0, norms, 1)
+        return vectors
+
+    def _embed(self, tokens: list[list[int]]) -> np.ndarray:
+        """Pooled, unnormalized vectors [n, dim] of token lists that each fit n_ctx; a backend that can embed overrides this."""
+        raise UsageError(f"the {self.info.backend} backend cannot embed text: load a GGUF variant (llama.cpp) for embeddings")
+
     def cancel(self) -> None:
         """Stop the running generation after the current token; safe from any thread. No-op when idle."""
         running = self._running

@@ -52,6 +52,7 @@ _LOG = collections.deque(maxlen=20)
 # element (ggml's blocks: 32 values in 34 bytes for q8_0, in 18 for q4_0)
 KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+EMBED_SEQS = 64  # texts one embedding batch may hold
 # What Rust's char::is_whitespace (the tokenizers library's lstrip/rstrip) counts, as UTF-8.
 _WS = rb"(?:[\t\n\v\f\r ]|\xc2[\x85\xa0]|\xe1\x9a\x80|\xe2\x80[\x80-\x8a\xa8\xa9\xaf]|\xe2\x81\x9f|\xe3\x80\x80)+"
 _LEADING_WS, _TRAILING_WS = re.compile(b"^" + _WS), re.compile(_WS + rb"\Z")
@@ -331,6 +332,7 @@ class LlamaCppSession(Session):
         self._ids = np.arange(self._n_vocab, dtype=np.int32)
         self._candidates = None  # the token arrays ``_sample`` reuses, made on first need
         self._one = (ll.llama_token * 1)()
+        self._embedder, self._embed_lock = None, threading.Lock()  # embed()'s own context, made on its first call
         super().__init__(
             ModelInfo(path=path, backend="llama.cpp", device=device, n_ctx=ll.llama_n_ctx(self._ctx), threads=self._threads.most, kv_type=kv_type,
                       draft=draft)
@@ -608,6 +610,91 @@ class LlamaCppSession(Session):
             self._slots = LlamaCppSlots(self, n)
         return self._slots
 
+    # -- embeddings ----------------------------------------------------------------------------
+    def _pooling(self) -> str:
+        """How ``embed`` pools a text's last hidden states: the GGUF's ``{arch}.pooling_type``, else "mean".
+
+        Embedding models declare theirs ("mean", "cls", "last"); a chat model declares none. For those the
+        mean is the default: the last token's state is shaped to predict the next token, and on SmolLM2 the
+        mean tells paraphrases from unrelated text by a wider margin (docs/runtime.md gives the numbers).
+        Raises UsageError for a reranker ("rank" pooling), which scores pairs instead.
+        """
+        self._check_open()
+        arch = self._meta("general.architecture")
+        declared = self._meta(f"{arch}.pooling_type")
+        kind = {None: "mean", "0": "mean", "1": "mean", "2": "cls", "3": "last"}.get(declared)
+        if kind is None:
+            raise UsageError(f"{self.info.path.name} is a reranker (pooling type {declared}), not an embedding model: it scores query-document pairs")
+        if self._meta(f"{arch}.attention.causal") == "false":
+            # Long texts are fed in chunks over the KV cache, which only a causal model reads the same way.
+            raise UsageError(f"{self.info.path.name} attends both ways (an encoder): edgepack embeds with decoder models only")
+        return kind
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(64)
+        n = ll.llama_model_meta_val_str(self._model, key.encode(), buf, 64)
+        return buf.value.decode() if n >= 0 else None
+
+    def _embed(self, tokens: list[list[int]]) -> np.ndarray:
+        """Texts packed into batches, one sequence each, on a second context that outputs hidden states.
+
+        That context (``embeddings = True``, no pooling of its own: llama.cpp pools only a sequence
+        that fits one micro-batch) is made on the first call, so generation memory is unchanged until
+        then, and has its own lock, so a running generation neither blocks nor sees it. Short texts
+        share a batch (one ``llama_decode`` for many); a text longer than a batch goes alone, in chunks.
+        """
+        bad = next(((i, t) for i, ids in enumerate(tokens) for t in ids if not 0 <= t < self._n_vocab), None)
+        if bad is not None:
+            raise UsageError(f"input {bad[0]} holds token id {bad[1]}, outside this model's vocabulary (0..{self._n_vocab - 1})")
+        with self._embed_lock:
+            self._check_open()
+            if self._embedder is None:
+                self._embedder = (self._embedding_context(), self._pooling())
+            ctx, kind = self._embedder
+            dim = ll.llama_model_n_embd_out(self._model)
+            lengths = np.array([len(t) for t in tokens])
+            out = np.zeros((len(tokens), dim))
+            batch = ll.llama_batch_init(self._n_batch, 0, 1)
+            try:
+                for group in _packs(lengths, self._n_batch, EMBED_SEQS):
+                    ll.llama_memory_clear(ll.llama_get_memory(ctx), True)  # also after a failed call
+                    rows = [(i, seq, pos) for seq, i in enumerate(group) for pos in range(lengths[i])]
+                    for start in range(0, len(rows), self._n_batch):
+                        chunk = rows[start : start + self._n_batch]
+                        for j, (i, seq, pos) in enumerate(chunk):
+                            batch.token[j], batch.pos[j], batch.n_seq_id[j], batch.logits[j] = tokens[i][pos], pos, 1, True
+                            batch.seq_id[j][0] = seq
+                        batch.n_tokens = len(chunk)
+                        n = self._threads.update()
+                        ll.llama_set_n_threads(ctx, n, n)
+                        if (rc := ll.llama_decode(ctx, batch)) != 0:
+                            raise BackendError(f"llama_decode failed with code {rc} while embedding{_recent_log()}: try shorter inputs")
+                        states = np.ctypeslib.as_array(ll.llama_get_embeddings(ctx), shape=(len(chunk), dim))
+                        which = np.array([i for i, _, _ in chunk])
+                        pos = np.array([p for _, _, p in chunk])
+                        if kind == "mean":
+                            np.add.at(out, which, states)
+                        else:
+                            keep = pos == (0 if kind == "cls" else lengths[which] - 1)
+                            out[which[keep]] = states[keep]
+            finally:
+                ll.llama_batch_free(batch)
+        return out / lengths[:, None] if kind == "mean" else out
+
+    def _embedding_context(self):
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = self.n_ctx
+        cp.n_batch = cp.n_ubatch = self._n_batch
+        cp.n_seq_max, cp.kv_unified = EMBED_SEQS, True  # one cache for the packed texts, which never exceed n_ctx together
+        cp.embeddings, cp.pooling_type = True, ll.LLAMA_POOLING_TYPE_NONE
+        cp.n_threads = cp.n_threads_batch = self._threads.most
+        cp.no_perf, cp.flash_attn_type = True, ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.op_offload = self.info.device != "cpu"
+        ctx = ll.llama_init_from_model(self._model, cp)
+        if not ctx:
+            raise BackendError(f"llama.cpp could not create an embedding context of {self.n_ctx} tokens{_recent_log()}: try a smaller n_ctx")
+        return ctx
+
     def _check_constraint(self, params: SamplingParams) -> None:
         """Schemas and grammars both hold here."""
 
@@ -621,6 +708,10 @@ class LlamaCppSession(Session):
             raise UsageError("this session serves parallel slots (Session.slots): generate through them")
 
     def _close(self) -> None:
+        with self._embed_lock:
+            if self._embedder is not None:
+                ll.llama_free(self._embedder[0])
+                self._embedder = None
         if self._slots is not None:
             self._slots.close()
             self._slots = None
@@ -643,12 +734,26 @@ def _constrained(params: SamplingParams) -> bool:
     return params.schema is not None or params.grammar is not None
 
 
+def _packs(lengths: np.ndarray, n_batch: int, n_seqs: int) -> Iterator[list[int]]:
+    """Indices of texts to embed together: texts in order while they fit one batch, a longer text on its own."""
+    group, rows = [], 0
+    for i, n in enumerate(lengths):
+        if group and (rows + n > n_batch or len(group) == n_seqs):
+            yield group
+            group, rows = [], 0
+        group.append(i)
+        rows += n
+    if group:
+        yield group
+
+
 class LlamaCppBackend(Backend):
     name = "llama.cpp"
     formats = ("gguf",)
     what = "a .gguf file"
     kv_types = KV_BYTES
     drafts = ("lookup",)
+    can_embed = True
     can_parallel = True
     install = "install a GPU build of llama-cpp-python (CUDA: CMAKE_ARGS='-DGGML_CUDA=on' pip install --force-reinstall --no-cache-dir llama-cpp-python)"
 

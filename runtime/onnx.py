@@ -70,6 +70,7 @@ class OnnxBackend(Backend):
     formats = ("onnx",)
     what = "an ONNX folder (with genai_config.json)"
     install = "install the CUDA extra: pip install 'edgepack[cuda]'"
+    can_embed = True  # folders exported with hidden states (OnnxSession._embed)
 
     needs = {"onnxruntime_genai": "onnxruntime-genai"}
 
@@ -211,6 +212,31 @@ class OnnxSession(Session):
     def _check_constraint(self, params: SamplingParams) -> None:
         if (params.schema is not None or params.grammar is not None) and not hasattr(og.GeneratorParams, "set_guidance"):
             raise UsageError(f"onnxruntime-genai {og.__version__} cannot constrain output (no guidance): pip install -U onnxruntime-genai")
+
+    def _embed(self, tokens: list[list[int]]) -> np.ndarray:
+        """The mean of each text's last hidden states, read from the model's ``hidden_states`` output.
+
+        onnxruntime-genai's builder writes that output only when asked (its ``include_hidden_states``
+        option; edgepack's ONNX stage asks since stage version 5). A folder without it cannot embed.
+        One generator per text, a prompt each: genai's batching needs equal lengths.
+        """
+        self._check_open()
+        out = []
+        for ids in tokens:
+            gen = self._generator(None, len(ids) + 1)
+            try:
+                gen.append_tokens(np.asarray(ids, dtype=np.int32))
+            except Exception as e:  # noqa: BLE001
+                raise BackendError(f"onnxruntime-genai failed on a {len(ids)}-token input: {e}") from e
+            try:
+                states = gen.get_output("hidden_states")
+            except Exception as e:  # noqa: BLE001 - og raises plain RuntimeError for an output the model lacks
+                raise UsageError(
+                    f"{self._path} has no hidden_states output, so it cannot embed: re-convert it (edgepack's ONNX stage exports "
+                    "hidden states since version 5, the builder's include_hidden_states) or embed with a GGUF variant"
+                ) from e
+            out.append(states[0].astype(np.float64).mean(axis=0))
+        return np.stack(out)
 
     def _check_open(self) -> None:
         if self._model is None:

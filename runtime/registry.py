@@ -34,7 +34,7 @@ class Backend(ABC):
 
     The capabilities (``can_*``) say what its sessions do beyond tokenizing and generating:
     stream pieces as they are made, return log-probabilities (``score``, which eval needs),
-    format chats with a template, stop mid-answer on ``cancel``.
+    format chats with a template, stop mid-answer on ``cancel``, ``embed`` text.
     """
 
     name: ClassVar[str]  # "llama.cpp": what ``load(backend=...)``, ``--backend`` and ModelInfo.backend say
@@ -48,6 +48,7 @@ class Backend(ABC):
     can_chat: ClassVar[bool] = True
     can_cancel: ClassVar[bool] = True
     can_parallel: ClassVar[bool] = False  # several generations at once, batched (``Session.slots``, ``serve --parallel``)
+    can_embed: ClassVar[bool] = False  # Session.embed: pooled hidden states (a backend overrides Session._embed)
     # KV-cache element types its sessions can hold (``load(kv_type=...)``) and the bytes each stores per element, for
     # recommend; "f16" is the backend's own default cache, whose real dtype recommend reads from the model.
     kv_types: ClassVar[dict[str, float]] = {"f16": 2.0}
@@ -157,6 +158,6 @@ def runs(fmt: str) -> bool:
 
 
 def capabilities(name: str) -> dict[str, bool]:
-    """What sessions of the backend ``name`` can do (``stream``, ``score``, ``chat``, ``cancel``, ``parallel``); all True for a backend not registered."""
+    """What sessions of the backend ``name`` can do (``stream``, ``score``, ``chat``, ``cancel``, ``parallel``, ``embed``); all True for a backend not registered."""
     b = _backends().get(name)
-    return {cap: getattr(b, f"can_{cap}", True) for cap in ("stream", "score", "chat", "cancel", "parallel")}
+    return {cap: getattr(b, f"can_{cap}", True) for cap in ("stream", "score", "chat", "cancel", "parallel", "embed")}

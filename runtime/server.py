@@ -1,14 +1,16 @@
 """An OpenAI-compatible HTTP server over one ``Session`` (``edgepack serve``).
 
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (JSON or
-server-sent events with ``"stream": true``), ``GET /v1/models``, ``GET /health``.
+server-sent events with ``"stream": true``), ``POST /v1/embeddings``,
+``GET /v1/models``, ``GET /health``.
 
 Three modules: ``server_protocol`` checks requests and shapes responses the way
 OpenAI's API does, ``server_queue`` runs generations in arrival order, one at a
 time on the session or several at once on its slots (``Session.slots``), and
 this one wires them into routes: API key, a client that disconnects
 (while queued or mid-generation) cancelling its generation, optional CORS for
-browser and desktop front ends, and the uvicorn process.
+browser and desktop front ends, and the uvicorn process. ``server_embeddings``
+answers ``/v1/embeddings`` beside the queue.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ..errors import ContextOverflowError, EdgepackError, UsageError
 from . import registry
 from .base import Session, Slots, Stream
 from .server_protocol import ApiError, Limits, Reply, from_exception, parse_common, parse_messages, parse_prompt, parse_tools, read_json
+from .server_embeddings import embed_body
 from .server_queue import Gate, Job
 
 __all__ = ["Limits", "bind", "cors_origins", "create_app", "default_parallel", "serve"]
@@ -205,6 +208,13 @@ def create_app(
         start = starter(lambda: session.tokenize(prompt, add_special=True), req.sampling)
         return await unless_disconnected(request, run(Reply(False, model_id, req.include_usage), req.stream, start))
 
+    async def embeddings(request: Request) -> Response:
+        authorize(request)
+        if not can["embed"]:
+            raise ApiError(400, f"the {session.info.backend} backend cannot embed text: serve a GGUF variant for embeddings", code="unsupported")
+        body = await read_json(request, limits.max_body_bytes)
+        return await unless_disconnected(request, embed_body(session, body, model_id))
+
     def model_card() -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "edgepack"}
 
@@ -240,6 +250,7 @@ def create_app(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{name:path}", model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),

@@ -22,10 +22,14 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
 from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
 from .registry import Backend
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _torch():
@@ -52,6 +56,7 @@ class TransformersBackend(Backend):
     formats = ("gptq",)
     what = "a GPTQ checkpoint folder"
     install = "install a CUDA build of torch (pytorch.org lists the command for each CUDA version)"
+    can_embed = True
     overhead = 1200 * 2**20  # torch, transformers, GPTQModel: bench measured 1,012 MiB for SmolLM2 gptq:4, 790 MiB in float32
 
     def claims(self, path: Path) -> bool:
@@ -203,6 +208,14 @@ class TransformersSession(Session):
             # every token in, the last row dropped: the very forward the float reference was always scored with
             logits = self._model(input_ids=torch.tensor([tokens], device=self._device)).logits[0, :-1]
         return Scores.of(logits.float().cpu().numpy(), tokens[1:], top_k)
+
+    def _embed(self, tokens: list[list[int]]) -> np.ndarray:
+        """The mean of each text's last hidden states (after the final norm), as the llama.cpp backend pools a chat model."""
+        self._check_open()
+        torch = _torch()
+        with torch.inference_mode():
+            states = [self._model.base_model(input_ids=torch.tensor([ids], device=self._device)).last_hidden_state[0] for ids in tokens]
+            return torch.stack([h.float().mean(0) for h in states]).cpu().numpy()
 
     def _check_open(self) -> None:
         if self._model is None:

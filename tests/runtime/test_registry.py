@@ -151,9 +151,12 @@ def test_a_backend_registered_in_a_test_is_seen_everywhere(echo, tmp_path, monke
         app = create_app(s)
         try:
             with TestClient(app) as client:
-                assert client.get("/health").json()["capabilities"] == {"stream": True, "score": False, "chat": True, "cancel": True, "parallel": False}
+                assert client.get("/health").json()["capabilities"] == {"stream": True, "score": False, "chat": True, "cancel": True, "parallel": False, "embed": False}
                 answer = client.post("/v1/completions", json={"prompt": "to be or not", "max_tokens": 8}).json()
                 assert answer["choices"][0]["text"] == "to be or not"
+                refused = client.post("/v1/embeddings", json={"input": "to be"})
+                assert refused.status_code == 400 and refused.json()["error"]["message"] == (
+                    "the echo backend cannot embed text: serve a GGUF variant for embeddings")
         finally:
             app.state.gate.close()
 
@@ -173,7 +176,7 @@ def test_names_are_unique_and_unknown_ones_listed(echo):
     with pytest.raises(UsageError, match="unknown backend 'vllm': choose auto, llama.cpp, onnx, transformers, echo"):
         edgepack.load("model.gguf", backend="vllm")
     assert [b.name for b in registry.backends()] == ["llama.cpp", "onnx", "transformers", "echo"]
-    assert registry.capabilities("echo") == {"stream": True, "score": False, "chat": True, "cancel": True, "parallel": False}
+    assert registry.capabilities("echo") == {"stream": True, "score": False, "chat": True, "cancel": True, "parallel": False, "embed": False}
 
 
 def test_the_built_in_backends_claim_their_formats(tmp_path):
