@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError
 from .base import SamplingParams, Slots, Stream, _Run, run_loop
-from .llamacpp import keep, shared_prefix
+from .llamacpp import decode, keep, shared_prefix
 
 if TYPE_CHECKING:
     from .llamacpp import LlamaCppSession
@@ -199,7 +199,7 @@ class LlamaCppSlots(Slots):
             return
         batch.n_tokens = n
         session._pace()
-        rc = ll.llama_decode(session._ctx, batch)
+        rc = decode(session._ctx, batch)
         if rc != 0:
             raise BackendError(f"llama_decode failed with code {rc} on a batch of {n} tokens: try fewer slots or a smaller n_ctx")
         for s, tokens in rows:

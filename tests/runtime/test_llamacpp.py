@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,20 @@ def test_prompt_lookup_keeps_the_greedy_answer_up_to_kernel_ties(smollm2_gguf):
             assert p1 - p2 < 0.15, (plain[start:n + 20], drafted[start:n + 20], p1, p2)
         with pytest.raises(UsageError, match="drafts lookup, not 'model'"):
             edgepack.load(smollm2_gguf, draft="model")
+
+
+def test_every_decode_runs_on_the_one_compute_thread(session):
+    """libgomp slows every thread's decode once two live threads have decoded (llamacpp._ComputeThread): a generation
+    on another thread, and the embeddings beside it, hand their decodes to the same thread, never the caller's."""
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(session.generate("Hi", max_tokens=2, temperature=0).completion_tokens))
+    t.start()
+    t.join()
+    session.embed(["Hi"])
+    idents = [llamacpp._compute(threading.get_ident)]
+    t = threading.Thread(target=lambda: idents.append(llamacpp._compute(threading.get_ident)))
+    t.start()
+    t.join()
+    assert seen == [2] and idents[0] == idents[1] == llamacpp._compute._thread.ident != threading.get_ident()
+    with pytest.raises(ZeroDivisionError):  # a failure on the compute thread reaches the caller
+        llamacpp._compute(lambda: 1 / 0)
