@@ -86,6 +86,11 @@ def _row(v: dict[str, Any], key: str, e: dict[str, Any], runs: list[dict[str, An
     }
 
 
+def variants_table(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The header and the formatted cells of ``rows``' table (a dash where nothing was measured)."""
+    return [c[0] for c in COLUMNS], [[_cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in table]
+
+
 def _median(run: dict[str, Any], key: str) -> float | None:
     v = run.get(key)
     return v.get("median") if isinstance(v, dict) else v
@@ -213,7 +218,8 @@ def _kv(run: dict[str, Any]) -> str:
     return "" if kv == "f16" else f", KV {kv}"
 
 
-def _provenance(data: dict[str, Any], signature: dict[str, Any] | None) -> list[tuple[str, str]]:
+def provenance(data: dict[str, Any], signature: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(label, text) lines of where the bundle came from: source, signature, calibration, eval text, machine, steps."""
     src = data.get("source", {})
     items = [
         ("model", f"{data.get('name')} ({src.get('architecture')})"),
@@ -252,7 +258,7 @@ def _signature(status: dict[str, Any] | None) -> str:
     return f"signed by {who}; verification FAILED: {status['problem']}"
 
 
-def _md_table(head: list[str], body: list[list[str]]) -> str:
+def md_table(head: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
     return "\n".join(lines)
@@ -298,12 +304,11 @@ $speed_plot
 def render(data: dict[str, Any], signature: dict[str, Any] | None = None) -> dict[str, str]:
     """Every report file's text, from a manifest's data and its signature's status (``trust.status``; None: unsigned)."""
     table = rows(data)
-    head = [c[0] for c in COLUMNS]
-    body = [[_cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in table]
+    head, body = variants_table(table)
     runs = list(data.get("bench", {}).get("runs", {}).values())
     rhead, rbody = _runs_table(runs)
     kld_svg, spd_svg = size_vs_kld_svg(table), speed_svg(runs)
-    prov = _provenance(data, signature)
+    prov = provenance(data, signature)
     no_eval = "<p class='note'>No eval results yet: run <code>edgepack eval</code>.</p>"
     bench_note = _no_bench(data)
     no_bench = f"<p class='note'>{html.escape(bench_note)}</p>"
@@ -317,9 +322,9 @@ def render(data: dict[str, Any], signature: dict[str, Any] | None = None) -> dic
             provenance="".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in prov),
         )
     }
-    md = [f"# edgepack report: {data.get('name')}", "", "## Variants", "", _md_table(head, body), ""]
+    md = [f"# edgepack report: {data.get('name')}", "", "## Variants", "", md_table(head, body), ""]
     md += ["## Size against quality", "", "![size vs KLD](size_vs_kld.svg)" if kld_svg else "No eval results yet: run `edgepack eval`.", ""]
-    md += ["## Speed", "", _md_table(rhead, rbody) if runs else bench_note, ""]
+    md += ["## Speed", "", md_table(rhead, rbody) if runs else bench_note, ""]
     md += ["![speed](speed.svg)", ""] if spd_svg else []
     md += ["## Provenance", ""] + [f"- **{k}**: {v}" for k, v in prov] + [""]
     files["report.md"] = "\n".join(md)
