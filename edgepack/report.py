@@ -111,6 +111,21 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
     return front
 
 
+def pareto_table(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Every scored variant by size, each on the size/KLD Pareto front or named with one that beats it on both."""
+    scored = sorted((r for r in table if r["kld"] is not None), key=lambda r: (r["mb"], r["kld"]))
+    front = {p[2] for p in pareto([(r["mb"], r["kld"], r["variant"]) for r in scored])}
+    body = []
+    for r in scored:
+        if r["variant"] in front:
+            verdict = "front"
+        else:
+            better = min((o for o in scored if o["mb"] <= r["mb"] and o["kld"] <= r["kld"] and o is not r), key=lambda o: o["kld"])
+            verdict = f"beaten by {better['variant']}"
+        body.append([r["variant"], f"{r['mb']:.1f}", f"{r['kld']:.5f}", _cell(r, "decode", "{:.1f}"), verdict])
+    return ["variant", "size MB", "KLD mean", "decode tok/s", "Pareto (size, KLD)"], body
+
+
 # -- plots -----------------------------------------------------------------------------------
 
 
@@ -291,6 +306,7 @@ $table
 PPL on the eval text; top-1: same likeliest token as the reference; BLEU/ROUGE-L: greedy answers against the reference's.</p>
 <h2>Size against quality</h2>
 $size_plot
+$pareto
 <h2>Speed</h2>
 $runs
 $speed_plot
@@ -305,6 +321,7 @@ def render(data: dict[str, Any], signature: dict[str, Any] | None = None) -> dic
     """Every report file's text, from a manifest's data and its signature's status (``trust.status``; None: unsigned)."""
     table = rows(data)
     head, body = variants_table(table)
+    front = pareto_table(table)
     runs = list(data.get("bench", {}).get("runs", {}).values())
     rhead, rbody = _runs_table(runs)
     kld_svg, spd_svg = size_vs_kld_svg(table), speed_svg(runs)
@@ -317,6 +334,7 @@ def render(data: dict[str, Any], signature: dict[str, Any] | None = None) -> dic
             name=html.escape(str(data.get("name"))),
             table=_html_table(head, body),
             size_plot=f"<figure>{kld_svg}</figure>" if kld_svg else no_eval,
+            pareto=_html_table(*front) if front[1] else "",
             runs=_html_table(rhead, rbody) if runs else no_bench,
             speed_plot=f"<figure>{spd_svg}</figure>" if spd_svg else "",
             provenance="".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in prov),
@@ -324,6 +342,7 @@ def render(data: dict[str, Any], signature: dict[str, Any] | None = None) -> dic
     }
     md = [f"# edgepack report: {data.get('name')}", "", "## Variants", "", md_table(head, body), ""]
     md += ["## Size against quality", "", "![size vs KLD](size_vs_kld.svg)" if kld_svg else "No eval results yet: run `edgepack eval`.", ""]
+    md += [md_table(*front), ""] if front[1] else []
     md += ["## Speed", "", md_table(rhead, rbody) if runs else bench_note, ""]
     md += ["![speed](speed.svg)", ""] if spd_svg else []
     md += ["## Provenance", ""] + [f"- **{k}**: {v}" for k, v in prov] + [""]
