@@ -37,6 +37,14 @@ class OfflineError(EdgepackError, ConnectionError):
     """The hub is needed but cannot be reached: ``HF_HUB_OFFLINE is set and 'org/name' is not in the cache: unset it or pull while online``."""
 
 
+class HubAuthError(EdgepackError, PermissionError):
+    """The hub needs a token that is missing or refused: ``no Hugging Face token: run `hf auth login` or set HF_TOKEN ...``."""
+
+
+class PublishError(EdgepackError, ConnectionError):
+    """An upload to the hub failed; the hub's or the network's message is included: ``the hub refused the upload to org/name (...)``."""
+
+
 class InvalidModelError(EdgepackError, ValueError):
     """A file or folder is not a usable model (missing config.json, corrupt header, pickle-only weights)."""
 

@@ -17,6 +17,7 @@ class Recipe:
     architecture: str
     variants: list[str]
     notes: str = ""
+    license: str | None = None  # the hub's license id (apache-2.0, gemma): the model card of an exported bundle names it
     fallback_pypi: list[str] = field(default_factory=list)
     fallback_gguf: str | None = None
 
@@ -31,6 +32,7 @@ def _load(text: str) -> Recipe:
         architecture=d["architecture"],
         variants=list(d.get("variants", [])),
         notes=d.get("notes", ""),
+        license=d.get("license"),
         fallback_pypi=list(fb.get("pypi", [])),
         fallback_gguf=fb.get("gguf"),
     )

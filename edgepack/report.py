@@ -86,6 +86,11 @@ def _row(v: dict[str, Any], key: str, e: dict[str, Any], runs: list[dict[str, An
     }
 
 
+def variants_table(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The header and the formatted cells of ``rows``' table (a dash where nothing was measured)."""
+    return [c[0] for c in COLUMNS], [[_cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in table]
+
+
 def _median(run: dict[str, Any], key: str) -> float | None:
     v = run.get(key)
     return v.get("median") if isinstance(v, dict) else v
@@ -104,6 +109,21 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
             front.append(p)
             best = p[1]
     return front
+
+
+def pareto_table(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Every scored variant by size, each on the size/KLD Pareto front or named with one that beats it on both."""
+    scored = sorted((r for r in table if r["kld"] is not None), key=lambda r: (r["mb"], r["kld"]))
+    front = {p[2] for p in pareto([(r["mb"], r["kld"], r["variant"]) for r in scored])}
+    body = []
+    for r in scored:
+        if r["variant"] in front:
+            verdict = "front"
+        else:
+            better = min((o for o in scored if o["mb"] <= r["mb"] and o["kld"] <= r["kld"] and o is not r), key=lambda o: o["kld"])
+            verdict = f"beaten by {better['variant']}"
+        body.append([r["variant"], f"{r['mb']:.1f}", f"{r['kld']:.5f}", _cell(r, "decode", "{:.1f}"), verdict])
+    return ["variant", "size MB", "KLD mean", "decode tok/s", "Pareto (size, KLD)"], body
 
 
 # -- plots -----------------------------------------------------------------------------------
@@ -213,7 +233,8 @@ def _kv(run: dict[str, Any]) -> str:
     return "" if kv == "f16" else f", KV {kv}"
 
 
-def _provenance(data: dict[str, Any], signature: dict[str, Any] | None) -> list[tuple[str, str]]:
+def provenance(data: dict[str, Any], signature: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(label, text) lines of where the bundle came from: source, signature, calibration, eval text, machine, steps."""
     src = data.get("source", {})
     items = [
         ("model", f"{data.get('name')} ({src.get('architecture')})"),
@@ -252,7 +273,7 @@ def _signature(status: dict[str, Any] | None) -> str:
     return f"signed by {who}; verification FAILED: {status['problem']}"
 
 
-def _md_table(head: list[str], body: list[list[str]]) -> str:
+def md_table(head: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
     return "\n".join(lines)
@@ -285,6 +306,7 @@ $table
 PPL on the eval text; top-1: same likeliest token as the reference; BLEU/ROUGE-L: greedy answers against the reference's.</p>
 <h2>Size against quality</h2>
 $size_plot
+$pareto
 <h2>Speed</h2>
 $runs
 $speed_plot
@@ -298,12 +320,12 @@ $speed_plot
 def render(data: dict[str, Any], signature: dict[str, Any] | None = None) -> dict[str, str]:
     """Every report file's text, from a manifest's data and its signature's status (``trust.status``; None: unsigned)."""
     table = rows(data)
-    head = [c[0] for c in COLUMNS]
-    body = [[_cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in table]
+    head, body = variants_table(table)
+    front = pareto_table(table)
     runs = list(data.get("bench", {}).get("runs", {}).values())
     rhead, rbody = _runs_table(runs)
     kld_svg, spd_svg = size_vs_kld_svg(table), speed_svg(runs)
-    prov = _provenance(data, signature)
+    prov = provenance(data, signature)
     no_eval = "<p class='note'>No eval results yet: run <code>edgepack eval</code>.</p>"
     bench_note = _no_bench(data)
     no_bench = f"<p class='note'>{html.escape(bench_note)}</p>"
@@ -312,14 +334,16 @@ def render(data: dict[str, Any], signature: dict[str, Any] | None = None) -> dic
             name=html.escape(str(data.get("name"))),
             table=_html_table(head, body),
             size_plot=f"<figure>{kld_svg}</figure>" if kld_svg else no_eval,
+            pareto=_html_table(*front) if front[1] else "",
             runs=_html_table(rhead, rbody) if runs else no_bench,
             speed_plot=f"<figure>{spd_svg}</figure>" if spd_svg else "",
             provenance="".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in prov),
         )
     }
-    md = [f"# edgepack report: {data.get('name')}", "", "## Variants", "", _md_table(head, body), ""]
+    md = [f"# edgepack report: {data.get('name')}", "", "## Variants", "", md_table(head, body), ""]
     md += ["## Size against quality", "", "![size vs KLD](size_vs_kld.svg)" if kld_svg else "No eval results yet: run `edgepack eval`.", ""]
-    md += ["## Speed", "", _md_table(rhead, rbody) if runs else bench_note, ""]
+    md += [md_table(*front), ""] if front[1] else []
+    md += ["## Speed", "", md_table(rhead, rbody) if runs else bench_note, ""]
     md += ["![speed](speed.svg)", ""] if spd_svg else []
     md += ["## Provenance", ""] + [f"- **{k}**: {v}" for k, v in prov] + [""]
     files["report.md"] = "\n".join(md)

@@ -79,6 +79,20 @@ def test_rows_join_eval_and_the_cpu_bench_run():
     assert files["report.html"].count("<svg") == 2
 
 
+def test_the_pareto_table_names_what_beats_each_variant_off_the_front():
+    variants = [{"id": i, "format": "gguf", "backend": "llama.cpp", "bytes": mb * 1_000_000, "bits_per_weight": None}
+                for i, mb in (("q8_0", 145), ("q6_k", 140), ("q4_k_m", 105), ("q4_0", 110), ("q2_k", 70), ("f16", 270))]
+    kld = {"q8_0": 0.002, "q6_k": 0.001, "q4_k_m": 0.02, "q4_0": 0.05, "q2_k": 0.4}  # f16 not scored: not in the table
+    ev = {"variants": {k: {"kld": {"mean": v, "p99": v * 10}} for k, v in kld.items()}}
+    files = render(_manifest(variants=variants, eval=ev))
+    table = files["report.md"].split("| Pareto (size, KLD) |")[1].split("\n\n")[0]
+    verdicts = {cells[0]: cells[-1] for line in table.strip().splitlines()[1:] if (cells := [c.strip() for c in line.strip("|").split("|")])}
+    assert verdicts == {"q2_k": "front", "q4_k_m": "front", "q4_0": "beaten by q4_k_m", "q6_k": "front", "q8_0": "beaten by q6_k"}
+    assert list(verdicts) == ["q2_k", "q4_k_m", "q4_0", "q6_k", "q8_0"]  # by size
+    assert "<th>Pareto (size, KLD)</th>" in files["report.html"] and "beaten by q6_k" in files["report.html"]
+    assert "Pareto" not in render(_manifest())["report.md"]  # nothing scored: no table
+
+
 def _chromium() -> str | None:
     return next((p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))), None)
 

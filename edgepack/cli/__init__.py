@@ -41,6 +41,7 @@ COMMANDS = (
     "chat",
     "reports",  # eval, bench, report, recommend
     "trust",  # keygen, sign, verify
+    "publish",  # export, push
 )
 
 
