@@ -19,9 +19,9 @@ Presets:
     Python source of the standard library with its docstrings blanked (those are
     ``builtin``'s), plain; split by file like ``builtin``.
 ``mix``
-    The default calibration: ``builtin``, ``prose`` and ``code`` interleaved, every
-    other docstring plain instead of chat formatted, so quantization is fitted to
-    more than one domain (converters/gptq.py has the measured effect).
+    ``builtin``'s docstrings (half the rows, chat formatted for instruct models),
+    ``prose`` and ``code`` (a quarter each, plain) interleaved, so quantization is
+    fitted to more than one domain (converters/onnx.py has the measured effect).
 ``domains``
     Eval only: ``chat``, ``prose`` and ``code``, each scored on its own (``DOMAINS``).
 a file path
@@ -59,7 +59,7 @@ DOMAINS = ("chat", "prose", "code")  # the held-out domains eval and the benchma
 PRESETS = ("builtin", "chat", "prose", "code", "mix")
 _EVAL_SHARE = 20  # percent of builtin docstrings held out for evaluation
 _CHUNK = 2000  # characters per prose or code sample: about 500 tokens, one GPTQ row
-_MIX_ROWS = 120  # samples of each domain in ``mix``: 360 rows, more than GPTQ's 256
+_MIX_ROWS = 100  # prose and code samples in ``mix``, and twice as many docstrings: 400 rows, more than GPTQ's 256
 _SKIP = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3", "pydoc_data", "ensurepip", "venv", "__")
 
 
@@ -87,8 +87,8 @@ def option_field(panel: str = "") -> str:
     """The ``calibration`` option of the formats and transforms that read calibration text (one option, shared)."""
     return option(
         "builtin", metavar="PRESET", panel=panel,
-        help="Calibration text for the importance matrix, sensitivity, GPTQ and pruning: builtin (default), mix (docstrings, "
-        "prose and code), prose, code, a UTF-8 text file, or hf:DATASET[:CONFIG]:SPLIT:COLUMN.",
+        help="Calibration text for the importance matrix, sensitivity, GPTQ and pruning: builtin (default; mix for onnx:int4), "
+        "mix (docstrings, prose and code), prose, code, a UTF-8 text file, or hf:DATASET[:CONFIG]:SPLIT:COLUMN.",
     )  # fmt: skip
 
 
@@ -255,15 +255,16 @@ def _without_docstrings(source: str) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _mix(split: Split) -> Text:
-    """_MIX_ROWS samples of each domain, spread over it and interleaved (a stage reading a prefix sees all three).
+    """Docstrings (half the rows, chat formatted for instruct models), prose and code (a quarter each, plain),
+    each spread over its own text and interleaved, so a stage reading a prefix sees all three."""
+    docs, prose, code = (_spread(p.samples, n) for p, n in ((_builtin(split), 2 * _MIX_ROWS), (_prose(split), _MIX_ROWS), (_code(split), _MIX_ROWS)))
+    rows = [s for i in range(_MIX_ROWS) for s in (docs[2 * i], prose[i], docs[2 * i + 1], code[i])]
+    return Text(f"mix:{split}", tuple(rows), plain=frozenset(t for t, _ in prose + code))
 
-    Every other docstring stays plain, so an instruct model is calibrated on plain text besides chat rows.
-    """
-    parts = [_builtin(split).samples, _prose(split).samples, _code(split).samples]
-    picked = [[p[i * len(p) // _MIX_ROWS] for i in range(_MIX_ROWS)] for p in parts]  # repeats a short part's samples
-    rows = [s for trio in zip(*picked) for s in trio]
-    plain = {t for t, _ in rows if t.startswith(("prose:", "code:"))} | {t for t, _ in picked[0][1::2]}
-    return Text(f"mix:{split}", tuple(rows), plain=frozenset(plain))
+
+def _spread(samples: tuple[tuple[str, str], ...], n: int) -> list[tuple[str, str]]:
+    """``n`` samples evenly spaced over ``samples`` (a shorter text repeats some)."""
+    return [samples[i * len(samples) // n] for i in range(n)]
 
 
 def _hf(preset: str, split: Split) -> Text:

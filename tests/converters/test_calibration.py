@@ -29,16 +29,15 @@ def test_code_leaves_docstrings_to_builtin():
     assert inspect.getdoc(json.decoder.JSONDecoder).splitlines()[0] not in code
 
 
-def test_mix_interleaves_the_domains_and_keeps_some_docstrings_plain(smollm2):
+def test_mix_interleaves_the_domains_with_plain_prose_and_code(smollm2):
     from transformers import AutoTokenizer
 
     mix = calibration.load("mix")
     kinds = ["prose" if t.startswith("prose:") else "code" if t.startswith("code:") else "doc" for t, _ in mix.samples]
-    assert kinds[:6] == ["doc", "prose", "code"] * 2 and len(mix.samples) == 3 * kinds.count("prose")
-    docs = [t for t, k in zip((t for t, _ in mix.samples), kinds) if k == "doc"]
-    assert 0.4 < sum(t in mix.plain for t in docs) / len(docs) < 0.6
+    assert kinds[:8] == ["doc", "prose", "doc", "code"] * 2 and len(mix.samples) == 4 * kinds.count("prose") == 4 * kinds.count("code")
+    assert mix.plain == {t for t, _ in mix.samples if not t.startswith(("prose:", "code:"))} ^ {t for t, _ in mix.samples}
     formatted = calibration.format_samples(mix, AutoTokenizer.from_pretrained(smollm2), chat=True)
-    for (topic, body), row in zip(mix.samples[:6], formatted):
+    for (topic, body), row in zip(mix.samples[:8], formatted):
         assert (row == body) == (topic in mix.plain) and body in row
     assert calibration.check_preset("mix") == "mix"
 
