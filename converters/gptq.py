@@ -24,7 +24,10 @@ reference on 3,072 held-out tokens; every row is in the README's GPTQ section; G
 beat GPTQModel's default group-aware reordering) and 256 calibration rows (0.043). Not
 kept: GPTAQ (0.084 at g32), damp_percent 0.05 (0.082), 512-token packed rows (0.104),
 desc_act with static groups (0.055 at g16). onnx:int4 asks for group 32 (its
-MatMulNBits block) without desc_act (see converters/onnx.py) itself.
+MatMulNBits block) without desc_act, calibrated on ``mix`` (see converters/onnx.py) itself.
+Off the calibration domain (benchmarks/domains.py, KLD chat / prose / code) ``gptq:4`` on
+``builtin`` scores 0.047 / 0.128 / 0.047 and on ``mix`` 0.056 / 0.080 / 0.039: ``calibration=mix``
+trades chat for prose and code; the default stays ``builtin``.
 
 Mixed precision (``mixed``): as llama.cpp's Q4_K_M gives attn_v and ffn_down more bits,
 every ``v_proj`` and the ``down_proj`` of the first and last eighth of the layers are
