@@ -99,7 +99,7 @@ def evaluate(
     keys = ("text", "windows", "window_len", "top_k", "skipped_overlapping_windows", "ppl")
     record = {**{k: ref.meta[k] for k in keys}, "file": f"{EVAL_DIR}/{REF_NPZ}"}
     if len(refs) > 1:  # the top-level entries are the first text's; each text's own under "texts"
-        record["texts"] = {r.meta["text"]["name"]: {k: r.meta[k] for k in keys if k != "text"} | {"text": r.meta["text"]} for r in refs}
+        record["texts"] = {r.meta["text"]["name"]: {k: r.meta[k] for k in keys} for r in refs}
         record["file"] = f"{EVAL_DIR}/{REF_NPZ.removesuffix('.npz')}-0.npz"
     b.record_eval_reference(record)
     b.save()
