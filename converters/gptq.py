@@ -24,7 +24,10 @@ reference on 3,072 held-out tokens; every row is in the README's GPTQ section; G
 beat GPTQModel's default group-aware reordering) and 256 calibration rows (0.043). Not
 kept: GPTAQ (0.084 at g32), damp_percent 0.05 (0.082), 512-token packed rows (0.104),
 desc_act with static groups (0.055 at g16). onnx:int4 asks for group 32 (its
-MatMulNBits block) without desc_act (see converters/onnx.py) itself.
+MatMulNBits block) without desc_act, calibrated on ``mix`` (see converters/onnx.py) itself.
+Off the calibration domain (benchmarks/domains.py, KLD chat / prose / code) ``gptq:4`` on
+``builtin`` scores 0.047 / 0.128 / 0.047 and on ``mix`` 0.056 / 0.080 / 0.039: ``calibration=mix``
+trades chat for prose and code; the default stays ``builtin``.
 
 Mixed precision (``mixed``): as llama.cpp's Q4_K_M gives attn_v and ffn_down more bits,
 every ``v_proj`` and the ``down_proj`` of the first and last eighth of the layers are
@@ -115,10 +118,11 @@ class GPTQConfig:
     chat: bool | None = None  # instruct models see their samples in their own chat template; None: when it has one
     device: str = "cpu"  # cpu | cuda
     mixed: bool = False  # below 8 bits, keep v_proj and the outer layers' down_proj at 8 bits
+    mixed_outer: int = 8  # with mixed: the down_proj of the first and last 1/N of the layers (ceil) keeps 8 bits
 
 
-def mixed_overrides(model_dir: Path) -> dict[str, dict[str, int]]:
-    """GPTQModel ``dynamic`` rules putting every v_proj and the first/last eighth's down_proj at 8 bits.
+def mixed_overrides(model_dir: Path, outer: int = 8) -> dict[str, dict[str, int]]:
+    """GPTQModel ``dynamic`` rules putting every v_proj and the first/last 1/``outer`` of the layers' down_proj at 8 bits.
 
     Patterns are prefix matches on module names (GPTQModel) and tensor names (the ONNX builder),
     so they name the Llama-style layout (model.layers.N.self_attn / .mlp); other layouts stay uniform.
@@ -126,7 +130,7 @@ def mixed_overrides(model_dir: Path) -> dict[str, dict[str, int]]:
     layers = int(json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers", 0))
     if not layers:
         return {}
-    edge = -(-layers // 8)
+    edge = -(-layers // outer)
     outer = sorted(set(range(edge)) | set(range(layers - edge, layers)))
     return {
         r"+:model\.layers\.\d+\.self_attn\.v_proj": {"bits": 8},
@@ -247,7 +251,7 @@ class GPTQStage(Stage):
             act_group_aware=not config.desc_act,  # GPTQModel's group-aware reordering; it excludes desc_act
             damp_percent=config.damp_percent,
             mse=config.mse,
-            dynamic=mixed_overrides(inp.path) if config.mixed and config.bits < 8 else None,
+            dynamic=mixed_overrides(inp.path, config.mixed_outer) if config.mixed and config.bits < 8 else None,
         )
         data = [{"input_ids": r, "attention_mask": [1] * len(r)} for r in rows.ids]
         try:
@@ -294,6 +298,9 @@ class Options:
         False, flag="--mixed-bits", negative="--uniform-bits", panel=_PANEL,
         help="Keep v_proj and the outer down_proj at 8 bits (default: on for onnx:int4, off for gptq:, which transformers loads only uniform).",
     )  # fmt: skip
+    mixed_outer: int = option(
+        8, metavar="N", panel=_PANEL, help="With mixed bits: the down_proj of the first and last 1/N of the layers stays at 8 bits (default 8).",
+    )  # fmt: skip
     device: str = option("cpu", flag="--gptq-device", metavar="DEVICE", panel=_PANEL, help="Where GPTQ runs: cpu (default) or cuda.")
     calibration: str = calibration.option_field()
 
@@ -302,11 +309,11 @@ class Options:
     def config(self) -> GPTQConfig:
         return GPTQConfig(
             bits=self.bits, group_size=self.group, sym=self.sym, desc_act=self.desc_act, damp_percent=self.damp_percent,
-            calibration=self.calibration, samples=self.samples, device=self.device, mixed=self.mixed,
+            calibration=self.calibration, samples=self.samples, device=self.device, mixed=self.mixed, mixed_outer=self.mixed_outer,
         )  # fmt: skip
 
 
-OPTIONS = ("samples", "sym", "desc_act", "damp_percent", "mixed", "device", "calibration")
+OPTIONS = ("samples", "sym", "desc_act", "damp_percent", "mixed", "mixed_outer", "device", "calibration")
 
 
 def parse(arg: str, options: Mapping[str, Any]) -> tuple[Options, set[str]]:
@@ -329,12 +336,15 @@ def parse_options(options: Mapping[str, Any], *, bits: int, group: int | None, d
         "desc_act": switch(given, "desc_act", base["desc_act"]),
         "mixed": switch(given, "mixed", base["mixed"]),
         "samples": number(given, "samples", base["samples"]),
+        "mixed_outer": number(given, "mixed_outer", base["mixed_outer"]),
         "damp_percent": number(given, "damp_percent", base["damp_percent"], float),
         "device": str(given.get("device") or base["device"]),
         "calibration": calibration.check_preset(str(given.get("calibration") or base["calibration"])),
     }
     if got["samples"] < 1:
         raise UsageError(f"`samples` {got['samples']}: GPTQ needs at least one calibration row (default 256)", option="samples")
+    if got["mixed_outer"] < 2:
+        raise UsageError(f"`mixed_outer` {got['mixed_outer']}: give N >= 2 (the first and last 1/N of the layers), e.g. 8", option="mixed_outer")
     if not 0 < got["damp_percent"] < 1:
         raise UsageError(f"`damp_percent` {got['damp_percent']}: give a fraction between 0 and 1, e.g. 0.01", option="damp_percent")
     if got["device"] not in ("cpu", "cuda"):

@@ -75,21 +75,33 @@ def evaluate(
             raise UsageError(f"variant {v.id} runs on {runner.name}, which cannot score tokens: eval the other variants with --variant")
     if not chosen:
         raise BundleError(f"bundle {b.root} has no variants to evaluate: convert some with `edgepack convert --to ...`")
-    ref = reference(b, cfg, device=device, threads=threads)
+    texts = cfg.texts()
+    # one reference per text; the prompts are answered once, with the first
+    refs = [
+        reference(b, replace(cfg, text=t, prompts=cfg.prompts if i == 0 else 0), device=device, threads=threads,
+                  name=REF_NPZ.removesuffix(".npz") + ("" if len(texts) == 1 else f"-{i}"))
+        for i, t in enumerate(texts)
+    ]  # fmt: skip
+    ref = refs[0]
     n_ctx = max(cfg.window_len, max((len(p) for p in ref.meta.get("prompt_ids", [])), default=0) + cfg.max_new_tokens)
     for v in chosen:
         start = time.perf_counter()
         with load(b.root, variant=v.id, device=device, n_ctx=n_ctx, threads=threads, kv_type=kv_type) as model:
-            res = score_variant(model, ref, cfg)
+            res = score_variant(model, refs, cfg)
             used = model.info.device
         key = v.id if kv_type == "f16" else f"{v.id}+kv-{kv_type}"
         res = {"variant": v.id, "format": v.format, "backend": v.backend, "device": used, "kv_type": kv_type, **res}
         res["wall_s"] = round(time.perf_counter() - start, 2)
         write_json(b.root / EVAL_DIR / f"{key}.json", res)
         b.record_eval(key, {k: val for k, val in res.items() if k != "answers"})
-        log.info(f"eval {key}: PPL {res['ppl']:.3f}, KLD {res['kld']['mean']:.5f}, top-1 {res['top1_agreement']:.3f}")
+        per_text = "".join(f"; {name} {r['kld']['mean']:.5f}" for name, r in res.get("texts", {}).items())
+        log.info(f"eval {key}: PPL {res['ppl']:.3f}, KLD {res['kld']['mean']:.5f}{per_text}, top-1 {res['top1_agreement']:.3f}")
     keys = ("text", "windows", "window_len", "top_k", "skipped_overlapping_windows", "ppl")
-    b.record_eval_reference({**{k: ref.meta[k] for k in keys}, "file": f"{EVAL_DIR}/{REF_NPZ}"})
+    record = {**{k: ref.meta[k] for k in keys}, "file": f"{EVAL_DIR}/{REF_NPZ}"}
+    if len(refs) > 1:  # the top-level entries are the first text's; each text's own under "texts"
+        record["texts"] = {r.meta["text"]["name"]: {k: r.meta[k] for k in keys} for r in refs}
+        record["file"] = f"{EVAL_DIR}/{REF_NPZ.removesuffix('.npz')}-0.npz"
+    b.record_eval_reference(record)
     b.save()
     return b.data["eval"]
 

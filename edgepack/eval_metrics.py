@@ -53,8 +53,27 @@ def _stats(x: np.ndarray) -> dict[str, float]:
     }
 
 
-def score_variant(model: Session, ref: Reference, cfg: EvalConfig) -> dict[str, Any]:
-    """Token-level and generation metrics of ``model`` against ``ref``."""
+def score_variant(model: Session, refs: Reference | list[Reference], cfg: EvalConfig) -> dict[str, Any]:
+    """Token-level and generation metrics of ``model`` against one reference, or several (one per eval text).
+
+    With several, the top-level figures cover every text's positions together and ``texts`` holds each
+    text's own, keyed by its name; the prompts are answered once (the first reference's).
+    """
+    refs = [refs] if isinstance(refs, Reference) else refs
+    parts = [_token_scores(model, r, cfg) for r in refs]
+    out: dict[str, Any] = _summary(*(np.concatenate(x) for x in zip(*parts)))
+    if len(refs) > 1:
+        out["texts"] = {r.meta["text"]["name"]: _summary(*p) for r, p in zip(refs, parts)}
+    prompt_ids, answers_ref = refs[0].meta.get("prompt_ids", []), refs[0].meta.get("answers", [])
+    if prompt_ids:
+        answers = [greedy(model, ids, cfg.max_new_tokens) for ids in prompt_ids]
+        out["generation"] = generation_agreement(answers, answers_ref)
+        out["answers"] = answers
+    return out
+
+
+def _token_scores(model: Session, ref: Reference, cfg: EvalConfig) -> tuple[np.ndarray, ...]:
+    """Per position: KL, reference mass covered, the variant's and the reference's log-prob of the next token, top-1 agreement."""
     kls, cover, lq, top1 = [], [], [], []
     for w in range(len(ref.tokens)):
         s = model.score(ref.tokens[w].tolist(), top_k=cfg.variant_top_k)
@@ -63,23 +82,20 @@ def score_variant(model: Session, ref: Reference, cfg: EvalConfig) -> dict[str, 
         cover.append(cov)
         lq.append(np.asarray(s.logprobs, dtype=np.float64))
         top1.append(s.top_ids[:, 0] == ref.top_ids[w][:, 0])
-    kl, lq = np.concatenate(kls), np.concatenate(lq)
     lp = ref.target_logp.reshape(-1).astype(np.float64)
-    out: dict[str, Any] = {
+    return np.concatenate(kls), np.concatenate(cover), np.concatenate(lq), lp, np.concatenate(top1)
+
+
+def _summary(kl: np.ndarray, cover: np.ndarray, lq: np.ndarray, lp: np.ndarray, top1: np.ndarray) -> dict[str, Any]:
+    return {
         "tokens": int(len(lq)),
         "ppl": float(np.exp(-lq.mean())),
         "ppl_reference": float(np.exp(-lp.mean())),
         "kld": _stats(kl),
-        "kld_coverage": float(np.concatenate(cover).mean()),
-        "top1_agreement": float(np.concatenate(top1).mean()),
+        "kld_coverage": float(cover.mean()),
+        "top1_agreement": float(top1.mean()),
         "mean_abs_dp": float(np.abs(np.exp(lq) - np.exp(lp)).mean()),
     }
-    prompt_ids, refs = ref.meta.get("prompt_ids", []), ref.meta.get("answers", [])
-    if prompt_ids:
-        answers = [greedy(model, ids, cfg.max_new_tokens) for ids in prompt_ids]
-        out["generation"] = generation_agreement(answers, refs)
-        out["answers"] = answers
-    return out
 
 
 def generation_agreement(answers: list[str], references: list[str]) -> dict[str, float]:

@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 EVAL_DIR = "eval"
 REF_NPZ = "reference.npz"
 REF_JSON = "reference.json"
-SPAN = 64  # tokens per hashed span when checking eval windows against calibration text
 HF_DEFAULT = "hf:wikitext:wikitext-2-raw-v1:test:text"
 
 # Written for edgepack: short tasks whose greedy answers say whether a variant still behaves like its reference.
@@ -61,7 +60,8 @@ PROMPTS = (
 class EvalConfig:
     """What eval scores; the reference is rebuilt when any of these (or the calibration) change."""
 
-    text: str = "auto"  # auto (wikitext-2 when online, else builtin) | builtin | a file | hf:DATASET[:CONFIG]:SPLIT:COLUMN
+    text: str = "auto"  # auto (wikitext-2 when online, else builtin) | builtin | chat | prose | code | a file | hf:... ;
+    # several, comma-separated, are scored each on its own; "domains" is chat,prose,code (calibration.DOMAINS)
     windows: int = 8  # scored windows
     window_len: int = 512  # tokens per window
     top_k: int = 64  # reference log-probs kept per position
@@ -70,6 +70,12 @@ class EvalConfig:
     prompts_file: str | None = None  # one prompt per line instead of the built-in set
     max_new_tokens: int = 64  # greedy answer length
     calibration_files: tuple[str, ...] = ()  # the user files a bundle was calibrated on, to check disjointness
+
+    def texts(self) -> list[str]:
+        """The eval texts this config names, in order, each once."""
+        names = [t.strip() for t in self.text.split(",") if t.strip()]
+        names = [d for n in names for d in (calibration.DOMAINS if n == "domains" else (n,))]
+        return list(dict.fromkeys(names)) or ["auto"]
 
     def check(self) -> None:
         if self.windows < 1 or self.window_len < 16:
@@ -94,19 +100,20 @@ class Reference:
 
 
 def reference(
-    bundle: Bundle, cfg: EvalConfig, *, device: str = "auto", threads: int | None = None
+    bundle: Bundle, cfg: EvalConfig, *, device: str = "auto", threads: int | None = None, name: str = "reference"
 ) -> Reference:
-    """The bundle's stored reference if its settings match, else compute and store it.
+    """The bundle's stored reference on ``cfg``'s one text if its settings match, else compute and store it.
 
-    Raises BundleError (reference checkpoint gone), CalibrationError (text too short or
+    ``name`` is the stem of its files in eval/ (one per eval text). Raises BundleError (reference checkpoint gone), CalibrationError (text too short or
     overlapping calibration), OfflineError, MissingDependencyError.
     """
     folder = bundle.root / EVAL_DIR
+    npz, meta_json = folder / f"{name}.npz", folder / f"{name}.json"
     text = _eval_text(cfg.text)
     key = _reference_key(bundle, cfg, text)
-    if (folder / REF_JSON).is_file() and (folder / REF_NPZ).is_file():
-        meta = json.loads((folder / REF_JSON).read_text())
-        with np.load(folder / REF_NPZ) as z:
+    if meta_json.is_file() and npz.is_file():
+        meta = json.loads(meta_json.read_text())
+        with np.load(npz) as z:
             if meta.get("key") == key and "key" in z.files and str(z["key"]) == key:  # both files of the same run (each is written atomically)
                 return Reference(z["tokens"], z["top_ids"], z["top_logp"], z["rest_logp"], z["target_logp"], meta)
     log.info(f"computing reference distributions on {text.name} with transformers (once per bundle)")
@@ -143,11 +150,11 @@ def reference(
             "wall_s": round(time.perf_counter() - start, 2),
         },
     )
-    with atomic_path(folder / REF_NPZ) as tmp, open(tmp, "wb") as f:
+    with atomic_path(npz) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(
             f, key=np.array(key), tokens=ref.tokens, top_ids=ref.top_ids, top_logp=ref.top_logp, rest_logp=ref.rest_logp, target_logp=ref.target_logp
         )
-    write_json(folder / REF_JSON, ref.meta)
+    write_json(meta_json, ref.meta)
     return ref
 
 
@@ -162,7 +169,15 @@ def _reference_ctx(cfg: EvalConfig) -> int:
 
 
 def _token_stream(text: calibration.Text, session: Session) -> list[int]:
-    """The text's samples tokenized and concatenated, no special tokens added (``calibration.token_stream`` without chat)."""
+    """The text's samples tokenized and concatenated, no special tokens added; the chat text's in the model's chat template."""
+    if text.chat:
+        try:
+            return [
+                t for topic, body in text.samples
+                for t in session.chat_tokens(calibration.chat_messages(topic, body), add_generation_prompt=False)
+            ]  # fmt: skip
+        except UsageError:  # no chat template (a base model): the samples as they are
+            pass
     return [t for _, body in text.samples for t in session.tokenize(body)]
 
 
@@ -249,20 +264,8 @@ def _clean_windows(bundle: Bundle, ids: list[int], cfg: EvalConfig, length: int,
     cannot be found again to check against.
     """
     texts = _calibration_texts(bundle, cfg.calibration_files)
-    cal_hashes = [_span_hashes(np.asarray(_token_stream(t, session))) for t in texts]
-    out, skipped = [], 0
-    for w in calibration.windows(ids, len(ids) // length, length, what="eval"):
-        h = _span_hashes(np.asarray(w))
-        if any(np.isin(h, c).any() for c in cal_hashes):
-            skipped += 1
-            continue
-        out.append(w)
-        if len(out) == cfg.windows:
-            return out, skipped
-    raise CalibrationError(
-        f"eval text gives {len(out)} windows of {cfg.window_len} tokens free of calibration text ({skipped} overlapped), "
-        f"{cfg.windows} needed: give a longer eval text that is disjoint from the calibration text, or fewer/shorter windows"
-    )
+    against = [calibration.span_hashes(_token_stream(t, session)) for t in texts]
+    return calibration.disjoint_windows(ids, cfg.windows, length, against)
 
 
 def _calibration_texts(bundle: Bundle, files: tuple[str, ...]) -> list[calibration.Text]:
@@ -293,15 +296,3 @@ def _calibration_texts(bundle: Bundle, files: tuple[str, ...]) -> list[calibrati
             raise CalibrationError(f"calibration text {name} changed since the conversion: re-run the conversion to re-check it")
         out.append(text)
     return out
-
-
-_MULT = np.random.default_rng(20261127).integers(1, 2**63, size=SPAN, dtype=np.uint64) | np.uint64(1)
-
-
-def _span_hashes(ids: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of every 64-token span (random linear hash mod 2**64)."""
-    if len(ids) < SPAN:
-        return np.zeros(0, dtype=np.uint64)
-    spans = np.lib.stride_tricks.sliding_window_view(ids.astype(np.uint64), SPAN)
-    with np.errstate(over="ignore"):
-        return (spans * _MULT).sum(axis=1, dtype=np.uint64)

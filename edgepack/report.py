@@ -91,6 +91,16 @@ def variants_table(table: list[dict[str, Any]]) -> tuple[list[str], list[list[st
     return [c[0] for c in COLUMNS], [[_cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in table]
 
 
+def _texts_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """KLD, top-1 and PPL of every variant on each eval text it was scored on (``eval --text``, several); no rows with one text."""
+    evals = data.get("eval", {}).get("variants", {})
+    body = [
+        [key, name, f"{t['kld']['mean']:.5f}", f"{t['kld']['p99']:.4f}", f"{t['top1_agreement']:.1%}", f"{t['ppl']:.3f}"]
+        for key, e in evals.items() for name, t in e.get("texts", {}).items()
+    ]  # fmt: skip
+    return ["variant", "eval text", "KLD", "KLD p99", "top-1", "PPL"], body
+
+
 def _median(run: dict[str, Any], key: str) -> float | None:
     v = run.get(key)
     return v.get("median") if isinstance(v, dict) else v
@@ -304,6 +314,7 @@ dt { font-weight: bold; } dd { margin: 0; font-family: ui-monospace, monospace; 
 $table
 <p class="note">KLD: mean KL divergence of next-token distributions from the float reference (top-k buckets, a lower bound);
 PPL on the eval text; top-1: same likeliest token as the reference; BLEU/ROUGE-L: greedy answers against the reference's.</p>
+$texts
 <h2>Size against quality</h2>
 $size_plot
 $pareto
@@ -328,11 +339,14 @@ def render(data: dict[str, Any], signature: dict[str, Any] | None = None) -> dic
     prov = provenance(data, signature)
     no_eval = "<p class='note'>No eval results yet: run <code>edgepack eval</code>.</p>"
     bench_note = _no_bench(data)
+    thead, tbody = _texts_table(data)
+    per_text = "Each eval text on its own (the table above covers them together):"
     no_bench = f"<p class='note'>{html.escape(bench_note)}</p>"
     files = {
         "report.html": _HTML.substitute(
             name=html.escape(str(data.get("name"))),
             table=_html_table(head, body),
+            texts=f"<p class='note'>{per_text}</p>{_html_table(thead, tbody)}" if tbody else "",
             size_plot=f"<figure>{kld_svg}</figure>" if kld_svg else no_eval,
             pareto=_html_table(*front) if front[1] else "",
             runs=_html_table(rhead, rbody) if runs else no_bench,
@@ -341,6 +355,7 @@ def render(data: dict[str, Any], signature: dict[str, Any] | None = None) -> dic
         )
     }
     md = [f"# edgepack report: {data.get('name')}", "", "## Variants", "", md_table(head, body), ""]
+    md += [per_text, "", md_table(thead, tbody), ""] if tbody else []
     md += ["## Size against quality", "", "![size vs KLD](size_vs_kld.svg)" if kld_svg else "No eval results yet: run `edgepack eval`.", ""]
     md += [md_table(*front), ""] if front[1] else []
     md += ["## Speed", "", md_table(rhead, rbody) if runs else bench_note, ""]

@@ -17,6 +17,7 @@ from edgepack.bundle import Bundle, Variant
 from edgepack.converters import calibration
 from edgepack.errors import CalibrationError, UsageError
 from edgepack.eval import EVAL_DIR, REF_JSON, REF_NPZ, EvalConfig, evaluate, generation_agreement, kl_topk, reference, score_variant
+from edgepack.report import render
 
 TINY = dict(text="builtin", windows=2, window_len=64, top_k=8, variant_top_k=32, prompts=2, max_new_tokens=8)
 
@@ -89,6 +90,11 @@ def test_generation_agreement_scores():
     assert same == {"prompts": 2, "bleu": pytest.approx(100.0), "rouge_l": pytest.approx(1.0), "exact_match": 1.0}
     diff = generation_agreement(["the cat sat on the mat", "a dog ran"], ["the cat sat on the mat", "blue skies today"])
     assert diff["exact_match"] == 0.5 and diff["rouge_l"] == pytest.approx(0.5) and 0 < diff["bleu"] < 100
+
+
+def test_eval_texts_are_listed_once_and_domains_expand():
+    assert EvalConfig().texts() == ["auto"]
+    assert EvalConfig(text="domains,prose, notes.txt").texts() == ["chat", "prose", "code", "notes.txt"]
 
 
 def test_config_is_checked():
@@ -170,13 +176,23 @@ def test_eval_refuses_text_that_overlaps_calibration(tmp_path, smollm2, smollm2_
 def test_cli_evaluates_a_lone_gguf_against_a_reference(tmp_path, smollm2, smollm2_gguf):
     out = tmp_path / "wrapped"
     cmd = [sys.executable, "-m", "edgepack", "eval", str(smollm2_gguf), "--reference", str(smollm2), "-o", str(out),
-           "--text", "builtin", "--windows", "1", "--window-len", "64", "--top-k", "4", "--prompts", "0", "--threads", "1", "--json"]
+           "--text", "builtin", "--text", "code", "--windows", "1", "--window-len", "64", "--top-k", "4", "--prompts", "0",
+           "--threads", "1", "--json"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     (vid, r), = res["variants"].items()
     assert vid == "gguf-smollm2-135m-instruct.q4_1" and r["kld"]["mean"] < 0.02 and "generation" not in r
-    assert Bundle.open(out).variant(vid).format == "gguf"
+    # each text on its own, and together: the overall mean is the token-weighted mean of the two
+    per = r["texts"]
+    assert sorted(per) == ["builtin:eval", "code:eval"] and r["tokens"] == sum(t["tokens"] for t in per.values()) == 2 * 63
+    assert per["builtin:eval"]["kld"]["mean"] != per["code:eval"]["kld"]["mean"]
+    assert np.isclose(r["kld"]["mean"], np.mean([t["kld"]["mean"] for t in per.values()]))
+    assert sorted(res["reference"]["texts"]) == ["builtin:eval", "code:eval"]
+    b = Bundle.open(out)
+    assert b.variant(vid).format == "gguf"
+    md = render(b.data)["report.md"]
+    assert f"| {vid} | code:eval | {per['code:eval']['kld']['mean']:.5f} |" in md
     bad = subprocess.run([sys.executable, "-m", "edgepack", "eval", str(tmp_path / "nope.gguf")], capture_output=True, text=True)
     assert bad.returncode != 0 and "no model at" in bad.stderr and "give a bundle name" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -20,7 +20,10 @@ def register(app: typer.Typer) -> None:
         reference: str | None = typer.Option(None, "--reference", help="Float reference for a lone model (anything `pull` takes)."),
         out: Path | None = typer.Option(None, "-o", "--out", help="Bundle folder for a lone model (default: $EDGEPACK_HOME/bundles/NAME)."),
         variant: list[str] = typer.Option([], "--variant", help="Variant id to score (repeatable; default: all)."),
-        text: str = typer.Option("auto", "--text", help="Eval text: auto, builtin, a file, or hf:DATASET[:CONFIG]:SPLIT:COLUMN."),
+        text: list[str] = typer.Option(
+            [], "--text", help="Eval text (repeatable, each scored on its own): auto (default), builtin, chat, prose, code, "
+            "domains (chat, prose and code), a file, or hf:DATASET[:CONFIG]:SPLIT:COLUMN.",
+        ),  # fmt: skip
         windows: int = typer.Option(8, "--windows", help="Windows of eval text scored."),
         window_len: int = typer.Option(512, "--window-len", help="Tokens per window."),
         top_k: int = typer.Option(64, "--top-k", help="Reference log-probs kept per position."),
@@ -35,12 +38,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score variants against the float reference: PPL, KLD, top-1 agreement, BLEU/ROUGE-L of greedy answers.
 
-        Examples: edgepack eval out/smollm2; edgepack eval model.gguf --reference smollm2-135m --windows 4
+        Examples: edgepack eval out/smollm2; edgepack eval model.gguf --reference smollm2-135m --windows 4;
+        edgepack eval out/smollm2 --text domains
         """
         from ..eval import EvalConfig, as_bundle, evaluate
 
         cfg = EvalConfig(
-            text=text,
+            text=",".join(text) or "auto",
             windows=windows,
             window_len=window_len,
             top_k=top_k,
@@ -65,6 +69,16 @@ def register(app: typer.Typer) -> None:
                 *(f"{g[k]:.3g}" if k in g else "—" for k in ("bleu", "rouge_l", "exact_match")),
             )
         Console().print(t)
+        texts = sorted({name for r in res["variants"].values() for name in r.get("texts", {})})
+        if texts:
+            t = Table("variant", *(f"KLD {name}" for name in texts), *(f"top-1 {name}" for name in texts))
+            for vid, r in res["variants"].items():
+                per = r.get("texts", {})
+                t.add_row(
+                    vid, *(f"{per[n]['kld']['mean']:.5f}" if n in per else "—" for n in texts),
+                    *(f"{per[n]['top1_agreement']:.1%}" if n in per else "—" for n in texts),
+                )  # fmt: skip
+            Console().print(t)
         print(bundle.root)
 
     @app.command()
