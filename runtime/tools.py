@@ -38,7 +38,7 @@ from ..errors import UsageError
 from .base import Completion, Stream, ToolCall
 
 if TYPE_CHECKING:
-    from .base import SamplingParams, Session, _Run
+    from .base import _Run
 
 NO_TOOLS = "the model's chat template has no tool support (it renders no tools): leave out `tools`, `tool_calls` and tool messages"
 CHOICES = ("none", "auto", "required")
