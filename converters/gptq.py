@@ -307,9 +307,11 @@ class Options:
     arg: str = ""  # the spec's argument as written (gptq:4 stays gptq-4 once the group is settled)
 
     def config(self) -> GPTQConfig:
+        # mixed_outer only shapes mixed bits: without them it keeps the default, so the stage cache key does not split
+        outer = self.mixed_outer if self.mixed else GPTQConfig.mixed_outer
         return GPTQConfig(
             bits=self.bits, group_size=self.group, sym=self.sym, desc_act=self.desc_act, damp_percent=self.damp_percent,
-            calibration=self.calibration, samples=self.samples, device=self.device, mixed=self.mixed, mixed_outer=self.mixed_outer,
+            calibration=self.calibration, samples=self.samples, device=self.device, mixed=self.mixed, mixed_outer=outer,
         )  # fmt: skip
 
 

@@ -153,7 +153,7 @@ def test_int4_repacks_the_gptq_weights(narrow, tmp_path, logged):
 
 @pytest.mark.slow
 def test_int4_takes_gptq_groups_of_16(narrow, tmp_path, logged):
-    opts = {"samples": 16, "block_size": 16, "mixed": False, "desc_act": False}
+    opts = {"samples": 16, "block_size": 16, "mixed": False, "desc_act": False, "calibration": "builtin"}  # one calibration for both
     bundle = convert(str(narrow), "gptq:4,onnx:int4", tmp_path / "b", options=opts)
     runs = [m for m in logged.messages if m.startswith(("gptq: done", "gptq: cached"))]
     assert len(runs) == 1 and runs[0].startswith("gptq: done")  # one GPTQ run, shared by both variants
