@@ -11,10 +11,19 @@ stage). Any other llama.cpp type is made from the same model in this order:
 4. ``quantize``: llama.cpp's own quantizer (``quantize.py``).
 
 The importance matrix and sensitivity table are kept in the bundle's ``calibration/``.
+
+``gguf:*`` (or a pattern: ``gguf:IQ*``, ``gguf:*-TQ*-Q1_0`` to leave types out) asks for every type the
+pattern names, each with the same options: a ``Matrix``. Which of them the model takes is known only once
+it is at hand (``check``): a type whose blocks do not divide every weight's rows is left out, since
+llama.cpp would give those weights another type and the file would carry a name it does not hold
+(SmolLM2-135M's 576 columns take 32-wide blocks, not the 256 of K- and most IQ types).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -30,6 +39,8 @@ from . import calibration, quantize
 from .gguf import WRITER_TYPES, GGUFWrite
 from .imatrix import Imatrix, ImatrixFile
 from .sensitivity import Sensitivity
+
+log = logging.getLogger(__name__)
 
 MIN_CALIBRATION_TOKENS = 512  # one window of the imatrix and sensitivity stages
 _PANEL = "GGUF"
@@ -71,8 +82,49 @@ class Options:
 OPTIONS = tuple(f.name for f in fields(Options) if f.name != "type")
 
 
-def parse(arg: str, options: Mapping[str, Any]) -> tuple[Options, set[str]]:
-    """The typed options of ``gguf:ARG``; raises UsageError (CalibrationError for an ``imatrix`` file that is not one)."""
+@dataclass(frozen=True)
+class Matrix:
+    """``gguf:PATTERN``: the variants of every type the pattern names, before the model's shapes narrow them (``check``)."""
+
+    pattern: str
+    each: tuple[Options, ...]  # one per candidate type, in QUANT_TYPES order, all with the same options
+
+
+# Types a pattern never names: f32 doubles f16's size for nothing a size/quality matrix shows (ask for gguf:f32 by name).
+_NOT_IN_PATTERNS = frozenset({"F32"})
+# Tensor type whose blocks a file type's mix is built on, where the names differ (default_type in llama-quant.cpp).
+_BASE_TYPE = {"Q2_K_S": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K",
+              "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "IQ2_M": "IQ2_S", "IQ3_XS": "IQ3_S", "IQ3_M": "IQ3_S", "MXFP4_MOE": "MXFP4"}  # fmt: skip
+
+
+def _matrix(arg: str, options: Mapping[str, Any]) -> tuple[Matrix, set[str]]:
+    """``gguf:*`` and its kin: the candidate types' options; raises UsageError for a pattern naming none or a size target."""
+    include, *exclude = arg.upper().split("-")
+    names = [
+        t for t in quantize.QUANT_TYPES
+        if t not in _NOT_IN_PATTERNS and fnmatch.fnmatchcase(t, include) and not any(fnmatch.fnmatchcase(t, x) for x in exclude)
+    ]  # fmt: skip
+    if not names:
+        known = ", ".join(t for t in quantize.QUANT_TYPES if t not in _NOT_IN_PATTERNS)
+        raise UsageError(f"gguf:{arg} names no llama.cpp type: patterns match {known} (e.g. gguf:* or gguf:Q4_*)", option="to")
+    if any(given(options.get(k)) for k in ("target_size", "target_bpw")):
+        raise UsageError(f"a size target makes one mix: give it with one type (gguf:Q4_K_M), not gguf:{arg}", option="target_size")
+    if switch(dict(options), "no_imatrix", False) and (dropped := [t for t in names if quantize.imatrix_needed(t, [])]):
+        log.info(f"gguf:{arg} leaves out {', '.join(dropped)}: llama.cpp makes them only with an importance matrix (drop `no_imatrix`)")
+        names = [t for t in names if t not in dropped]
+    each, used = [], set()
+    for name in names:
+        opts, consumed = parse(name, options)
+        each.append(opts)
+        used |= consumed
+    return Matrix(arg, tuple(each)), used
+
+
+def parse(arg: str, options: Mapping[str, Any]) -> tuple[Options | Matrix, set[str]]:
+    """The typed options of ``gguf:ARG`` (a ``Matrix`` for a pattern); raises UsageError (CalibrationError for an
+    ``imatrix`` file that is not one)."""
+    if any(c in arg for c in "*?["):
+        return _matrix(arg, options)
     if arg.lower() in WRITER_TYPES:
         return Options(arg.lower()), set()
     ftype = quantize.file_type(arg)
@@ -139,6 +191,57 @@ def _imatrix_file(choice: str) -> str:
     return str(path.resolve())
 
 
+def check(opts: Options | Matrix, model_dir: Path) -> Options | list[tuple[str, Options]]:
+    """A pattern's types that the model's weights take whole, as (spec argument, options); other options as they are.
+
+    Logs each type left out and why; raises UsageError when the model takes none of the pattern's types.
+    """
+    if isinstance(opts, Options):
+        return opts
+    columns = weight_columns(model_dir)
+    moe = any(".experts." in name for name in columns)
+    kept, left_out = [], {}
+    for o in opts.each:
+        if o.type == "MXFP4_MOE" and not moe:
+            left_out.setdefault("it quantizes mixture-of-experts tensors; this dense model would get Q8_0 throughout", []).append(o.type)
+            continue
+        block = block_size(o.type)
+        misfits = sorted({c for c in columns.values() if c % block})
+        if misfits:
+            n = sum(1 for c in columns.values() if c % block)
+            reason = (f"{n} of {len(columns)} weights have rows of {', '.join(map(str, misfits))} columns, which their {block}-wide "
+                      "blocks do not divide (llama.cpp would give those weights another type)")  # fmt: skip
+            left_out.setdefault(reason, []).append(o.type)
+            continue
+        kept.append((o.type, o))
+    for reason, types in left_out.items():
+        log.info(f"gguf:{opts.pattern} leaves out {', '.join(types)}: {reason}")
+    if not kept:
+        raise UsageError(f"this model takes none of gguf:{opts.pattern}'s types whole (see above): name a type to get llama.cpp's fallbacks, or try gguf:*", option="to")
+    return kept
+
+
+def block_size(ftype: str) -> int:
+    """Weights per block of the tensor type a file type's mix is built on (256 for K-quants, 32 for Q4_0)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    name = _BASE_TYPE.get(ftype.upper(), ftype.upper())
+    return GGML_QUANT_SIZES[GGMLQuantizationType[name]][0]
+
+
+def weight_columns(model_dir: Path) -> dict[str, int]:
+    """Row length (input columns) of every 2-D weight of a float checkpoint, from its safetensors headers alone."""
+    import struct
+
+    columns = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        columns.update({k: v["shape"][-1] for k, v in header.items() if k.endswith(".weight") and len(v.get("shape", ())) == 2})
+    return columns
+
+
 def variant_id(opts: Options) -> str:
     """``gguf-q4_k_m``; a size-targeted mix adds its target: ``gguf-q4_k_m-100mb``, ``gguf-q4_k_m-4.5bpw``."""
     vid = f"gguf-{opts.type.lower()}"
@@ -149,7 +252,9 @@ def variant_id(opts: Options) -> str:
     return vid
 
 
-def plan(opts: Options, p: Planner) -> VariantJob:
+def plan(opts: Options | Matrix, p: Planner) -> VariantJob | list[VariantJob]:
+    if isinstance(opts, Matrix):
+        return [plan(o, p) for o in opts.each]
     spec = f"gguf:{opts.type}"
     if opts.writer:
         job = p.stage(GGUFWrite(), GGUFWrite.Config(outtype=opts.type))
@@ -182,4 +287,4 @@ def _quantized_meta(art: Artifact, model: Path) -> tuple[dict[str, Any], float |
     return dict(art.meta), art.meta.get("bits_per_weight")
 
 
-FORMAT = Format("gguf", parse, plan, options=(Options,))
+FORMAT = Format("gguf", parse, plan, options=(Options,), check=check)

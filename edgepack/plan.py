@@ -44,15 +44,18 @@ class Format:
 
     ``parse(arg, options)`` returns the format's typed options for the spec argument (``Q4_K_M`` in
     ``gguf:Q4_K_M``) and the names of the shared options it used; it raises UsageError and needs no model.
-    ``plan(opts, planner)`` adds the stages to ``planner`` and returns ``planner.variant(...)``.
+    ``plan(opts, planner)`` adds the stages to ``planner`` and returns ``planner.variant(...)`` (a list of them for a
+    spec that stands for several, ``gguf:*``).
     ``check(opts, model_dir)``, if given, checks what only the model can tell, before any stage runs, and returns
     the options with what it settled (GPTQ's group size); a plan made before the model is at hand leaves those open.
+    For a spec that stands for several variants it returns them as (spec argument, options) pairs, the ones the
+    model takes (``gguf:*`` -> the types whose blocks fit its rows).
     ``options`` are the dataclasses whose ``option`` fields the command line offers as flags.
     """
 
     name: str
     parse: Callable[[str, Mapping[str, Any]], tuple[Any, set[str]]]
-    plan: Callable[[Any, Planner], VariantJob]
+    plan: Callable[[Any, Planner], VariantJob | list[VariantJob]]
     options: tuple[type, ...] = ()
     check: Callable[[Any, Path], Any] | None = None
 
@@ -245,9 +248,17 @@ def plan(specs: list[Spec], *, transforms: list[tuple[Stage, Any]] = ()) -> Plan
 
 
 def check_model(specs: list[Spec], model_dir: Path) -> list[Spec]:
-    """The specs after each format's checks that need the model (architecture, layer widths), before any stage runs."""
+    """The specs after each format's checks that need the model (architecture, layer widths), before any stage runs;
+    a spec standing for several variants (``gguf:*``) becomes one spec per variant the model takes."""
     known = formats()
-    return [dataclasses.replace(s, options=check(s.options, model_dir)) if (check := known[s.format].check) else s for s in specs]
+    out = []
+    for s in specs:
+        checked = check(s.options, model_dir) if (check := known[s.format].check) else s.options
+        if isinstance(checked, list):
+            out += [Spec(s.format, arg, opts, s.used) for arg, opts in checked]
+        else:
+            out.append(dataclasses.replace(s, options=checked))
+    return out
 
 
 # -- running -------------------------------------------------------------------------------------------
