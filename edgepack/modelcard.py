@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, recipes
-from .report import md_table, pareto_table, provenance, rows, variants_table
+from .report import PARETO_NOTE, md_table, pareto_table, provenance, rows, variants_table
 
 PLOTS = (("size_vs_kld.svg", "size against mean KLD"), ("speed.svg", "prefill and decode speed"))
 # The hub's library for each format (its model pages filter by it); a mixed bundle takes the first present.
@@ -93,8 +93,7 @@ def render(data: dict[str, Any], *, license: str | None, signature: dict[str, An
            "KLD: mean KL divergence of next-token distributions from the float reference (lower is closer); PPL on the eval "
            "text; top-1: share of positions with the reference's likeliest token; speeds are medians on the bench machine.", ""]
     if (front := pareto_table(table))[1]:
-        md += ["Which variants are worth their size: on the Pareto front nothing smaller is closer to the float model.", "",
-               md_table(*front), ""]
+        md += [PARETO_NOTE, "", md_table(*front), ""]
     for file, title in PLOTS:
         if file in plots:
             md += [f"![{title}](report/{file})", ""]

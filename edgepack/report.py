@@ -26,6 +26,10 @@ from .fsutil import atomic_dir
 from .runtime import registry
 
 REPORT_DIR = "report"
+PARETO_NOTE = (
+    "Which variants are worth their size: on a Pareto front no other variant is as small and as close to the reference "
+    "(and, on the speed front, decodes as fast) while better on one of these; \"beaten by\" names one that is."
+)
 _DASH = "—"
 
 # (header, key in a row, format)
@@ -111,29 +115,39 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     return _DASH if v is None else fmt.format(v)
 
 
+def beaten_by(points: dict[str, tuple[float, ...]]) -> dict[str, str | None]:
+    """Each point's place on the Pareto front of ``points`` (smaller is better on every axis): None when no other point
+    is at least as good on every axis and better on one, else the name of such a point, the best on the second axis.
+    Equal points do not beat each other: both stay on the front."""
+    verdicts: dict[str, str | None] = {}
+    for name, p in points.items():
+        better = [o for o, q in points.items() if q != p and all(a <= b for a, b in zip(q, p))]
+        verdicts[name] = min(better, key=lambda o: (points[o][1:], points[o][0], o)) if better else None
+    return verdicts
+
+
 def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
     """Points no other point beats on both size and KLD (smaller is better on both), by size."""
-    front, best = [], float("inf")
-    for p in sorted(points, key=lambda p: (p[0], p[1])):
-        if p[1] < best:
-            front.append(p)
-            best = p[1]
-    return front
+    verdicts = beaten_by({p[2]: (p[0], p[1]) for p in points})
+    return sorted((p for p in points if verdicts[p[2]] is None), key=lambda p: (p[0], p[1], p[2]))
 
 
 def pareto_table(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Every scored variant by size, each on the size/KLD Pareto front or named with one that beats it on both."""
-    scored = sorted((r for r in table if r["kld"] is not None), key=lambda r: (r["mb"], r["kld"]))
-    front = {p[2] for p in pareto([(r["mb"], r["kld"], r["variant"]) for r in scored])}
+    """Every scored variant by size, on the size/KLD front and on the size/KLD/decode-speed front, or named with a
+    variant that beats it there (a dash on the speed front for a variant bench did not measure)."""
+    scored = sorted((r for r in table if r["kld"] is not None), key=lambda r: (r["mb"], r["kld"], r["variant"]))
+    two = beaten_by({r["variant"]: (r["mb"], r["kld"]) for r in scored})
+    three = beaten_by({r["variant"]: (r["mb"], r["kld"], -r["decode"]) for r in scored if r["decode"] is not None})
     body = []
     for r in scored:
-        if r["variant"] in front:
-            verdict = "front"
-        else:
-            better = min((o for o in scored if o["mb"] <= r["mb"] and o["kld"] <= r["kld"] and o is not r), key=lambda o: o["kld"])
-            verdict = f"beaten by {better['variant']}"
-        body.append([r["variant"], f"{r['mb']:.1f}", f"{r['kld']:.5f}", _cell(r, "decode", "{:.1f}"), verdict])
-    return ["variant", "size MB", "KLD mean", "decode tok/s", "Pareto (size, KLD)"], body
+        v = r["variant"]
+        speed = _DASH if v not in three else _verdict(three[v])
+        body.append([v, f"{r['mb']:.1f}", f"{r['kld']:.5f}", _cell(r, "decode", "{:.1f}"), _verdict(two[v]), speed])
+    return ["variant", "size MB", "KLD mean", "decode tok/s", "Pareto (size, KLD)", "Pareto (size, KLD, speed)"], body
+
+
+def _verdict(by: str | None) -> str:
+    return "front" if by is None else f"beaten by {by}"
 
 
 # -- plots -----------------------------------------------------------------------------------
@@ -348,7 +362,7 @@ def render(data: dict[str, Any], signature: dict[str, Any] | None = None) -> dic
             table=_html_table(head, body),
             texts=f"<p class='note'>{per_text}</p>{_html_table(thead, tbody)}" if tbody else "",
             size_plot=f"<figure>{kld_svg}</figure>" if kld_svg else no_eval,
-            pareto=_html_table(*front) if front[1] else "",
+            pareto=f"<p class='note'>{PARETO_NOTE}</p>{_html_table(*front)}" if front[1] else "",
             runs=_html_table(rhead, rbody) if runs else no_bench,
             speed_plot=f"<figure>{spd_svg}</figure>" if spd_svg else "",
             provenance="".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in prov),
@@ -357,7 +371,7 @@ def render(data: dict[str, Any], signature: dict[str, Any] | None = None) -> dic
     md = [f"# edgepack report: {data.get('name')}", "", "## Variants", "", md_table(head, body), ""]
     md += [per_text, "", md_table(thead, tbody), ""] if tbody else []
     md += ["## Size against quality", "", "![size vs KLD](size_vs_kld.svg)" if kld_svg else "No eval results yet: run `edgepack eval`.", ""]
-    md += [md_table(*front), ""] if front[1] else []
+    md += [PARETO_NOTE, "", md_table(*front), ""] if front[1] else []
     md += ["## Speed", "", md_table(rhead, rbody) if runs else bench_note, ""]
     md += ["![speed](speed.svg)", ""] if spd_svg else []
     md += ["## Provenance", ""] + [f"- **{k}**: {v}" for k, v in prov] + [""]

@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from edgepack.report import REPORT_DIR, pareto, render, report, rows
+from edgepack.report import REPORT_DIR, beaten_by, pareto, render, report, rows
 
 BLUE, GREEN = (0x4C, 0x72, 0xB0), (0x55, 0xA8, 0x68)  # scatter/prefill bars, decode bars
 
@@ -35,6 +35,15 @@ def _manifest(**extra):
 def test_pareto_front_keeps_points_nothing_beats_on_both_axes():
     pts = [(100, 0.05, "a"), (150, 0.01, "b"), (160, 0.02, "c"), (90, 0.4, "d"), (300, 0.001, "e")]
     assert [p[2] for p in pareto(pts)] == ["d", "a", "b", "e"]
+
+
+def test_equal_points_share_the_front_and_a_point_beaten_on_one_axis_only_by_an_equal_other_is_off_it():
+    pts = {"f16": (270, 0.0), "bf16": (270, 0.0), "f32": (540, 0.0), "q8": (145, 0.001), "q8b": (145, 0.002), "q4": (80, 0.05)}
+    assert beaten_by(pts) == {"f16": None, "bf16": None, "f32": "bf16", "q8": None, "q8b": "q8", "q4": None}
+    # three axes (size, KLD, -decode): a bigger, closer variant stays on the front only while nothing is also faster
+    three = {"a": (100, 0.01, -50), "b": (120, 0.005, -40), "c": (120, 0.005, -60), "d": (130, 0.02, -70), "e": (100, 0.01, -50)}
+    assert beaten_by(three) == {"a": None, "b": "c", "c": None, "d": None, "e": None}
+    assert beaten_by({}) == {}
 
 
 def test_render_without_eval_or_bench_says_what_to_run():
@@ -84,11 +93,17 @@ def test_the_pareto_table_names_what_beats_each_variant_off_the_front():
                 for i, mb in (("q8_0", 145), ("q6_k", 140), ("q4_k_m", 105), ("q4_0", 110), ("q2_k", 70), ("f16", 270))]
     kld = {"q8_0": 0.002, "q6_k": 0.001, "q4_k_m": 0.02, "q4_0": 0.05, "q2_k": 0.4}  # f16 not scored: not in the table
     ev = {"variants": {k: {"kld": {"mean": v, "p99": v * 10}} for k, v in kld.items()}}
-    files = render(_manifest(variants=variants, eval=ev))
-    table = files["report.md"].split("| Pareto (size, KLD) |")[1].split("\n\n")[0]
-    verdicts = {cells[0]: cells[-1] for line in table.strip().splitlines()[1:] if (cells := [c.strip() for c in line.strip("|").split("|")])}
-    assert verdicts == {"q2_k": "front", "q4_k_m": "front", "q4_0": "beaten by q4_k_m", "q6_k": "front", "q8_0": "beaten by q6_k"}
-    assert list(verdicts) == ["q2_k", "q4_k_m", "q4_0", "q6_k", "q8_0"]  # by size
+    decode = {"q8_0": 90.0, "q6_k": 60.0, "q4_k_m": 80.0, "q4_0": 120.0}  # q2_k not benched; q4_0 is slower to beat on speed
+    run = {"median": 1.0, "min": 1.0, "max": 1.0}
+    bench = {"runs": {f"{k}@cpu": {"variant": k, "device": "cpu", "load_s": 1.0, "ttft_s": run, "prefill_tokens_per_s": run,
+                                   "decode_tokens_per_s": {"median": v, "min": v, "max": v}, "peak_rss_bytes": 2**20}
+                      for k, v in decode.items()}}
+    files = render(_manifest(variants=variants, eval=ev, bench=bench))
+    table = files["report.md"].split("| Pareto (size, KLD, speed) |")[1].split("\n\n")[0]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.strip().splitlines()[1:]]
+    assert {c[0]: c[-2] for c in cells} == {"q2_k": "front", "q4_k_m": "front", "q4_0": "beaten by q4_k_m", "q6_k": "front", "q8_0": "beaten by q6_k"}
+    assert {c[0]: c[-1] for c in cells} == {"q2_k": "—", "q4_k_m": "front", "q4_0": "front", "q6_k": "front", "q8_0": "front"}
+    assert [c[0] for c in cells] == ["q2_k", "q4_k_m", "q4_0", "q6_k", "q8_0"]  # by size
     assert "<th>Pareto (size, KLD)</th>" in files["report.html"] and "beaten by q6_k" in files["report.html"]
     assert "Pareto" not in render(_manifest())["report.md"]  # nothing scored: no table
 
