@@ -198,27 +198,31 @@ def check(opts: Options | Matrix, model_dir: Path) -> Options | list[tuple[str, 
     """
     if isinstance(opts, Options):
         return opts
-    columns = weight_columns(model_dir)
-    moe = any(".experts." in name for name in columns)
-    kept, left_out = [], {}
-    for o in opts.each:
-        if o.type == "MXFP4_MOE" and not moe:
-            left_out.setdefault("it quantizes mixture-of-experts tensors; this dense model would get Q8_0 throughout", []).append(o.type)
-            continue
-        block = block_size(o.type)
-        misfits = sorted({c for c in columns.values() if c % block})
-        if misfits:
-            n = sum(1 for c in columns.values() if c % block)
-            reason = (f"{n} of {len(columns)} weights have rows of {', '.join(map(str, misfits))} columns, which their {block}-wide "
-                      "blocks do not divide (llama.cpp would give those weights another type)")  # fmt: skip
-            left_out.setdefault(reason, []).append(o.type)
-            continue
-        kept.append((o.type, o))
+    kept, left_out = take(opts, weight_columns(model_dir))
     for reason, types in left_out.items():
         log.info(f"gguf:{opts.pattern} leaves out {', '.join(types)}: {reason}")
     if not kept:
         raise UsageError(f"this model takes none of gguf:{opts.pattern}'s types whole (see above): name a type to get llama.cpp's fallbacks, or try gguf:*", option="to")
-    return kept
+    return [(o.type, o) for o in kept]
+
+
+def take(matrix: Matrix, columns: dict[str, int]) -> tuple[list[Options], dict[str, list[str]]]:
+    """The matrix's options whose types a model with these weight row lengths takes whole, and the others by reason."""
+    moe = any(".experts." in name for name in columns)
+    kept, left_out = [], {}
+    for o in matrix.each:
+        if o.type == "MXFP4_MOE" and not moe:
+            left_out.setdefault("it quantizes mixture-of-experts tensors; this dense model would get Q8_0 throughout", []).append(o.type)
+            continue
+        block = block_size(o.type)
+        misfits = [c for c in columns.values() if c % block]
+        if misfits:
+            reason = (f"{len(misfits)} of {len(columns)} weights have rows of {', '.join(map(str, sorted(set(misfits))))} columns, "
+                      f"which their {block}-wide blocks do not divide (llama.cpp would give those weights another type)")  # fmt: skip
+            left_out.setdefault(reason, []).append(o.type)
+            continue
+        kept.append(o)
+    return kept, left_out
 
 
 def block_size(ftype: str) -> int:
