@@ -101,7 +101,7 @@ class Spec:
 def parse_variants(text: str | list[str], options: Mapping[str, Any] | None = None) -> tuple[list[Spec], set[str]]:
     """Read ``gguf:Q4_K_M,onnx:int4`` (or a list of specs) with the shared ``options``: the one parser of variant specs.
 
-    Returns the specs and the names of the options they used. Raises UsageError for an unknown format, a
+    An item without a format takes the one before it (``gguf:Q4_K_M,Q5_K_M``). Returns the specs and the names of the options they used. Raises UsageError for an unknown format, a
     bad argument or a bad option value, before any model is read.
     """
     items = text if isinstance(text, list) else text.split(",")
@@ -111,6 +111,8 @@ def parse_variants(text: str | list[str], options: Mapping[str, Any] | None = No
         if not item:
             continue
         name, sep, arg = item.partition(":")
+        if not sep and specs and name.lower() not in known:
+            name, sep, arg = specs[-1].format, ":", item
         name = name.lower()
         if name not in known:
             raise UsageError(f"unknown variant format {name!r} in {item!r}: formats are {', '.join(sorted(known))} (e.g. gguf:Q4_K_M)", option="to")

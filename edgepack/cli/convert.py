@@ -65,7 +65,7 @@ def _parameter(name: str, flag, kind: type) -> _P:
 def register(app: typer.Typer) -> None:
     base = [
         _P("model", _P.POSITIONAL_OR_KEYWORD, default=typer.Argument(..., help="Recipe name, hub id, checkpoint folder or .gguf file."), annotation=str),
-        _P("to", _P.KEYWORD_ONLY, default=typer.Option("", "--to", help="Comma-separated variants, e.g. gguf:Q4_K_M,gguf:Q8_0 (default: the recipe's)."), annotation=str),
+        _P("to", _P.KEYWORD_ONLY, default=typer.Option("", "--to", help="Comma-separated variants, e.g. gguf:Q4_K_M,Q8_0; 'gguf:*' for every type the model takes (default: the recipe's)."), annotation=str),
         _P("out", _P.KEYWORD_ONLY, default=typer.Option(None, "-o", "--out", help="Bundle folder (default: $EDGEPACK_HOME/bundles/NAME)."), annotation=Path | None),
         _P("allow_pickle", _P.KEYWORD_ONLY, default=typer.Option(False, "--allow-pickle", help="Accept pickle weights (.bin/.pt)."), annotation=bool),
         _P("report", _P.KEYWORD_ONLY, default=typer.Option(True, "--report/--no-report", help="End with eval, bench and report/report.html."), annotation=bool),

@@ -69,6 +69,13 @@ def test_patterns_and_exclusions(wide, tmp_path):
     }  # fmt: skip
 
 
+def test_a_list_names_its_format_once():
+    specs, _ = request("any-model", "gguf:Q4_K_M,Q5_K_M,q8_0,onnx:int4,int8")
+    assert [str(s) for s in specs] == ["gguf:Q4_K_M", "gguf:Q5_K_M", "gguf:q8_0", "onnx:int4", "onnx:int8"]
+    with pytest.raises(UsageError, match="unknown variant format 'q4_k_m'"):
+        request("any-model", "Q4_K_M,gguf:Q8_0")  # the first names its format
+
+
 def test_bad_patterns_fail_with_one_line(narrow, tmp_path):
     with pytest.raises(UsageError, match=r"gguf:Z\* names no llama.cpp type: patterns match F16, Q4_0"):
         request("any-model", "gguf:Z*")
