@@ -144,8 +144,9 @@ def tasks(small: dict, wide: dict, types: list[str], params: int, bandwidth: flo
     return t
 
 
-def schedule(t: dict[str, tuple[float, float, list[str]]], nodes: int) -> tuple[float, float]:
-    """Wall time on ``nodes`` identical nodes, longest-path-first list scheduling (reads cost nothing on one node); and the critical path."""
+def schedule(t: dict[str, tuple[float, float, list[str]]], nodes: int) -> tuple[float, list[str], float]:
+    """Wall time on ``nodes`` identical nodes, longest-path-first list scheduling (reads cost nothing on one node); the
+    critical path's tasks and its length."""
     cost = {k: c + (io if nodes > 1 else 0.0) for k, (c, io, _) in t.items()}
     children: dict[str, list[str]] = {k: [] for k in t}
     for k, (_, _, deps) in t.items():
@@ -159,6 +160,9 @@ def schedule(t: dict[str, tuple[float, float, list[str]]], nodes: int) -> tuple[
         return level[k]
 
     critical = max(bottom(k) for k in t)
+    chain = [max((k for k, (_, _, deps) in t.items() if not deps), key=bottom)]
+    while children[chain[-1]]:
+        chain.append(max(children[chain[-1]], key=bottom))
     waiting = {k: len(deps) for k, (_, _, deps) in t.items()}
     ready = [(-bottom(k), k) for k, n in waiting.items() if n == 0]
     heapq.heapify(ready)
@@ -175,7 +179,7 @@ def schedule(t: dict[str, tuple[float, float, list[str]]], nodes: int) -> tuple[
             waiting[c] -= 1
             if waiting[c] == 0:
                 heapq.heappush(ready, (-bottom(c), c))
-    return now, critical
+    return now, chain, critical
 
 
 def main() -> None:
@@ -205,12 +209,14 @@ def main() -> None:
     work_s = sum(c for c, _, _ in t.values())
     rows = []
     for n in (1, 2, 4, 8):
-        wall, critical = schedule(t, n)
-        rows.append({"nodes": n, "wall_s": wall, "critical_path_s": critical, "work_over_n_s": (work_s + (0 if n == 1 else sum(io for _, io, _ in t.values()))) / n})
+        wall, chain, critical = schedule(t, n)
+        rows.append({"nodes": n, "wall_s": wall, "critical_path_s": critical, "critical_path": chain, "work_over_n_s": (work_s + (0 if n == 1 else sum(io for _, io, _ in t.values()))) / n})
     base = rows[0]["wall_s"]
+    longest = {k: t[k][0] for k in rows[-1]["critical_path"]}
     stage_sums = {kind: sum(c for k, (c, _, _) in t.items() if k.split(":")[0] == kind) for kind in ("write", "imatrix", "quantize", "eval", "bench")}
     print(f"7B matrix: {len(types)} variants, {params / 1e9:.2f}e9 parameters; measured on {small['params'] / 1e6:.0f}M (x{params / small['params']:.0f})")
     print("work by stage (h, one node): " + ", ".join(f"{k} {v / 3600:.2f}" for k, v in stage_sums.items()))
+    print("critical path (compute h): " + " -> ".join(f"{k} {v / 3600:.2f}" for k, v in longest.items()))
     print(f"{'nodes':>5} {'wall h':>8} {'speedup':>8} {'critical path h':>16} {'work/N h':>9}")
     for row in rows:
         print(f"{row['nodes']:>5} {row['wall_s'] / 3600:>8.2f} {base / row['wall_s']:>8.2f} {row['critical_path_s'] / 3600:>16.2f} {row['work_over_n_s'] / 3600:>9.2f}")
