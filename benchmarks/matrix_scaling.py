@@ -1,6 +1,6 @@
 """What a ``gguf:*`` matrix of a 7B model costs on 1, 2, 4 and 8 nodes, from stage times measured on small models.
 
-    nice .venv/bin/python benchmarks/matrix_scaling.py --bundle B [--quantize-bundle Q4 Q12] [--reference DIR] [--out m.json]
+    nice .venv/bin/python benchmarks/matrix_scaling.py --bundle B [--quantize-bundle Q] [--reference DIR] [--out m.json]
 
 Inputs, all read from bundles (each step records ``wall_s`` in the manifest, eval and bench each variant's, and
 ``eval/reference.json`` the float reference's):
@@ -8,16 +8,14 @@ Inputs, all read from bundles (each step records ``wall_s`` in the manifest, eva
 1. ``--bundle``: SmolLM2-135M converted with ``--to 'gguf:*'`` and the report (eval and bench of every variant):
    the f16 write, the importance matrix, the writer types, and eval and bench per variant. Without it the script
    makes one from ``--reference`` (the float SmolLM2 folder), in a temporary home.
-2. ``--quantize-bundle A B``: a llama-shaped random model whose rows take every type (hidden 512, intermediate 1536,
-   SmolLM2's vocabulary) at 4 and at 12 layers, each converted with ``gguf:* --no-report``. SmolLM2 alone cannot
-   give these times: its 576-column rows take none of the 256-wide K- and IQ-types. Two depths separate each type's
-   seconds per layer weight from what the embedding (which llama.cpp gives its own type, Q6_K or Q8_0, as the output
-   of a tied model) and fixed costs take. Without them the script builds both models and converts them.
+2. ``--quantize-bundle``: a llama-shaped random model whose rows take every type (hidden 512, intermediate 1536,
+   SmolLM2's vocabulary), converted with ``gguf:* --no-report``: seconds per weight of each quantize type. SmolLM2
+   alone cannot give them: its 576-column rows take none of the 256-wide K- and IQ-types. Without it the script
+   builds the model and converts it.
 
 The model of the 7B run (assumptions, each stated in docs/benchmarks.md):
 
-- quantize time per type is a + b * (layer weights), a scaled by the embedding's size (two depths give a and b);
-- every other stage time scales linearly with parameter count (f16 write, imatrix
+- every stage time scales linearly with parameter count, measured per weight (quantize per type; f16 write, imatrix
   over its fixed calibration tokens, eval over its fixed windows and bench over its fixed prompts per parameter);
   the fixed costs of the small run (process start, imports) scale too, so the figures are upper bounds;
 - a node is the measuring machine; a stage runs alone on a node and uses all of it;
@@ -64,25 +62,24 @@ def shapes(cfg: dict) -> dict[str, tuple[int, int]]:
     return out
 
 
-def make_wide(dest: Path, tokenizer_from: Path, layers: int) -> Path:
-    """The random WIDE checkpoint with ``layers`` layers (float32, SmolLM2's tokenizer) in ``dest``."""
+def make_wide(dest: Path, tokenizer_from: Path) -> Path:
+    """The random WIDE checkpoint (float32, SmolLM2's tokenizer) in ``dest``."""
     import shutil
 
     import numpy as np
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(0)
-    cfg = {**WIDE, "layers": layers}
-    tensors = {k: rng.standard_normal(s, dtype=np.float32) * 0.02 for k, s in shapes(cfg).items()}
+    tensors = {k: rng.standard_normal(s, dtype=np.float32) * 0.02 for k, s in shapes(WIDE).items()}
     tensors["model.norm.weight"] = np.ones(WIDE["hidden"], np.float32)
-    for i in range(layers):
+    for i in range(WIDE["layers"]):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             tensors[f"model.layers.{i}.{norm}.weight"] = np.ones(WIDE["hidden"], np.float32)
     dest.mkdir(parents=True)
     save_file(tensors, dest / "model.safetensors")
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": WIDE["hidden"],
               "intermediate_size": WIDE["intermediate"], "num_attention_heads": WIDE["heads"], "num_key_value_heads": WIDE["kv_heads"],
-              "num_hidden_layers": layers, "vocab_size": WIDE["vocab"], "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+              "num_hidden_layers": WIDE["layers"], "vocab_size": WIDE["vocab"], "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
               "rope_theta": 10000.0, "tie_word_embeddings": True, "torch_dtype": "float32"}  # fmt: skip
     (dest / "config.json").write_text(json.dumps(config, indent=1))
     for f in tokenizer_from.iterdir():
@@ -120,24 +117,7 @@ def seven_b_matrix() -> list[str]:
     return [o.type for o in kept]
 
 
-def embedding(cfg: dict) -> int:
-    """Weights of the token embedding and an untied output: the tensors whose type llama.cpp chooses apart."""
-    return cfg["vocab"] * cfg["hidden"] * (1 if cfg["tied"] else 2)
-
-
-def quantize_seconds(wide: list[dict], typ: str, params: int) -> float:
-    """A type's quantize time for SEVEN_B: per layer weight from the two depths, the rest scaled by the embedding."""
-    key = f"quantize:{typ.lower()}"
-    e_w, e_7 = embedding(WIDE), embedding(SEVEN_B)
-    if len(wide) == 1:  # one depth: everything per weight, an upper bound while the embedding is a large share
-        return wide[0]["steps"][key] / wide[0]["params"] * params
-    (p1, t1), (p2, t2) = sorted((w["params"], w["steps"][key]) for w in wide)
-    b = (t2 - t1) / (p2 - p1)
-    a = t1 - b * (p1 - e_w)
-    return max(a, 0.0) * e_7 / e_w + b * (params - e_7)
-
-
-def tasks(small: dict, wide: list[dict], types: list[str], params: int, bandwidth: float, bpw: dict[str, float]) -> dict[str, tuple[float, float, list[str]]]:
+def tasks(small: dict, wide: dict, types: list[str], params: int, bandwidth: float, bpw: dict[str, float]) -> dict[str, tuple[float, float, list[str]]]:
     """The 7B matrix's tasks: name -> (compute seconds, seconds reading inputs from shared storage, dependencies)."""
     r = params / small["params"]
     f16_bytes = 2 * params
@@ -157,7 +137,8 @@ def tasks(small: dict, wide: list[dict], types: list[str], params: int, bandwidt
                 t[made] = (small["steps"][f"gguf-write:{typ.lower()}"] * r, 0.0, [])
         else:
             made = f"quantize:{typ}"
-            t[made] = (quantize_seconds(wide, typ, params), f16_bytes / bandwidth, ["write:f16", "imatrix"])
+            per_weight = wide["steps"][f"quantize:{typ.lower()}"] / wide["params"]
+            t[made] = (per_weight * params, f16_bytes / bandwidth, ["write:f16", "imatrix"])
         t[f"eval:{typ}"] = (small["eval"].get(vid, med_eval) * r, size / bandwidth, [made, "eval:reference"])
         t[f"bench:{typ}"] = (small["bench"].get(vid, med_bench) * r, size / bandwidth, [made])
     return t
@@ -204,7 +185,7 @@ def schedule(t: dict[str, tuple[float, float, list[str]]], nodes: int) -> tuple[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, help="SmolLM2 converted with --to 'gguf:*' and the report (eval, bench)")
-    ap.add_argument("--quantize-bundle", type=Path, nargs="+", help="the WIDE random model at 4 and 12 layers, each converted with --to 'gguf:*' --no-report")
+    ap.add_argument("--quantize-bundle", type=Path, help="the WIDE random model converted with --to 'gguf:*' --no-report")
     ap.add_argument("--reference", type=Path, help="the float SmolLM2 folder, to make whichever bundle is not given")
     ap.add_argument("--bandwidth", type=float, default=1.25, help="shared storage GB/s per node (default 1.25: 10 Gb Ethernet)")
     ap.add_argument("--out", type=Path)
@@ -216,13 +197,11 @@ def main() -> None:
         convert(args.reference, work / "smollm2" / "bundle")
         args.bundle = work / "smollm2" / "bundle"
     if not args.quantize_bundle:
-        args.quantize_bundle = []
-        for layers in (4, 12):
-            model = make_wide(work / f"wide{layers}" / "hf", args.reference, layers)
-            convert(model, work / f"wide{layers}" / "bundle", "--no-report", "--calibration-tokens", "2048")
-            args.quantize_bundle.append(work / f"wide{layers}" / "bundle")
-    small, wide = measured(args.bundle), [measured(b) for b in args.quantize_bundle]
-    wide_data = json.loads((args.quantize_bundle[0] / "edgepack.json").read_text())
+        model = make_wide(work / "wide" / "hf", args.reference)
+        convert(model, work / "wide" / "bundle", "--no-report", "--calibration-tokens", "2048")
+        args.quantize_bundle = work / "wide" / "bundle"
+    small, wide = measured(args.bundle), measured(args.quantize_bundle)
+    wide_data = json.loads((args.quantize_bundle / "edgepack.json").read_text())
     bpw = {v["meta"].get("type", v["id"].removeprefix("gguf-")).upper(): v["bits_per_weight"] for v in wide_data["variants"]}
     types = seven_b_matrix()
     params = sum(a * b for a, b in shapes(SEVEN_B).values()) + SEVEN_B["hidden"] * (2 * SEVEN_B["layers"] + 1)
