@@ -85,8 +85,9 @@ class Cluster:
         if self._owned:
             try:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
-            except ConnectionError as e:  # "auto" with no cluster on this machine
-                raise ClusterError(f"no Ray cluster at {address}: start one with `ray start --head` or set RAY_ADDRESS to its host:port ({e})") from e
+            except ConnectionError as e:  # "auto" with no cluster on this machine, or not Ray at that address
+                where = "on this machine and RAY_ADDRESS is not set" if address == "auto" else f"at {address}"
+                raise ClusterError(f"no Ray cluster {where}: start one with `ray start --head` or set RAY_ADDRESS to its host:port") from e
         self._ray = ray
         self._task = ray.remote(_in_env)
         self._probe = ray.remote(_probe)
@@ -212,7 +213,7 @@ def _in_env(env: dict[str, str], fn: Callable[..., Any], *args: Any) -> Any:
 def _run_job(stage, config, source: Artifact, input_index: int | None, indices: list[int], *deps: tuple[Artifact, Step]) -> tuple[Artifact, Step]:
     done = {i: art for i, (art, _) in zip(indices, deps)}
     config = resolve(config, lambda j: done[j.index].path, source.path)
-    return run_stage(stage, done[input_index] if input_index else source, config)
+    return run_stage(stage, source if input_index is None else done[input_index], config)
 
 
 def _probe(probes: list[Path], reads: list[Path], token: str) -> str | None:
