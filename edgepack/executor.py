@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 EXECUTORS = ("local", "ray")
 MAX_RETRIES = 3  # runs of a task whose worker or node died, after the first (Ray's own default for tasks)
 CONNECT_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 120.0  # a worker on every node, started cold
 _ENV = ("EDGEPACK_HOME", "HF_HOME", "HF_HUB_OFFLINE", "EDGEPACK_DEBUG")  # what a task must see as the driver does
 
 
@@ -76,6 +77,8 @@ class Cluster:
         except ModuleNotFoundError as e:
             raise MissingDependencyError("ray", extra="ray", purpose="--executor ray") from e
         self.address = address
+        if "://" in os.environ.get("EDGEPACK_HOME", ""):
+            raise UsageError("EDGEPACK_HOME is a URL: the stage cache must be a folder every node mounts (mount the bucket, e.g. with s3fs, and point EDGEPACK_HOME there)", option="executor")
         if address != "auto":
             _check_reachable(address)
         env = {k: os.environ[k] for k in _ENV if k in os.environ}
@@ -121,7 +124,11 @@ class Cluster:
                 self._probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(probes, reads, token)
                 for n in nodes
             ]
-            for node, missing in zip(nodes, self._ray.get(refs)):
+            try:
+                seen = self._ray.get(refs, timeout=PROBE_TIMEOUT_S)
+            except self._ray.exceptions.GetTimeoutError as e:
+                raise ClusterError(f"the Ray cluster at {self.address} ran no task within {PROBE_TIMEOUT_S:.0f} s: check `ray status`") from e
+            for node, missing in zip(nodes, seen):
                 if missing:
                     raise ClusterError(
                         f"Ray node {node['NodeManagerAddress']} cannot read {missing}: put EDGEPACK_HOME (and the model and bundle) "

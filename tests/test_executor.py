@@ -92,6 +92,10 @@ def test_executor_choice_and_bad_input(monkeypatch):
         start = time.perf_counter()
         Cluster("127.0.0.1:1")
     assert time.perf_counter() - start < 10
+    monkeypatch.setenv("EDGEPACK_HOME", "s3://bucket/edgepack")
+    with pytest.raises(UsageError, match="EDGEPACK_HOME is a URL: the stage cache must be a folder every node mounts"):
+        Cluster("127.0.0.1:1")
+    monkeypatch.delenv("EDGEPACK_HOME")
     clean = "import sys, edgepack.convert, edgepack.executor as e\nwith e.session('local') as c: assert c is None\nassert 'ray' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", clean], env={**os.environ, "RAY_ADDRESS": ""}).returncode == 0  # local imports no Ray
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` does where it is not installed
