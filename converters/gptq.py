@@ -226,6 +226,9 @@ class GPTQStage(Stage):
     output_kind: ClassVar[Kind] = Kind.GPTQ
     Config = GPTQConfig
 
+    def resources(self, config: GPTQConfig) -> tuple[int, int]:
+        return 1, int(config.device == "cuda")
+
     def plan(self, inp: Artifact | None, config: GPTQConfig) -> list[Planned]:
         names = ["config.json", "quantize_config.json", "model.safetensors", "quant_log.csv", "tokenizer.json"]
         return [Planned(n) for n in names]

@@ -237,6 +237,9 @@ class Quantize(Stage):
         target_types: tuple[str, ...] = ()  # tensor types a target mix may use (default: all measured)
         threads: int = 0  # 0: all cores
 
+    def resources(self, config: Config) -> tuple[int, int]:
+        return max(config.threads, 1), 0  # all cores (0) reserves one: a cluster packs quantizes, llama.cpp shares the node
+
     def plan(self, inp: Artifact | None, config: Config) -> list[Planned]:
         """The file; its size from llama.cpp's own dry run once the f16 file exists (not for a size target: it fills it)."""
         name = self._out_name(inp.path if inp else Path("model-f16.gguf"), config)

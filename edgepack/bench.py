@@ -24,12 +24,15 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, library
 from .bundle import Bundle
 from .errors import BackendError, BundleError, EdgepackError, UsageError
 from .runtime import registry
+
+if TYPE_CHECKING:
+    from .executor import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +60,12 @@ def bench(
     cfg: BenchConfig | None = None,
     *,
     variants: list[str] | None = None,
+    cluster: Cluster | None = None,
 ) -> dict[str, Any]:
     """Benchmark ``variants`` (default: every one a registered backend runs with what is installed); write the manifest's "bench" slot.
+
+    With a ``cluster`` each variant is measured in its own task holding a whole node's CPUs (the smallest node's
+    count), so two never share one; each run records the machine it ran on.
 
     Raises UsageError, BundleError, and BackendError when a variant's process fails.
     """
@@ -73,14 +80,20 @@ def bench(
     if not chosen:
         raise BundleError(f"bundle {b.root} has no variant edgepack's runtime can run here: convert one with --to gguf:Q4_K_M")
     text = _prompt_text(cfg)
-    measured_on = machine()
+    here = machine()
     for v in chosen:
         log.info(f"bench {v.id}: {cfg.warmup} warm-up + {cfg.repetitions} runs of {cfg.prompt_tokens} + {cfg.decode_tokens} tokens")
-        start = time.perf_counter()
-        raw = _run_worker({"bundle": str(b.root), "variant": v.id, "config": asdict(cfg), "text": text})
+    jobs = [({"bundle": str(b.root), "variant": v.id, "config": asdict(cfg), "text": text},) for v in chosen]
+    if cluster:
+        measured = cluster.map(_run_on_node, jobs, cpus=cfg.threads or cluster.node_cpus())
+    else:
+        measured = (_run_timed(*job) + (here,) for job in jobs)
+    for v, (raw, wall_s, measured_on) in zip(chosen, measured):
         run = summarise(raw)
+        if cluster:
+            run["machine"] = measured_on
         run.update(variant=v.id, format=v.format, backend=v.backend, bytes=v.bytes, settings=asdict(cfg))
-        run["wall_s"] = round(time.perf_counter() - start, 2)  # the whole measurement, process start included: what a scheduler plans with
+        run["wall_s"] = wall_s  # the whole measurement, process start included: what a scheduler plans with
         b.record_bench(run, measured_on)
         log.info(
             f"bench {v.id} on {run['device']} ({run['prompt_tokens']}-token prompt): prefill {run['prefill_tokens_per_s']['median']:.0f} tok/s, "
@@ -146,6 +159,16 @@ def _run_worker(job: dict[str, Any]) -> dict[str, Any]:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise BackendError(f"benchmarking {job['variant']} failed: {tail}; run with EDGEPACK_DEBUG=1 for details")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_timed(job: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    start = time.perf_counter()
+    raw = _run_worker(job)
+    return raw, round(time.perf_counter() - start, 2)
+
+
+def _run_on_node(job: dict[str, Any]) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    return *_run_timed(job), machine()
 
 
 # -- the worker process ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import constants, recipes
+from . import executor as executor_mod
 from .bundle import MANIFEST, Bundle, source_record
 from .errors import UsageError
 from .plan import SOURCE, Runner, Spec, check_model, check_unused, describe, parse_variants, plan, unread
@@ -75,28 +76,42 @@ def convert(
     report: bool = False,
     prune: PruneConfig | None = None,
     distill: DistillConfig | None = None,
+    executor: str | None = None,
 ) -> Bundle:
     """Convert ``ref`` into a bundle holding each requested variant (``gguf:Q4_K_M,onnx:int4``; default: the recipe's).
 
     ``options`` are the formats' and transforms' options by name (``{"target_size": "100MB", "samples": 64}``,
     ``{"prune_layers": 6, "distill": True, "time": "15m"}``); ``prune`` and ``distill`` may instead be given as
     configs. With ``report`` (the CLI's default) it ends with eval, bench and the report. Progress goes to the
-    ``edgepack`` logger (``logging.basicConfig(level=logging.INFO)`` shows it).
+    ``edgepack`` logger (``logging.basicConfig(level=logging.INFO)`` shows it). ``executor`` is where the stages,
+    eval and bench run: ``local`` (this process), or ``ray`` (tasks on the cluster at RAY_ADDRESS; the default
+    when it is set; see ``executor.py``).
 
-    Raises UsageError (bad variants or options, an output folder that is not a bundle), and whatever the
-    pull and the stages raise (all EdgepackError).
+    Raises UsageError (bad variants or options, an output folder that is not a bundle), ClusterError and
+    MissingDependencyError (a cluster that cannot run the plan), and whatever the pull and the stages raise
+    (all EdgepackError).
     """
-    from .converters.pull import pull
-
     specs, transforms = request(ref, variants, options=options, prune=prune, distill=distill)
     root = output_folder(ref, out)
+    with executor_mod.session(executor) as cluster:
+        return _convert(ref, specs, transforms, root, options=options, allow_pickle=allow_pickle, report=report, cluster=cluster)
+
+
+def _convert(
+    ref: str, specs: list[Spec], transforms: list[tuple[Stage, Any]], root: Path, *,
+    options: Mapping[str, Any] | None, allow_pickle: bool, report: bool, cluster: executor_mod.Cluster | None,
+) -> Bundle:  # fmt: skip
+    from .converters.pull import pull
+
     for spec in specs:
         if names := unread(options or {}, spec):
             log.info(f"{spec} does not use {', '.join(f'`{n}`' for n in names)}")
     source = pull(ref, allow_pickle=allow_pickle)
     _check_transforms(transforms, source.path)
     the_plan = plan(check_model(specs, source.path), transforms=transforms)
-    runner = Runner(source)
+    if cluster:
+        cluster.check(the_plan.all_jobs, [constants.stages_dir(), *([root] if report else [])], [source.path])
+    runner = executor_mod.RayRunner(source, the_plan.all_jobs, cluster) if cluster else Runner(source)
     for job in the_plan.transforms:
         runner.run(job)
     bundle = Bundle.open(root) if (root / MANIFEST).is_file() else Bundle.create(root, _name(ref), {})
@@ -125,7 +140,7 @@ def convert(
             log.info(f"variant {placed.id}: {placed.bytes / 1e6:.1f} MB")
     bundle.save()
     if report:
-        _report(bundle, fresh)
+        _report(bundle, fresh, cluster)
     return bundle
 
 
@@ -185,7 +200,7 @@ def _check_transforms(transforms: list[tuple[Stage, Any]], model: Path) -> None:
             distill.check_text(config, model)
 
 
-def _report(bundle: Bundle, fresh: list[str]) -> None:
+def _report(bundle: Bundle, fresh: list[str], cluster: executor_mod.Cluster | None = None) -> None:
     """Eval and bench the variants that are ``fresh`` or not measured yet, then the report: a rerun that changed
     nothing measures nothing again, so its manifest stays byte for byte what it was (`edgepack eval` and
     `edgepack bench` measure again on request)."""
@@ -198,14 +213,14 @@ def _report(bundle: Bundle, fresh: list[str]) -> None:
     scored = bundle.data.get("eval", {}).get("variants", {})
     benched = {r.get("variant") for r in bundle.data.get("bench", {}).get("runs", {}).values()}
     if to_eval := [v.id for v in bundle.variants if v.id in fresh or v.id not in scored]:
-        evaluate(bundle, variants=to_eval)
+        evaluate(bundle, variants=to_eval, cluster=cluster)
     else:
         log.info("eval: every variant is scored already and unchanged (`edgepack eval` scores again)")
     runnable = [v.id for v in bundle.variants if registry.runs(v.format)]
     if not runnable:
         log.info(f"bench skipped: {unbenchable(bundle.data['variants'])}")
     elif to_bench := [vid for vid in runnable if vid in fresh or vid not in benched]:
-        bench(bundle, variants=to_bench)
+        bench(bundle, variants=to_bench, cluster=cluster)
     else:
         log.info("bench: every variant is measured already and unchanged (`edgepack bench` measures again)")
     log.info(f"report: {write_report(bundle)}")

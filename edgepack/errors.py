@@ -45,6 +45,11 @@ class PublishError(EdgepackError, ConnectionError):
     """An upload to the hub failed; the hub's or the network's message is included: ``the hub refused the upload to org/name (...)``."""
 
 
+class ClusterError(EdgepackError, ConnectionError):
+    """A Ray cluster cannot be reached or cannot run the plan: ``Ray node 10.0.0.7 cannot read /data/edgepack/stages:
+    put EDGEPACK_HOME (and the model and bundle) on storage every node mounts at the same path``."""
+
+
 class InvalidModelError(EdgepackError, ValueError):
     """A file or folder is not a usable model (missing config.json, corrupt header, pickle-only weights)."""
 

@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import library
 from .bundle import Bundle
@@ -28,6 +28,9 @@ from .eval_metrics import generation_agreement, kl_topk, score_variant
 from .eval_reference import EVAL_DIR, PROMPTS, REF_JSON, REF_NPZ, EvalConfig, Reference, reference
 from .fsutil import write_json
 from .runtime import load, registry
+
+if TYPE_CHECKING:
+    from .executor import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +56,13 @@ def evaluate(
     device: str = "auto",
     threads: int | None = None,
     kv_type: str = "f16",
+    cluster: Cluster | None = None,
 ) -> dict[str, Any]:
     """Score ``variants`` (default: all) of a bundle; write eval/ and the manifest's "eval" slot.
 
     With a quantized ``kv_type`` the scores are what the variant and that KV cache lose together,
-    recorded as ``<variant>+kv-<type>`` beside the variant's own.
+    recorded as ``<variant>+kv-<type>`` beside the variant's own. With a ``cluster`` each variant is scored
+    in its own task (the reference is made here, once); the bundle must be on storage its nodes mount.
 
     Raises UsageError, BundleError, CalibrationError and whatever loading a variant raises.
     """
@@ -84,14 +89,12 @@ def evaluate(
     ]  # fmt: skip
     ref = refs[0]
     n_ctx = max(cfg.window_len, max((len(p) for p in ref.meta.get("prompt_ids", [])), default=0) + cfg.max_new_tokens)
-    for v in chosen:
-        start = time.perf_counter()
-        with load(b.root, variant=v.id, device=device, n_ctx=n_ctx, threads=threads, kv_type=kv_type) as model:
-            res = score_variant(model, refs, cfg)
-            used = model.info.device
+    items = [(b.root, v.id, refs, cfg, device, n_ctx, threads, kv_type) for v in chosen]
+    scored = cluster.map(_score, items) if cluster else (_score(*item) for item in items)
+    for v, (res, used, wall_s) in zip(chosen, scored):
         key = v.id if kv_type == "f16" else f"{v.id}+kv-{kv_type}"
         res = {"variant": v.id, "format": v.format, "backend": v.backend, "device": used, "kv_type": kv_type, **res}
-        res["wall_s"] = round(time.perf_counter() - start, 2)
+        res["wall_s"] = wall_s
         write_json(b.root / EVAL_DIR / f"{key}.json", res)
         b.record_eval(key, {k: val for k, val in res.items() if k != "answers"})
         per_text = "".join(f"; {name} {r['kld']['mean']:.5f}" for name, r in res.get("texts", {}).items())
@@ -104,6 +107,15 @@ def evaluate(
     b.record_eval_reference(record)
     b.save()
     return b.data["eval"]
+
+
+def _score(root: Path, vid: str, refs: list[Reference], cfg: EvalConfig, device: str, n_ctx: int, threads: int | None, kv_type: str) -> tuple[dict[str, Any], str, float]:
+    """One variant's scores, the device it ran on and the seconds it took (a task of its own on a cluster)."""
+    start = time.perf_counter()
+    with load(root, variant=vid, device=device, n_ctx=n_ctx, threads=threads, kv_type=kv_type) as model:
+        res = score_variant(model, refs, cfg)
+        used = model.info.device
+    return res, used, round(time.perf_counter() - start, 2)
 
 
 def as_bundle(target: str | Path, *, reference: str | None = None, out: str | Path | None = None) -> Bundle:

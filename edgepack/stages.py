@@ -122,6 +122,10 @@ class Stage:
     def run(self, inp: Artifact, config: Any, out_dir: Path) -> Artifact:
         raise NotImplementedError
 
+    def resources(self, config: Any) -> tuple[int, int]:
+        """(CPUs, GPUs) a run with ``config`` occupies: what the Ray executor reserves for it (``executor.py``)."""
+        return 1, 0
+
 
 def cache_key(stage: Stage, config: Any, input_digest: str) -> str:
     payload = json.dumps(

@@ -1,0 +1,237 @@
+"""Where a convert's jobs run: in this process (``local``, the default), or as tasks on a Ray cluster (``ray``).
+
+Local imports nothing and runs the plan's jobs one after the other (``plan.Runner``). On Ray, every job of the
+plan is submitted as a task as soon as the plan is made; a task's arguments are the ObjectRefs of the jobs whose
+outputs it reads, so Ray starts it once they are done and runs the independent ones (each quant type, each
+variant's eval and bench) side by side, each reserving what its stage declares (``Stage.resources``). Tasks
+exchange paths, never model data: every output goes through the stage cache (``stages.py``), which must therefore
+be on storage every node mounts (``EDGEPACK_HOME``); the bundle is assembled on the driver. A task whose node dies
+is run again (``MAX_RETRIES``); cache entries appear by rename only, so a killed task leaves no entry that looks
+finished (its ``.partial-`` folder is garbage, never read).
+
+What a cluster cannot do is refused before any stage runs (``Cluster.check``): Ray missing, an address that does
+not answer, a cache or model folder some node cannot read (each node must read a probe file the driver wrote), a
+GPU stage with no GPU in the cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import constants
+from .errors import ClusterError, EdgepackError, MissingDependencyError, UsageError
+from .plan import Job, Runner, resolve
+from .stages import Artifact, Step, run_stage
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("local", "ray")
+MAX_RETRIES = 3  # runs of a task whose worker or node died, after the first (Ray's own default for tasks)
+CONNECT_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 120.0  # a worker on every node, started cold
+_ENV = ("EDGEPACK_HOME", "HF_HOME", "HF_HUB_OFFLINE", "EDGEPACK_DEBUG")  # what a task must see as the driver does
+
+
+def chosen(executor: str | None) -> str:
+    """``executor`` checked; None means ``ray`` when RAY_ADDRESS is set, else ``local``. Raises UsageError."""
+    if executor is None:
+        return "ray" if os.environ.get("RAY_ADDRESS") else "local"
+    if executor not in EXECUTORS:
+        raise UsageError(f"unknown executor {executor!r}: choose local or ray", option="executor")
+    return executor
+
+
+@contextmanager
+def session(executor: str | None) -> Iterator[Cluster | None]:
+    """The cluster to run on, or None to run here; disconnects at the end if it connected.
+
+    Raises UsageError, MissingDependencyError, ClusterError.
+    """
+    if chosen(executor) == "local":
+        yield None
+        return
+    cluster = Cluster(os.environ.get("RAY_ADDRESS") or "auto")
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+class Cluster:
+    """A connection to a running Ray cluster (``ray start --head``): ``address`` is host:port, ``ray://host:port``
+    or ``auto`` (the cluster this machine belongs to).
+
+    Raises MissingDependencyError without ``edgepack[ray]`` and ClusterError when nothing answers at ``address``.
+    """
+
+    def __init__(self, address: str = "auto") -> None:
+        try:
+            import ray
+        except ModuleNotFoundError as e:
+            raise MissingDependencyError("ray", extra="ray", purpose="--executor ray") from e
+        self.address = address
+        if "://" in os.environ.get("EDGEPACK_HOME", ""):
+            raise UsageError("EDGEPACK_HOME is a URL: the stage cache must be a folder every node mounts (mount the bucket, e.g. with s3fs, and point EDGEPACK_HOME there)", option="executor")
+        if address != "auto":
+            _check_reachable(address)
+        env = {k: os.environ[k] for k in _ENV if k in os.environ}
+        env["EDGEPACK_HOME"] = str(constants.home().resolve())
+        self._env = env
+        self._owned = not ray.is_initialized()  # a caller's own ray.init is left connected
+        if self._owned:
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+            except ConnectionError as e:  # "auto" with no cluster on this machine, or not Ray at that address
+                where = "on this machine and RAY_ADDRESS is not set" if address == "auto" else f"at {address}"
+                raise ClusterError(f"no Ray cluster {where}: start one with `ray start --head` or set RAY_ADDRESS to its host:port") from e
+        self._ray = ray
+        self._task = ray.remote(_in_env)
+        self._probe = ray.remote(_probe)
+
+    def close(self) -> None:
+        if self._owned:
+            self._ray.shutdown()
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return [n for n in self._ray.nodes() if n.get("Alive")]
+
+    def check(self, jobs: Iterable[Job], folders: list[Path], reads: list[Path]) -> None:
+        """Refuse what would fail mid-run: a job needing a GPU in a cluster without one, or a node that cannot see
+        ``folders`` (the driver writes a probe file in each that a task on every node must read) or ``reads``.
+
+        Raises ClusterError.
+        """
+        for job in jobs:
+            if job.stage.resources(job.config)[1] and not any(n["Resources"].get("GPU") for n in self.nodes()):
+                raise ClusterError(f"stage {job.stage.name} needs a GPU and no node of the Ray cluster at {self.address} has one: add a GPU node or run it on the CPU")
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        token = secrets.token_hex(8)
+        probes = [f / f".edgepack-probe-{token}" for f in folders]
+        for p in probes:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(token)
+        try:
+            nodes = [n for n in self.nodes() if n["Resources"].get("CPU")]
+            refs = [
+                self._probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(probes, reads, token)
+                for n in nodes
+            ]
+            try:
+                seen = self._ray.get(refs, timeout=PROBE_TIMEOUT_S)
+            except self._ray.exceptions.GetTimeoutError as e:
+                raise ClusterError(f"the Ray cluster at {self.address} ran no task within {PROBE_TIMEOUT_S:.0f} s: check `ray status`") from e
+            for node, missing in zip(nodes, seen):
+                if missing:
+                    raise ClusterError(
+                        f"Ray node {node['NodeManagerAddress']} cannot read {missing}: put EDGEPACK_HOME (and the model and bundle) "
+                        "on storage every node mounts at the same path"
+                    )
+        finally:
+            for p in probes:
+                p.unlink(missing_ok=True)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, cpus: float = 1, gpus: float = 0) -> Any:
+        """Run ``fn(*args)`` as a task (ObjectRefs among ``args`` are waited for and passed as their values)."""
+        task = self._task.options(num_cpus=cpus, num_gpus=gpus, max_retries=MAX_RETRIES, retry_exceptions=False)
+        return task.remote(self._env, fn, *args)
+
+    def get(self, ref: Any) -> Any:
+        """A task's result; its EdgepackError is raised as it is, anything else as ClusterError."""
+        from ray.exceptions import RayError, RayTaskError
+
+        try:
+            return self._ray.get(ref)
+        except RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, EdgepackError):
+                raise cause from None
+            raise ClusterError(f"a task failed on the Ray cluster: {str(cause or e).splitlines()[-1]}: set EDGEPACK_DEBUG=1 for the traceback") from e
+        except RayError as e:  # the node died more often than MAX_RETRIES, the cluster went away
+            raise ClusterError(f"a task was lost on the Ray cluster after {MAX_RETRIES} retries ({type(e).__name__}): check the cluster and re-run") from e
+
+    def map(self, fn: Callable[..., Any], items: list[tuple[Any, ...]], *, cpus: float = 1) -> list[Any]:
+        """``fn(*item)`` for each item as parallel tasks; the results in order."""
+        refs = [self.submit(fn, *item, cpus=cpus) for item in items]
+        return [self.get(r) for r in refs]
+
+    def node_cpus(self) -> int:
+        """CPUs of the smallest node: a task reserving that many has a node to itself."""
+        return int(min(n["Resources"]["CPU"] for n in self.nodes() if n["Resources"].get("CPU")))
+
+
+class RayRunner(Runner):
+    """``plan.Runner`` on a cluster: every job is submitted up front; ``run(job)`` waits for that one."""
+
+    def __init__(self, source: Artifact, jobs: list[Job], cluster: Cluster) -> None:
+        super().__init__(source)
+        self.cluster = cluster
+        self.refs: dict[Job, Any] = {}
+        for job in jobs:
+            deps = [j for j in jobs if j in _reads(job)]
+            cpus, gpus = job.stage.resources(job.config)
+            inp = job.input.index if isinstance(job.input, Job) else None
+            self.refs[job] = cluster.submit(_run_job, job.stage, job.config, source, inp, [d.index for d in deps], *[self.refs[d] for d in deps], cpus=cpus, gpus=gpus)
+
+    def run(self, job: Job) -> Artifact:
+        art, step = self.cluster.get(self.refs[job])
+        log.info(f"{job.stage.name}: {'cached' if step.cached else f'done in {step.wall_s:.1f} s'} (ray)")
+        for check in job.checks:
+            check(art.path)
+        self.outputs[job], self.steps[job] = art, step
+        return art
+
+
+def _reads(job: Job) -> set[Job]:
+    """The jobs whose outputs ``job`` reads: its input and the ``Output`` values in its config."""
+    found: set[Job] = set()
+    resolve(job.config, lambda j: found.add(j), None)
+    if isinstance(job.input, Job):
+        found.add(job.input)
+    return found
+
+
+def _check_reachable(address: str) -> None:
+    """A TCP connect with a short timeout, so an address nothing listens on fails in seconds, not after Ray's retries."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"RAY_ADDRESS {address!r} is not host:port or ray://host:port", option="executor")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise ClusterError(f"no Ray cluster answers at {address} ({e.strerror or e}): start it (`ray start --head`) or fix RAY_ADDRESS") from e
+
+
+# -- what runs on the workers ------------------------------------------------------------------------------
+
+
+def _in_env(env: dict[str, str], fn: Callable[..., Any], *args: Any) -> Any:
+    os.environ.update(env)  # workers are started by the raylet, not by the driver: the edgepack home is the driver's
+    return fn(*args)
+
+
+def _run_job(stage, config, source: Artifact, input_index: int | None, indices: list[int], *deps: tuple[Artifact, Step]) -> tuple[Artifact, Step]:
+    done = {i: art for i, (art, _) in zip(indices, deps)}
+    config = resolve(config, lambda j: done[j.index].path, source.path)
+    return run_stage(stage, source if input_index is None else done[input_index], config)
+
+
+def _probe(probes: list[Path], reads: list[Path], token: str) -> str | None:
+    """The first path this node cannot read, or None."""
+    for p in probes:
+        try:
+            if p.read_text() != token:
+                return str(p.parent)
+        except OSError:
+            return str(p.parent)
+    return next((str(p) for p in reads if not p.exists()), None)
+
+
+__all__ = ["EXECUTORS", "Cluster", "RayRunner", "chosen", "session"]
