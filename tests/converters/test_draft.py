@@ -18,7 +18,7 @@ def test_convert_makes_a_draft_linked_to_the_gguf_variant(tmp_path):
     ckpt = tiny_model("llama", tmp_path / "ckpt", num_hidden_layers=3)
     plan = dry_run(str(ckpt), "gguf:f16,draft:f16", tmp_path / "b", options=OPTIONS)
     assert [s["stage"] for s in plan["stages"]] == ["gguf-write", "prune", "teacher-text", "distill", "gguf-write"]
-    bundle = convert(str(ckpt), "gguf:f16,draft:f16", tmp_path / "b", options=OPTIONS)
+    bundle = convert(str(ckpt), "gguf:f16,draft:f16", tmp_path / "b", options=OPTIONS, report=True)
     assert [v.id for v in bundle.variants] == ["gguf-f16"]  # the draft is no variant: nothing picks, scores or exports it
     (draft,) = bundle.data["drafts"]
     assert draft["id"] == "draft-f16" and draft["targets"] == ["gguf-f16"]
