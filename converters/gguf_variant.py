@@ -32,7 +32,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..options import given, listed, option, switch
-from ..plan import Format, Output, Planner, VariantJob
+from ..plan import Format, Job, Output, Planner, VariantJob
 from ..stages import Artifact
 from ..units import parse_size
 from . import calibration, quantize
@@ -259,18 +259,22 @@ def variant_id(opts: Options) -> str:
 def plan(opts: Options | Matrix, p: Planner) -> VariantJob | list[VariantJob]:
     if isinstance(opts, Matrix):
         return [plan(o, p) for o in opts.each]
-    spec = f"gguf:{opts.type}"
+    job, describe = stages(opts, p, p.model)
+    return p.variant(variant_id(opts), job, format="gguf", backend="llama.cpp", spec=f"gguf:{opts.type}", describe=describe)
+
+
+def stages(opts: Options, p: Planner, model: Job | Any) -> tuple[Job, Any]:
+    """Add the stages that make ``opts``' GGUF of ``model`` (a job's checkpoint, or SOURCE): the last job, and its ``describe``."""
     if opts.writer:
-        job = p.stage(GGUFWrite(), GGUFWrite.Config(outtype=opts.type))
-        return p.variant(f"gguf-{opts.type}", job, format="gguf", backend="llama.cpp", spec=spec, describe=_writer_meta)
+        return p.stage(GGUFWrite(), GGUFWrite.Config(outtype=opts.type), input=model), _writer_meta
     if opts.target and any(j.stage.name == "quantize" and (j.config.target_size or j.config.target_bpw) for j in p.jobs):
         raise UsageError("a size target makes one mix, the type only labels it: give one quantized gguf: variant with it", option="target_size")
-    base = p.stage(GGUFWrite(), GGUFWrite.Config(outtype="f16"))
+    base = p.stage(GGUFWrite(), GGUFWrite.Config(outtype="f16"), input=model)
     calib = {"calibration": opts.calibration, **({"tokens": opts.calibration_tokens} if opts.calibration_tokens else {})}
     imatrix: str | Output | None = None
     if not opts.no_imatrix:
-        imatrix = opts.imatrix or Output(p.stage(Imatrix(), Imatrix.Config(**calib), keep=True))
-    sensitivity = Output(p.stage(Sensitivity(), Sensitivity.Config(imatrix=imatrix, **calib), keep=True)) if opts.target else None
+        imatrix = opts.imatrix or Output(p.stage(Imatrix(), Imatrix.Config(**calib), input=model, keep=True))
+    sensitivity = Output(p.stage(Sensitivity(), Sensitivity.Config(imatrix=imatrix, **calib), input=model, keep=True)) if opts.target else None
     config = quantize.Quantize.Config(
         type=opts.type, imatrix=imatrix, tensor_types=opts.tensor_types, output_type=opts.output_type,
         token_embedding_type=opts.token_embedding_type, target_size=opts.target_size, target_bpw=opts.target_bpw,
@@ -278,8 +282,7 @@ def plan(opts: Options | Matrix, p: Planner) -> VariantJob | list[VariantJob]:
     )  # fmt: skip
     if opts.target:  # refuse a size even the smallest types miss before the calibration stages measure anything
         base.checks.append(lambda f16: quantize.check_target(f16, config))
-    job = p.stage(quantize.Quantize(), config, input=base)
-    return p.variant(variant_id(opts), job, format="gguf", backend="llama.cpp", spec=spec, describe=_quantized_meta)
+    return p.stage(quantize.Quantize(), config, input=base), _quantized_meta
 
 
 def _writer_meta(art: Artifact, model: Path) -> tuple[dict[str, Any], float | None]:

@@ -11,6 +11,8 @@ The public API is small::
 
 from __future__ import annotations
 
+import os
+
 __version__ = "0.1.0"
 
 import logging  # noqa: E402
@@ -43,7 +45,7 @@ def load(
     variant: str | None = None,
     ram: str | int | None = None,
     kv_type: str = "f16",
-    draft: str | None = None,
+    draft: str | os.PathLike | bool | None = None,
     trusted_keys=None,
 ):
     """Load a bundle or a lone model (a .gguf file, an ONNX folder, a GPTQ checkpoint) and return a ``Session``.

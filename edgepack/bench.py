@@ -46,7 +46,7 @@ class BenchConfig:
     threads: int | None = None  # CPU threads (default: the physical cores)
     device: str = "auto"  # auto | cpu | cuda | metal
     kv_type: str = "f16"  # KV cache element type (``edgepack.load``'s)
-    draft: str | None = None  # "lookup": drafts from the prompt, verified in one pass (``edgepack.load``'s)
+    draft: str | None = None  # "lookup" (from the prompt) or "model" (the bundle's draft model): ``edgepack.load``'s
 
     def check(self) -> None:
         if self.prompt_tokens < 1 or self.decode_tokens < 2 or self.repetitions < 1 or self.warmup < 0:
@@ -94,6 +94,11 @@ def bench(
             run["machine"] = measured_on
         run.update(variant=v.id, format=v.format, backend=v.backend, bytes=v.bytes, settings=asdict(cfg))
         run["wall_s"] = wall_s  # the whole measurement, process start included: what a scheduler plans with
+        if cfg.draft:  # the speed-up is against the same variant, device and settings without drafting, measured now
+            plain = summarise(_run_worker({"bundle": str(b.root), "variant": v.id, "config": {**asdict(cfg), "draft": None}, "text": text}))
+            plain.update(variant=v.id, format=v.format, backend=v.backend, bytes=v.bytes, settings={**asdict(cfg), "draft": None})
+            b.record_bench(plain, measured_on)
+            run["draft_speedup"] = run["decode_tokens_per_s"]["median"] / plain["decode_tokens_per_s"]["median"]
         b.record_bench(run, measured_on)
         log.info(
             f"bench {v.id} on {run['device']} ({run['prompt_tokens']}-token prompt): prefill {run['prefill_tokens_per_s']['median']:.0f} tok/s, "

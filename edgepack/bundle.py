@@ -5,6 +5,7 @@ Layout, owned by the methods below (nothing else writes into a bundle's folders)
     <bundle>/
         edgepack.json                 the manifest (schema below)
         variants/<variant-id>/...     one folder per variant (a .gguf, an ONNX folder, a GPTQ checkpoint)
+        drafts/<draft-id>/...         draft models for speculative decoding (a .gguf), not variants of their own
         calibration/                  importance matrices and other calibration outputs
         reference/                    the float checkpoint eval compares with, hard-linked from the cache
         eval/                         reference distributions and per-variant scores
@@ -28,6 +29,7 @@ Manifest, schema version 1 (all paths relative to the bundle, never escaping it)
       "steps": [{"stage", "version", "params", "input_sha256", "output_sha256", "edgepack_version", "wall_s", "cached", "key"}],
       "calibration": [{"name", "sha256", "tokens"}],
       "variants": [{"id", "format", "backend", "path", "files": [File], "bytes", "bits_per_weight", "meta"}],
+      "drafts": [{"id", "format", "backend", "path", "files": [File], "bytes", "bits_per_weight", "meta", "targets": [variant id]}],
       "eval": {...}, "bench": {...}
     }
     File = {"path", "bytes", "sha256"}
@@ -52,7 +54,7 @@ if TYPE_CHECKING:  # the stage module is the converter's; a runtime that only op
 
 SCHEMA = 1
 MANIFEST = "edgepack.json"
-VARIANTS, CALIBRATION, REFERENCE = "variants", "calibration", "reference"
+VARIANTS, DRAFTS, CALIBRATION, REFERENCE = "variants", "drafts", "calibration", "reference"
 
 
 def source_record(ref: str, meta: dict[str, Any]) -> dict[str, Any]:
@@ -180,17 +182,35 @@ class Bundle:
         self, vid: str, art: Artifact, *, format: str, backend: str, meta: dict[str, Any], bits_per_weight: float | None
     ) -> Variant:
         """Bring ``art`` (a file or a folder) into ``variants/<vid>/`` and record it, replacing a variant of that id."""
-        dest = self.root / VARIANTS / vid
+        variant = Variant(vid, format, backend, *self._bring(art, self.root / VARIANTS / vid), bits_per_weight, meta)
+        self.add_variant(variant)
+        return variant
+
+    def place_draft(self, did: str, art: Artifact, *, targets: list[str], meta: dict[str, Any], bits_per_weight: float | None) -> Variant:
+        """Bring a draft GGUF into ``drafts/<did>/`` and record it as the draft of the ``targets`` variants (replacing one of that id).
+
+        Drafts are listed apart from the variants: nothing that picks, scores or exports a variant sees them.
+        """
+        draft = Variant(did, "gguf", "llama.cpp", *self._bring(art, self.root / DRAFTS / did), bits_per_weight, meta)
+        self.data["drafts"] = [d for d in self.data.get("drafts", []) if d["id"] != did] + [{**draft.to_json(), "targets": targets}]
+        return draft
+
+    def _bring(self, art: Artifact, dest: Path) -> tuple[str, list[dict[str, Any]]]:
+        """Link ``art``'s files into ``dest`` (emptied first): the loadable path, relative, and the file records."""
         if dest.exists():
             shutil.rmtree(dest)
         base = art.path.parent if art.path.is_file() else art.path
         for src in art.files():
             link_or_copy(src, dest / src.relative_to(base))
         loadable = dest / art.path.name if art.path.is_file() else dest
-        files = [self.file_record(p) for p in sorted(x for x in dest.rglob("*") if x.is_file())]
-        variant = Variant(vid, format, backend, loadable.relative_to(self.root).as_posix(), files, bits_per_weight, meta)
-        self.add_variant(variant)
-        return variant
+        return loadable.relative_to(self.root).as_posix(), [self.file_record(p) for p in sorted(x for x in dest.rglob("*") if x.is_file())]
+
+    def draft_for(self, vid: str) -> Variant | None:
+        """The draft model recorded for variant ``vid``, or None."""
+        for d in self.data.get("drafts", []):
+            if vid in d.get("targets", []):
+                return Variant(d["id"], d["format"], d["backend"], d["path"], d["files"], d.get("bits_per_weight"), d.get("meta", {}))
+        return None
 
     def keep(self, path: Path, folder: str = CALIBRATION) -> Path:
         """Bring a file (an importance matrix, a sensitivity table) into ``folder/`` of the bundle."""
@@ -241,7 +261,7 @@ class Bundle:
             self.data["calibration"].append(record)
 
     def check(self, *, verify: bool = False) -> None:
-        for v in self.data.get("variants", []):
+        for v in [*self.data.get("variants", []), *self.data.get("drafts", [])]:
             self.resolve(v["path"])
             for f in v["files"]:
                 p = self.resolve(f["path"])

@@ -119,6 +119,7 @@ def _convert(
     bundle.keep_reference(source.path)
     before = {v.id: v.files for v in bundle.variants}
     fresh = []  # variants new to the bundle or whose files changed: the only ones the report step measures again
+    drafted: list[tuple[str, bool]] = []  # the variants a draft made here drafts for, and whether the draft is new
     for job in the_plan.transforms:
         bundle.add_step(runner.steps[job].to_json())
         text = runner.outputs[job].meta["calibration" if job.stage.name == "prune" else "text"]
@@ -133,6 +134,14 @@ def _convert(
             bundle.keep(art.path)
         for v in (v for v in the_plan.variants if v.job is job):
             meta, bpw = v.describe(art, model)
+            if v.draft:
+                targets = [x.id for x in the_plan.variants if x.format == "gguf" and not x.draft]
+                old = bundle.draft_for(targets[0])
+                placed = bundle.place_draft(v.id, art, targets=targets, meta={**meta, **_student(runner, job)}, bits_per_weight=bpw)
+                drafted = [(t, old is None or old.files != placed.files) for t in targets]
+                bundle.save()
+                log.info(f"draft {placed.id} for {', '.join(targets)}: {placed.bytes / 1e6:.1f} MB")
+                continue
             placed = bundle.place_variant(v.id, art, format=v.format, backend=v.backend, meta=meta, bits_per_weight=bpw)
             if before.get(placed.id) != placed.files:
                 fresh.append(placed.id)
@@ -140,8 +149,22 @@ def _convert(
             log.info(f"variant {placed.id}: {placed.bytes / 1e6:.1f} MB")
     bundle.save()
     if report:
-        _report(bundle, fresh, cluster)
+        _report(bundle, fresh, [t for t, new in drafted if new or t in fresh], cluster)
     return bundle
+
+
+def _student(runner: Runner, job) -> dict[str, Any]:
+    """What the manifest says of a draft: its blocks and parameters (the prune stage's), its training (the distill stage's)."""
+    out: dict[str, Any] = {}
+    while job is not SOURCE:
+        meta = runner.outputs[job].meta
+        if job.stage.name == "prune":
+            out.update(layers=meta.get("num_hidden_layers"), params=meta.get("params_after"))
+            break
+        if job.stage.name == "distill":
+            out.update(distill_steps=meta.get("steps"), distill_loss=meta.get("loss"))
+        job = job.input
+    return out
 
 
 def dry_run(
@@ -200,11 +223,11 @@ def _check_transforms(transforms: list[tuple[Stage, Any]], model: Path) -> None:
             distill.check_text(config, model)
 
 
-def _report(bundle: Bundle, fresh: list[str], cluster: executor_mod.Cluster | None = None) -> None:
+def _report(bundle: Bundle, fresh: list[str], drafted: list[str], cluster: executor_mod.Cluster | None = None) -> None:
     """Eval and bench the variants that are ``fresh`` or not measured yet, then the report: a rerun that changed
     nothing measures nothing again, so its manifest stays byte for byte what it was (`edgepack eval` and
     `edgepack bench` measure again on request)."""
-    from .bench import bench
+    from .bench import BenchConfig, bench
     from .eval import evaluate
     from .report import report as write_report
     from .report import unbenchable
@@ -223,6 +246,8 @@ def _report(bundle: Bundle, fresh: list[str], cluster: executor_mod.Cluster | No
         bench(bundle, variants=to_bench, cluster=cluster)
     else:
         log.info("bench: every variant is measured already and unchanged (`edgepack bench` measures again)")
+    if drafted := [vid for vid in drafted if vid in runnable]:
+        bench(bundle, BenchConfig(draft="model"), variants=drafted)  # acceptance and speed-up against the runs above
     log.info(f"report: {write_report(bundle)}")
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = (
     "edgepack.converters.gguf_variant",
+    "edgepack.converters.draft",
     "edgepack.converters.gptq",
     "edgepack.converters.onnx",
 )
@@ -191,6 +192,7 @@ class VariantJob:
     job: Job
     spec: str
     describe: Callable[[Artifact, Path], tuple[dict[str, Any], float | None]]
+    draft: bool = False  # a draft model for the gguf variants (``draft:`` format): placed in the bundle's drafts
 
 
 class Planner:
@@ -246,6 +248,8 @@ def plan(specs: list[Spec], *, transforms: list[tuple[Stage, Any]] = ()) -> Plan
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise UsageError(f"two requested variants would both be {dup}: ask for each once", option="to")
+    if any(v.draft for v in p.variants) and not any(v.format == "gguf" and not v.draft for v in p.variants):
+        raise UsageError("a draft: model drafts for the gguf: variants of the same convert: add one, e.g. --to gguf:Q4_K_M,draft:q8_0", option="to")
     return Plan(pre, [j for j in p.jobs if j not in pre], p.variants)
 
 

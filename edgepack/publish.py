@@ -64,8 +64,8 @@ def _hub_folder(b: Bundle, tmp: Path, repo_id: str | None) -> None:
     from . import modelcard
     from .trust import SIGNATURE, status
 
-    for v in b.variants:
-        for f in v.files:
+    for v in [*b.data["variants"], *b.data.get("drafts", [])]:
+        for f in v["files"]:
             link_or_copy(b.resolve(f["path"]), tmp / f["path"])
     for folder in (CALIBRATION, EVAL_DIR, REPORT_DIR):
         for src in sorted(p for p in (b.root / folder).rglob("*") if p.is_file()):

@@ -66,7 +66,8 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
 def _row(v: dict[str, Any], key: str, e: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """A variant's row: its eval under ``key``, and its first bench run (CPU first, then the eval's KV cache type)."""
     kv = e.get("kv_type", "f16")
-    mine = sorted((r for r in runs if r.get("variant") == v["id"]), key=lambda r: (r.get("device") != "cpu", r.get("kv_type", "f16") != kv))
+    mine = sorted((r for r in runs if r.get("variant") == v["id"]),
+                  key=lambda r: (r.get("device") != "cpu", r.get("kv_type", "f16") != kv, r.get("draft") is not None))  # fmt: skip
     r = mine[0] if mine else {}
     gen = e.get("generation", {})
     peak = r.get("peak_device_bytes") or r.get("peak_rss_bytes")
@@ -207,7 +208,7 @@ def speed_svg(runs: list[dict[str, Any]]) -> str | None:
         return None
     plt = _pyplot()
 
-    labels = [f"{r['variant']} ({r['device']}{_kv(r)})" for r in runs]
+    labels = [f"{r['variant']} ({r['device']}{_kv(r)}{', draft ' + r['draft'] if r.get('draft') else ''})" for r in runs]
     fig, axes = plt.subplots(1, 2, figsize=(8.0, 0.5 * len(runs) + 1.5), sharey=True)
     for ax, key, title, colour in (
         (axes[0], "prefill_tokens_per_s", "prefill tokens/s", "#4c72b0"),
@@ -232,7 +233,7 @@ def speed_svg(runs: list[dict[str, Any]]) -> str | None:
 
 
 def _runs_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    head = ["variant", "device", "threads", "load s", "TTFT s", "prefill tok/s", "decode tok/s", "peak RSS MiB", "peak GPU MiB"]
+    head = ["variant", "device", "threads", "load s", "TTFT s", "prefill tok/s", "decode tok/s", "draft: kept, speed-up", "peak RSS MiB", "peak GPU MiB"]
     body = []
     for r in runs:
         body.append(
@@ -244,11 +245,21 @@ def _runs_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
                 f"{_median(r, 'ttft_s'):.3f}",
                 f"{_median(r, 'prefill_tokens_per_s'):.0f} ({r['prefill_tokens_per_s']['min']:.0f}–{r['prefill_tokens_per_s']['max']:.0f})",
                 f"{_median(r, 'decode_tokens_per_s'):.1f} ({r['decode_tokens_per_s']['min']:.1f}–{r['decode_tokens_per_s']['max']:.1f})",
+                drafting(r),
                 f"{r['peak_rss_bytes'] / 2**20:.0f}",
                 f"{r['peak_device_bytes'] / 2**20:.0f}" if r.get("peak_device_bytes") else _DASH,
             ]
         )
     return head, body
+
+
+def drafting(run: dict[str, Any]) -> str:
+    """A drafted run's share of guesses kept and its decode speed-up over the same run without drafting."""
+    if not run.get("draft"):
+        return _DASH
+    kept = _median(run, "draft_acceptance")
+    speedup = run.get("draft_speedup")
+    return f"{run['draft']}: " + (f"{kept:.0%}" if kept is not None else _DASH) + (f", {speedup:.2f}x" if speedup else "")
 
 
 def _kv(run: dict[str, Any]) -> str:

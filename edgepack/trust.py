@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .bundle import MANIFEST, REFERENCE, VARIANTS, Bundle
+from .bundle import DRAFTS, MANIFEST, REFERENCE, VARIANTS, Bundle
 from .errors import BundleError, KeyFileError, SignatureError, UsageError
 from .fsutil import sha256_file, write_json
 from .library import locate
@@ -285,8 +285,8 @@ def _signed_bytes(data: dict[str, Any], signer: str) -> bytes:
 
 
 def listed(data: dict[str, Any]) -> Iterator[tuple[str, int, str]]:
-    """(bundle-relative path, bytes, sha256) of every file the manifest vouches for: variants, then the reference."""
-    for v in data.get("variants", []):
+    """(bundle-relative path, bytes, sha256) of every file the manifest vouches for: variants, drafts, then the reference."""
+    for v in [*data.get("variants", []), *data.get("drafts", [])]:
         for f in v.get("files", []):
             yield f["path"], f["bytes"], f["sha256"]
     for f in data.get("source", {}).get("files", []):
@@ -306,7 +306,7 @@ def _first_difference(root: Path, data: dict[str, Any]) -> tuple[tuple[str, str]
             how = f"truncated: {actual} of {size} bytes" if actual < size else f"{actual} bytes, not {size}"
             return (rel, how), 0, 0
     names = {rel for rel, _, _ in present}
-    for folder in (VARIANTS, REFERENCE):
+    for folder in (VARIANTS, DRAFTS, REFERENCE):
         for p in sorted((root / folder).rglob("*")) if (root / folder).is_dir() else ():
             rel = p.relative_to(root).as_posix()
             if not p.is_dir() and rel not in names:

@@ -33,7 +33,7 @@ def load(
     threads: int | None = None,
     variant: str | None = None,
     kv_type: str = "f16",
-    draft: str | None = None,
+    draft: str | os.PathLike | bool | None = None,
 ) -> Session:
     """Load a bundle (a folder, or a name from ``edgepack list``) or a lone model a backend claims (a ``.gguf`` file, an ONNX folder, a GPTQ checkpoint) and return a Session.
 
@@ -48,7 +48,10 @@ def load(
     (``threads``); a number fixes the count. ``kv_type`` ("f16", "q8_0", "q4_0") is the KV
     cache's element type: q8_0 halves its memory (llama.cpp only; it turns flash attention on).
     ``draft="lookup"`` checks tokens guessed from the prompt in one pass (greedy generations
-    only, same output; llama.cpp).
+    only, same output; llama.cpp). ``draft=True`` (or ``"model"``) decodes speculatively with
+    the bundle's draft model for the variant (``convert --to draft:q8_0``), and a path to a
+    ``.gguf`` with that one: greedy answers stay the same, sampled ones follow the same
+    distribution (``speculative``; llama.cpp).
 
     Raises SourceNotFoundError, BundleError, UsageError (bad backend/device/variant),
     MissingDependencyError and BackendError (the library refused the model).
@@ -66,6 +69,8 @@ def load(
     p = library.resolve(path)
     if not p.exists():
         raise SourceNotFoundError(library.missing(str(path), _what()))
+    if draft is False:
+        draft = None
     try:
         return _load(p, backend, device, n_ctx, threads, variant, kv_type, draft)
     except EdgepackError as e:
@@ -76,10 +81,10 @@ def load(
 
 
 def _load(
-    p: Path, backend: str, device: str, n_ctx: int | None, threads: int | None, variant: str | None, kv_type: str, draft: str | None
+    p: Path, backend: str, device: str, n_ctx: int | None, threads: int | None, variant: str | None, kv_type: str, draft: str | os.PathLike | bool | None
 ) -> Session:
-    if (p / MANIFEST).is_file():
-        bundle = Bundle.open(p)
+    bundle = Bundle.open(p) if (p / MANIFEST).is_file() else None
+    if bundle is not None:
         v, runner = _pick_variant(bundle, backend, device, variant)
         model_path, name, vid, root = bundle.resolve(v.path), bundle.name, v.id, p
     else:
@@ -87,14 +92,13 @@ def _load(
             raise UsageError(f"variant={variant!r} needs a bundle, but {p} is not one (no {MANIFEST})")
         runner = _lone(p, backend)
         model_path, name, vid, root = p, p.stem if p.is_file() else p.name, None, None
+    draft = _draft(draft, bundle, vid, runner)
     if kv_type not in runner.kv_types:
         takers = [b.name for b in registry.backends() if kv_type in b.kv_types]
         raise UsageError(
             f"the {runner.name} backend keeps its KV cache as {', '.join(runner.kv_types)}, not {kv_type!r}"
             + (f": {kv_type} needs a variant {' or '.join(takers)} runs" if takers else "")
         )
-    if draft is not None and draft not in runner.drafts:
-        raise UsageError(f"the {runner.name} backend drafts {', '.join(runner.drafts) or 'nothing'}, not {draft!r}: drop draft, or load a GGUF variant")
     dev = _pick_device(runner, device)
     session = runner.open(model_path, device=dev, n_ctx=n_ctx, threads=threads, kv_type=kv_type, draft=draft)
     if root is not None:
@@ -103,6 +107,32 @@ def _load(
     session.info.variant = vid
     session.info.bundle = root
     return session
+
+
+def _draft(draft: str | os.PathLike | bool | None, bundle: Bundle | None, vid: str | None, runner: Backend) -> str | Path | None:
+    """What the backend gets for ``draft``: None, "lookup", or the path of a draft model; raises UsageError."""
+    if draft is None:
+        return None
+    kind = "model" if draft is True or draft == "model" or isinstance(draft, os.PathLike) or str(draft).lower().endswith(".gguf") else draft
+    if kind not in ("lookup", "model"):
+        raise UsageError(f"unknown draft {draft!r}: choose lookup, model (the bundle's draft model) or the path of a draft .gguf")
+    if kind not in runner.drafts:
+        raise UsageError(
+            f"the {runner.name} backend drafts {', '.join(runner.drafts) or 'nothing'}, not {kind!r}: drop draft, or load a GGUF variant "
+            "(`variant=` / `--variant gguf-...`)"
+        )
+    if kind == "lookup":
+        return kind
+    if draft is True or draft == "model":
+        found = bundle.draft_for(vid) if bundle is not None else None
+        if found is None:
+            where = f"bundle {bundle.root} has no draft model for variant {vid}" if bundle is not None else "a lone model has no draft model of its own"
+            raise UsageError(f"{where}: make one with `edgepack convert MODEL --to gguf:Q4_K_M,draft:q8_0`, or pass the path of a draft .gguf")
+        return bundle.resolve(found.path)
+    path = Path(draft).expanduser()
+    if not path.is_file():
+        raise UsageError(f"the draft {path} does not exist: give the path of a draft .gguf, or draft='model' for the bundle's")
+    return path
 
 
 def _lone(p: Path, backend: str) -> Backend:

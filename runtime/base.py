@@ -195,7 +195,7 @@ class ModelInfo:
     n_ctx: int
     threads: int | None = None
     kv_type: str = "f16"  # element type of the KV cache
-    draft: str | None = None  # how it drafts tokens ("lookup"), when it does
+    draft: str | None = None  # how it drafts tokens ("lookup", "model"), when it does
     name: str = ""
     variant: str | None = None  # the bundle variant id, when loaded from a bundle
     bundle: Path | None = None
@@ -486,7 +486,7 @@ class Session(ABC):
 
     @property
     def draft_stats(self) -> dict[str, int] | None:
-        """Draft tokens ``proposed`` and ``accepted`` in the last generation that drafted; None when none did."""
+        """Draft tokens ``proposed`` and ``accepted``, and the target's ``checks`` of them, in the last generation that drafted; None when none did."""
         return None
 
     def hold(self, lock: IO[bytes] | None) -> None:

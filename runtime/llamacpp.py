@@ -354,10 +354,10 @@ def keep(ctx, seq: int, cached: list[int], tokens: list[int]) -> int:
 
 class LlamaCppSession(Session):
     def __init__(
-        self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16", draft: str | None = None
+        self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16", draft: str | Path | None = None
     ) -> None:
         _init()
-        self._draft, self._lookup = draft, None
+        self._draft, self._counts, self._drafter = draft, None, None
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise InvalidModelError(f"{path} is not a GGUF file (bad magic): re-download or re-convert it")
@@ -390,8 +390,16 @@ class LlamaCppSession(Session):
         self._embedder, self._embed_lock = None, threading.Lock()  # embed()'s own context, made on its first call
         super().__init__(
             ModelInfo(path=path, backend="llama.cpp", device=device, n_ctx=ll.llama_n_ctx(self._ctx), threads=self._threads.most, kv_type=kv_type,
-                      draft=draft)
+                      draft="model" if isinstance(draft, Path) else draft)
         )
+        if isinstance(draft, Path):  # a draft model (``speculative``): checked against this model, so loaded after it
+            from .speculative import DraftModel
+
+            try:
+                self._drafter = DraftModel(draft, self, self.info.n_ctx)
+            except BaseException:
+                self._close()
+                raise
 
     def _new_context(self, n_ctx: int, n_seq: int):
         """A llama.cpp context of ``n_ctx`` tokens holding ``n_seq`` sequences of ``n_ctx / n_seq`` each; NULL when it fails."""
@@ -540,9 +548,13 @@ class LlamaCppSession(Session):
         self._check_single()
         if not self._prefill(tokens, cancelled):
             return
-        if self._draft == "lookup" and params.temperature == 0 and params.repeat_penalty == 1.0 and not _constrained(params):
-            yield from self._generate_lookup(tokens)
-            return
+        if self._draft and params.repeat_penalty == 1.0 and not _constrained(params):
+            if self._drafter is not None:
+                yield from self._generate_drafted(tokens, params)
+                return
+            if params.temperature == 0:
+                yield from self._generate_lookup(tokens)
+                return
         chain = self._sampler(params, tokens)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         one, ctx, vocab, pace, kv = self._one, self._ctx, self._vocab, self._pace, self._kv
@@ -563,7 +575,7 @@ class LlamaCppSession(Session):
 
     @property
     def draft_stats(self) -> dict[str, int] | None:
-        return None if self._lookup is None else {"proposed": self._lookup.proposed, "accepted": self._lookup.accepted}
+        return None if self._counts is None else dict(self._counts)
 
     def _generate_lookup(self, tokens: list[int]) -> Iterator[str]:
         """Greedy decoding that checks prompt-lookup drafts (``lookup``) in one batch per step.
@@ -575,7 +587,8 @@ class LlamaCppSession(Session):
         """
         chain = self._sampler(SamplingParams(temperature=0), tokens)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        lookup = self._lookup = PromptLookup(tokens)
+        lookup = PromptLookup(tokens)
+        counts = self._counts = {"proposed": 0, "accepted": 0, "checks": 0}
         memory, vocab, n_past = ll.llama_get_memory(self._ctx), self._vocab, len(self._kv)
         batch = ll.llama_batch_init(DRAFT_MAX + 1, 0, 1)
         try:
@@ -594,8 +607,9 @@ class LlamaCppSession(Session):
                 while kept < len(draft) and draft[kept] == picks[-1]:
                     kept += 1
                     picks.append(ll.llama_sampler_sample(chain, self._ctx, kept))
-                lookup.proposed += len(draft)
-                lookup.accepted += kept
+                counts["proposed"] += len(draft)
+                counts["accepted"] += kept
+                counts["checks"] += 1
                 n_past += kept + 1
                 if kept < len(draft):
                     ll.llama_memory_seq_rm(memory, 0, n_past, -1)  # the rejected part of the draft
@@ -609,6 +623,62 @@ class LlamaCppSession(Session):
         finally:
             ll.llama_batch_free(batch)
             ll.llama_sampler_free(chain)
+
+    def _generate_drafted(self, tokens: list[int], params: SamplingParams) -> Iterator[str]:
+        """Decoding that checks a draft model's guesses in one batch per step (``speculative``).
+
+        Greedy keeps the guesses that equal the target's own greedy picks, so the answer is plain greedy
+        decoding's; sampling keeps them by the acceptance rule, so each token follows the target's
+        distribution (drawn with numpy from ``params.seed``, not llama.cpp's sampler).
+        """
+        from .speculative import DRAFT_K, accept, distribution
+
+        greedy = params.temperature == 0
+        chain = self._sampler(SamplingParams(temperature=0), tokens) if greedy else None
+        rng = np.random.default_rng(params.seed)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        counts = self._counts = {"proposed": 0, "accepted": 0, "checks": 0}
+        memory, vocab, drafter, n_past = ll.llama_get_memory(self._ctx), self._vocab, self._drafter, len(self._kv)
+
+        def row(i: int) -> np.ndarray:
+            return distribution(np.ctypeslib.as_array(ll.llama_get_logits_ith(self._ctx, i), shape=(self._n_vocab,)), params)
+
+        batch = ll.llama_batch_init(DRAFT_K + 1, 0, 1)
+        try:
+            tok = ll.llama_sampler_sample(chain, self._ctx, -1) if greedy else int(rng.choice(self._n_vocab, p=row(-1)))
+            while not ll.llama_vocab_is_eog(vocab, tok):
+                yield decoder.decode(self._piece(tok))
+                self._pace()
+                room = min(DRAFT_K, self.n_ctx - n_past - 1)
+                guesses, q = drafter.propose([*self._kv, tok], room, self._n_threads, None if greedy else params, rng) if room > 0 else ([], [])
+                for i, t in enumerate([tok, *guesses]):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, n_past + i, 1, True
+                    batch.seq_id[i][0] = 0
+                batch.n_tokens = len(guesses) + 1
+                self._decode(batch, "generating")
+                if greedy:
+                    picks = [ll.llama_sampler_sample(chain, self._ctx, 0)]
+                    while len(picks) <= len(guesses) and guesses[len(picks) - 1] == picks[-1]:
+                        picks.append(ll.llama_sampler_sample(chain, self._ctx, len(picks)))
+                    kept, after = len(picks) - 1, picks[-1]
+                else:
+                    kept, after = accept([row(i) for i in range(len(guesses) + 1)], q, guesses, rng)
+                counts["proposed"] += len(guesses)
+                counts["accepted"] += kept
+                counts["checks"] += 1
+                n_past += kept + 1
+                if kept < len(guesses):
+                    ll.llama_memory_seq_rm(memory, 0, n_past, -1)  # the refused guesses
+                self._kv += [tok, *guesses[:kept]]
+                for t in guesses[:kept]:  # kept guesses: already in the cache
+                    if ll.llama_vocab_is_eog(vocab, t):
+                        return
+                    yield decoder.decode(self._piece(t))
+                tok = after
+        finally:
+            ll.llama_batch_free(batch)
+            if chain is not None:
+                ll.llama_sampler_free(chain)
 
     def _score(self, tokens: list[int], top_k: int) -> Scores:
         self._check_single()
@@ -648,7 +718,7 @@ class LlamaCppSession(Session):
         if self._slots is not None:
             raise UsageError("this session already serves slots: use the Slots it returned")
         if self._draft:
-            raise UsageError(f"drafting ({self._draft}) checks one generation at a time: serve with --parallel 1, or without --draft")
+            raise UsageError(f"drafting ({self.info.draft}) checks one generation at a time: serve with --parallel 1, or without --draft")
         each = self.n_ctx // n // MIN_SLOT_CTX * MIN_SLOT_CTX
         if each < MIN_SLOT_CTX:
             raise UsageError(
@@ -770,6 +840,9 @@ class LlamaCppSession(Session):
         if self._slots is not None:
             self._slots.close()
             self._slots = None
+        if self._drafter is not None:
+            self._drafter.close()
+            self._drafter = None
         if self._ctx is not None:
             ll.llama_free(self._ctx)
             self._ctx = None
@@ -807,7 +880,7 @@ class LlamaCppBackend(Backend):
     formats = ("gguf",)
     what = "a .gguf file"
     kv_types = KV_BYTES
-    drafts = ("lookup",)
+    drafts = ("lookup", "model")
     can_embed = True
     can_parallel = True
     install = "install a GPU build of llama-cpp-python (CUDA: CMAKE_ARGS='-DGGML_CUDA=on' pip install --force-reinstall --no-cache-dir llama-cpp-python)"
@@ -821,7 +894,7 @@ class LlamaCppBackend(Backend):
         return devices()
 
     def open(
-        self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16", draft: str | None = None
+        self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16", draft: str | Path | None = None
     ) -> LlamaCppSession:
         return LlamaCppSession(path, device=device, n_ctx=n_ctx, threads=threads, kv_type=kv_type, draft=draft)
 

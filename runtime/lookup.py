@@ -19,7 +19,6 @@ class PromptLookup:
     def __init__(self, tokens: list[int]) -> None:
         self.tokens: list[int] = []
         self._last: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest occurrence ends (exclusive)
-        self.proposed = self.accepted = 0
         self.extend(tokens)
 
     def extend(self, tokens: list[int]) -> None:

@@ -52,7 +52,7 @@ class Backend(ABC):
     # KV-cache element types its sessions can hold (``load(kv_type=...)``) and the bytes each stores per element, for
     # recommend; "f16" is the backend's own default cache, whose real dtype recommend reads from the model.
     kv_types: ClassVar[dict[str, float]] = {"f16": 2.0}
-    # Drafting its sessions can verify in one pass (``load(draft=...)``): "lookup" proposes tokens from the prompt.
+    # Drafting its sessions can verify in one pass (``load(draft=...)``): "lookup" proposes tokens from the prompt, "model" a draft model.
     drafts: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
@@ -86,9 +86,10 @@ class Backend(ABC):
 
     @abstractmethod
     def open(
-        self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16", draft: str | None = None
+        self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16", draft: str | Path | None = None
     ) -> Session:
-        """Load the model at ``path`` on ``device`` with a KV cache of ``kv_type`` (one of ``kv_types``) and ``draft`` (one of ``drafts``).
+        """Load the model at ``path`` on ``device`` with a KV cache of ``kv_type`` (one of ``kv_types``) and ``draft`` (one of ``drafts``;
+        a Path for "model": the draft model's file).
 
         Raises InvalidModelError, BackendError, MissingDependencyError.
         """

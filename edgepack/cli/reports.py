@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or metal."),
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
         kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 (half the memory) or q4_0; llama.cpp only."),
-        draft: str | None = typer.Option(None, "--draft", help="lookup: check tokens guessed from the prompt in one pass (greedy answers; llama.cpp)."),
+        draft: str | None = typer.Option(None, "--draft", help="lookup: check tokens guessed from the prompt in one pass (greedy answers); model: guesses from the bundle's draft model (convert --to draft:q8_0), or a draft .gguf path. Same greedy answers; llama.cpp."),
         prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="Prompt length for prefill and TTFT."),
         decode_tokens: int = typer.Option(128, "--decode-tokens", help="Tokens generated per run."),
         repetitions: int = typer.Option(3, "-n", "--repetitions", help="Measured runs (median and range reported)."),
@@ -102,6 +102,7 @@ def register(app: typer.Typer) -> None:
         """
         from ..bench import BenchConfig
         from ..bench import bench as do_bench
+        from ..report import drafting
         from ..eval import as_bundle
 
         cfg = BenchConfig(prompt_tokens, decode_tokens, repetitions, warmup, threads, device, kv_type, draft)
@@ -111,11 +112,11 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print(json.dumps(res, indent=2))
             return
-        t = Table("run", "load s", "TTFT s", "prefill tok/s", "decode tok/s", "peak RSS MiB")
+        t = Table("run", "load s", "TTFT s", "prefill tok/s", "decode tok/s", "draft: kept, speed-up", "peak RSS MiB")
         for key, r in res["runs"].items():
             t.add_row(
                 key, f"{r['load_s']:.2f}", f"{r['ttft_s']['median']:.3f}", f"{r['prefill_tokens_per_s']['median']:.0f}",
-                f"{r['decode_tokens_per_s']['median']:.1f}", f"{r['peak_rss_bytes'] / 2**20:.0f}",
+                f"{r['decode_tokens_per_s']['median']:.1f}", drafting(r), f"{r['peak_rss_bytes'] / 2**20:.0f}",
             )
         Console().print(t)
 

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         n_ctx: int | None = typer.Option(None, "--n-ctx", help="Context window in tokens (default: the model's, at most 4096)."),
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
         kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 (half the memory) or q4_0; llama.cpp only."),
-        draft: str | None = typer.Option(None, "--draft", help="lookup: check tokens guessed from the prompt in one pass (greedy answers; llama.cpp)."),
+        draft: str | None = typer.Option(None, "--draft", help="lookup: check tokens guessed from the prompt in one pass (greedy answers); model: guesses from the bundle's draft model (convert --to draft:q8_0), or a draft .gguf path. Same greedy answers; llama.cpp."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings) instead of streaming."),
     ) -> None:
         """Generate one answer from MODEL, streamed to stdout.

@@ -147,8 +147,8 @@ def test_prompt_lookup_keeps_the_greedy_answer_up_to_kernel_ties(smollm2_gguf):
             row = plain_s.score(ids + ids[-1:], top_k=2)  # the last row predicts what follows the common prefix
             p1, p2 = np.exp(row.top_logprobs[-1])
             assert p1 - p2 < 0.15, (plain[start:n + 20], drafted[start:n + 20], p1, p2)
-        with pytest.raises(UsageError, match="drafts lookup, not 'model'"):
-            edgepack.load(smollm2_gguf, draft="model")
+        with pytest.raises(UsageError, match="unknown draft 'ngram': choose lookup, model"):
+            edgepack.load(smollm2_gguf, draft="ngram")
 
 
 def test_every_decode_runs_on_the_one_compute_thread(session):
