@@ -39,12 +39,11 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-import importlib
-import inspect
+import json
 import re
+import subprocess
 import sys
 import sysconfig
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -53,6 +52,7 @@ import numpy as np
 
 from ..errors import CalibrationError, MissingDependencyError, OfflineError, UsageError
 from ..options import option
+from . import stdlib_docs
 
 Split = Literal["calibration", "eval"]
 DOMAINS = ("chat", "prose", "code")  # the held-out domains eval and the benchmarks score
@@ -60,7 +60,6 @@ PRESETS = ("builtin", "chat", "prose", "code", "mix")
 _EVAL_SHARE = 20  # percent of builtin docstrings held out for evaluation
 _CHUNK = 2000  # characters per prose or code sample: about 500 tokens, one GPTQ row
 _MIX_ROWS = 100  # prose and code samples in ``mix``, and twice as many docstrings: 400 rows, more than GPTQ's 256
-_SKIP = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3", "pydoc_data", "ensurepip", "venv", "__")
 
 
 @dataclass(frozen=True)
@@ -130,45 +129,21 @@ def load(preset: str = "builtin", split: Split = "calibration") -> Text:
     return Text(f"file:{path.name}", tuple((f"{path.name}#{i}", p) for i, p in enumerate(paras)))
 
 
-def _stdlib_modules() -> list[str]:
-    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and not n.startswith(_SKIP))
-    return names
+@functools.lru_cache(maxsize=1)  # importing the whole standard library takes seconds: once per process
+def _stdlib_docs() -> list[tuple[str, str]]:
+    script = Path(stdlib_docs.__file__)
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", str(script)], capture_output=True, text=True, timeout=600, check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise CalibrationError(f"gathering the builtin calibration text from the standard library failed ({e}): give --calibration FILE") from e
+    return [(q, d) for q, d in json.loads(done.stdout)]
 
 
-@functools.lru_cache(maxsize=2)  # importing the whole standard library takes seconds: once per process
+@functools.lru_cache(maxsize=2)
 def _builtin(split: Split) -> Text:
-    seen: set[str] = set()
-    out: list[tuple[str, str]] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for modname in _stdlib_modules():
-            try:
-                mod = importlib.import_module(modname)
-            except Exception:  # noqa: BLE001 - platform-specific modules (winreg, ...) simply do not contribute
-                continue
-            for qual, obj in _documented(mod, modname):
-                doc = inspect.getdoc(obj)
-                if not doc or len(doc) < 200 or doc in seen:
-                    continue
-                seen.add(doc)
-                bucket = int(hashlib.sha256(qual.encode()).hexdigest()[:8], 16) % 100
-                if (bucket < _EVAL_SHARE) == (split == "eval"):
-                    out.append((qual, doc))
+    out = [(q, d) for q, d in _stdlib_docs() if (int(hashlib.sha256(q.encode()).hexdigest()[:8], 16) % 100 < _EVAL_SHARE) == (split == "eval")]
     out.sort()
     return Text(f"builtin:{split}", tuple(out))
-
-
-def _documented(mod, modname: str):
-    yield modname, mod
-    for name, obj in sorted(vars(mod).items()):
-        if name.startswith("_") or getattr(obj, "__module__", None) != modname:
-            continue
-        if inspect.isclass(obj) or inspect.isfunction(obj):
-            yield f"{modname}.{name}", obj
-            if inspect.isclass(obj):
-                for mname, member in sorted(vars(obj).items()):
-                    if not mname.startswith("_") and inspect.isfunction(member):
-                        yield f"{modname}.{name}.{mname}", member
 
 
 def _prose_files() -> list[Path]:
@@ -214,7 +189,7 @@ def _chunks(parts: list[str], sep: str, size: int = _CHUNK) -> list[str]:
 def _code(split: Split) -> Text:
     root = Path(sysconfig.get_paths()["stdlib"])
     parts: dict[bool, list[tuple[str, str]]] = {True: [], False: []}  # held out -> samples
-    for name in _stdlib_modules():
+    for name in stdlib_docs.modules():
         pkg = root / name
         for f in sorted(pkg.glob("*.py")) if pkg.is_dir() else [root / f"{name}.py"]:
             if not f.is_file():
