@@ -327,7 +327,7 @@ def summary(result: dict) -> str:
     """The figures and ratios of a result as a plain-text table (what the JSON holds, not more)."""
     lines = ["variant                      MB      KLD mean  KLD p99   PPL     top-1   prefill t/s  decode t/s"]
     for name in ("gguf_converter", "onnx_int4"):
-        for who, row in result.get(name, {}).items():
+        for row in result.get(name, {}).values():
             if isinstance(row, dict) and "variant" in row:
                 lines.append(f"{row['variant']:<26} {row['bytes'] / 1e6:7.1f}  {row['kld_mean']:8.5f}  {row['kld_p99']:7.4f}  "
                              f"{row['ppl']:6.2f}  {row['top1_agreement']:6.3f}  {row.get('prefill_tokens_per_s', float('nan')):11.1f}  "

@@ -97,7 +97,7 @@ def main() -> None:
             f"{mem['kv_bytes_predicted'] / 2**20:.2f} MiB (recommend)")
     f16 = result["types"]["f16"]
     overhead = f16["peak_rss_bytes"] - v.bytes - f16["kv_bytes_predicted"]
-    for kv, mem in result["types"].items():
+    for mem in result["types"].values():
         mem["peak_predicted"] = v.bytes + mem["kv_bytes_predicted"] + overhead
         mem["peak_error"] = round(mem["peak_predicted"] / mem["peak_rss_bytes"] - 1, 4)
         mem["kv_vs_f16"] = round(mem["kv_bytes_llama_cpp"] / f16["kv_bytes_llama_cpp"], 4)
