@@ -5,8 +5,9 @@
 A desktop app never has the machine to itself. Per backend, two sessions of the same model:
 ``auto`` (``edgepack.load(...)`` without ``threads``: the thread count follows what other
 processes leave free, ``runtime/threads.py``) and ``fixed`` (``threads=`` the physical cores,
-what every load did before). ONNX Runtime's pool is fixed at load, so its two sessions are
-the same (``runtime/onnx.py`` ``_session_options`` says why its threads keep spinning). Each round runs every
+what every load did before). ONNX Runtime's pool is fixed at load, so an ``auto`` ONNX session
+decodes each generation that starts beside busy programs on a one-thread copy of the model
+(``runtime/onnx.py`` ``_session_options``). Each round runs every
 session greedy for ``--tokens`` tokens under 0, 1 and 2 busy processes
 (``python -c "while True: pass"``, started half a second before and killed after; the order of
 the conditions reversed every other round), and the figure is

@@ -30,7 +30,7 @@ from ..errors import BackendError, InvalidModelError, MissingDependencyError, Us
 from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
 from .registry import Backend
 from .schema import grammar
-from .threads import physical_cores
+from .threads import Governor, physical_cores
 
 if TYPE_CHECKING:
     from .llamacpp import Vocab
@@ -111,16 +111,12 @@ class OnnxSession(Session):
             raise InvalidModelError(
                 f"{path}/genai_config.json is unreadable or lacks model.context_length or vocab_size ({e}): re-convert the model"
             ) from e
-        try:
-            config = og.Config(str(path))
-            config.clear_providers()
-            if device == "cuda":
-                config.append_provider("cuda")
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": _session_options(threads)}}}))
-            self._model = og.Model(config)
-        except Exception as e:  # noqa: BLE001 - og raises plain RuntimeError for every failure
-            raise BackendError(f"onnxruntime-genai could not load {path}: {e}. Re-convert it, or check `edgepack doctor`") from e
-        self._path = path
+        self._path, self._device = path, device
+        pool = threads or physical_cores()
+        self._model = self._load(pool)
+        # the pool is fixed per model: a one-thread copy, loaded when other programs first take cores
+        self._threads = Governor(pool, fixed=threads is not None or device != "cpu" or pool == 1)
+        self._narrow: og.Model | None = None
         if (path / VOCAB_FILE).is_file():
             from .llamacpp import open_vocab
 
@@ -130,7 +126,26 @@ class OnnxSession(Session):
         eos = genai["model"].get("eos_token_id", [])
         self._eos = set(eos if isinstance(eos, list) else [eos])
         n_ctx = min(n_ctx or 4096, trained)
-        super().__init__(ModelInfo(path=path, backend="onnx", device=device, n_ctx=n_ctx, threads=threads or physical_cores()))
+        super().__init__(ModelInfo(path=path, backend="onnx", device=device, n_ctx=n_ctx, threads=pool))
+
+    def _load(self, threads: int) -> og.Model:
+        try:
+            config = og.Config(str(self._path))
+            config.clear_providers()
+            if self._device == "cuda":
+                config.append_provider("cuda")
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": _session_options(threads)}}}))
+            return og.Model(config)
+        except Exception as e:  # noqa: BLE001 - og raises plain RuntimeError for every failure
+            raise BackendError(f"onnxruntime-genai could not load {self._path}: {e}. Re-convert it, or check `edgepack doctor`") from e
+
+    def _model_now(self) -> og.Model:
+        """The model whose pool fits the cores other programs leave free (``_session_options`` says why)."""
+        if self._threads.fresh() >= self._threads.most:
+            return self._model
+        if self._narrow is None:
+            self._narrow = self._load(1)
+        return self._narrow
 
     # -- tokens --------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = False) -> list[int]:
@@ -160,8 +175,9 @@ class OnnxSession(Session):
         return src, specials
 
     # -- running -------------------------------------------------------------------------------
-    def _generator(self, params: SamplingParams | None, max_length: int):
-        gp = og.GeneratorParams(self._model)
+    def _generator(self, params: SamplingParams | None, max_length: int, model: og.Model | None = None):
+        model = model or self._model
+        gp = og.GeneratorParams(model)
         opts: dict = {"max_length": max_length}
         if params is not None:
             opts["repetition_penalty"] = params.repeat_penalty
@@ -179,12 +195,12 @@ class OnnxSession(Session):
         gp.set_search_options(**opts)
         if params is not None and (params.schema is not None or params.grammar is not None):
             gp.set_guidance("lark_grammar", lark(params.grammar if params.schema is None else grammar(params.schema)))
-        return og.Generator(self._model, gp)
+        return og.Generator(model, gp)
 
     def _generate(self, tokens: list[int], params: SamplingParams, cancelled: threading.Event) -> Iterator[str]:
         self._check_open()
         try:
-            gen = self._generator(params, self.n_ctx)
+            gen = self._generator(params, self.n_ctx, self._model_now())
         except Exception as e:  # noqa: BLE001
             raise BackendError(f"onnxruntime-genai could not start a generation with these options: {e}") from e
         try:
@@ -244,19 +260,22 @@ class OnnxSession(Session):
 
     def _close(self) -> None:
         self._tok.close()
-        self._model = None
+        self._model = self._narrow = None
 
 
-def _session_options(threads: int | None) -> dict:
-    """ONNX Runtime's threads: ``threads``, or the physical cores, spinning while they wait for work.
+def _session_options(threads: int) -> dict:
+    """ONNX Runtime's pool of ``threads``, spinning while they wait, work handed out in small blocks.
 
-    Its pool is fixed when the model loads, so the count cannot follow the machine's load as
-    llama.cpp's does (``threads`` module). Threads that sleep instead of spinning hold up better
-    beside a busy process, but cost a third of idle decode on a small model (SmolLM2 int4 on 2
-    cores: 124 vs 188 tok/s idle, 97 vs 69 beside one busy process; ``benchmarks/contention.py``),
-    and idle speed is what most runs see.
+    The pool is fixed when the model loads, so its size cannot follow the machine's load as
+    llama.cpp's does (``threads`` module). Measured on SmolLM2 int4, 2 cores, decode tok/s idle /
+    beside one busy process / beside two: 2 spinning threads 177 / 62 / 46; the same with
+    ``dynamic_block_base`` 4 (faster threads take more blocks) 201 / 64 / 50; 2 sleeping
+    threads 117 / 95 / 86; 1 thread 107 / 100 / 65. So a session keeps the fast pool for an
+    idle machine and, while other programs hold cores, decodes each generation on a one-thread
+    copy of the model (loaded the first time: +90 MB for SmolLM2 int4). Greedy output is the
+    same on both.
     """
-    return {"intra_op_num_threads": threads or physical_cores()}
+    return {"intra_op_num_threads": threads, "session.dynamic_block_base": "4"}
 
 
 def _min_p(logits: np.ndarray, min_p: float) -> np.ndarray:

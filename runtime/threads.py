@@ -18,6 +18,7 @@ from pathlib import Path
 
 INTERVAL = 0.1  # seconds between looks: ~25 us each; a 2-core machine counts 20 ticks of 10 ms in one
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+WINDOW = 0.05  # a fresh look: 10 ticks of /proc/stat on 2 cores
 SLACK = 0.35  # a core counts as free when at least 65% of it is: a desktop's background hum takes the rest
 
 
@@ -53,10 +54,26 @@ class Governor:
         """The count to use now; looks at the machine at most every ``INTERVAL`` seconds."""
         if self.fixed:
             return self.now
+        if self._last is not None and time.monotonic() - self._last[0] < INTERVAL:
+            return self.now
+        return self._look()
+
+    def fresh(self) -> int:
+        """``update``, but a look older than ``2 * INTERVAL`` is replaced by one over the next ``WINDOW`` seconds.
+
+        For a choice made once per generation (ONNX Runtime's pool is fixed per model): an average
+        since the previous generation would miss a program that started a moment ago.
+        """
+        if not self.fixed and (self._last is None or time.monotonic() - self._last[0] > 2 * INTERVAL):
+            self._last = None
+            self._look()
+            time.sleep(WINDOW)
+            return self._look()
+        return self.update()
+
+    def _look(self) -> int:
         t = time.monotonic()
         last = self._last
-        if last is not None and t - last[0] < INTERVAL:
-            return self.now
         busy, own = _machine_busy(), _own_cpu()
         if last is not None:
             others = max(0.0, (busy - last[1]) - (own - last[2])) / (t - last[0])

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 import edgepack
 from edgepack.bundle import Bundle, Variant
+from edgepack.runtime.threads import physical_cores
 
 from models import build_onnx, tiny_model
 
@@ -87,6 +91,32 @@ def test_score_agrees_with_greedy_and_sums_to_one(session):
     assert s.top_ids[-1, 0] == first
     total = np.logaddexp(np.logaddexp.reduce(s.top_logprobs, axis=1), s.rest_logprob)
     np.testing.assert_allclose(total, 0.0, atol=1e-6)
+
+
+def test_a_busy_machine_decodes_on_a_one_thread_copy(smollm2_onnx):
+    """ONNX Runtime's pool is fixed per model, so beside busy programs a generation runs on a one-thread copy."""
+    cores = physical_cores()
+    if cores < 2:
+        pytest.skip("one core: there is no smaller pool to pick")
+    with edgepack.load(smollm2_onnx, n_ctx=512) as s:
+        ids = s.tokenize(COUNTING)
+        idle = s.generate(ids, max_tokens=24, temperature=0).text
+        assert s._narrow is None
+        procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or cores)]
+        try:
+            time.sleep(0.5)
+            busy = s.generate(ids, max_tokens=24, temperature=0).text
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+        assert s._narrow is not None and s._threads.now < cores
+        assert busy == idle
+        time.sleep(0.5)
+        assert s.generate(ids, max_tokens=24, temperature=0).text == idle
+        assert s._threads.now == cores  # the full pool again
+    with edgepack.load(smollm2_onnx, n_ctx=512, threads=cores) as fixed:
+        assert fixed._threads.fixed  # a count the caller chose is kept
 
 
 def test_bundle_variants_pick_by_backend(smollm2_onnx, smollm2_gguf, tmp_path):
