@@ -26,10 +26,10 @@ from edgepack.executor import Cluster, chosen, session
 from edgepack.fsutil import sha256_file
 from edgepack.stages import Artifact, Kind
 
-if importlib.util.find_spec("ray") is None:  # found, not imported: Ray reads LOOPBACK_ENV when first imported
+if importlib.util.find_spec("ray") is None:  # found, not imported: Ray reads the cluster's env when first imported
     pytest.skip("needs the ray extra: pip install 'edgepack[ray]'", allow_module_level=True)
 
-from ray_cluster import LOOPBACK_ENV, RayCluster  # noqa: E402
+from ray_cluster import RayCluster  # noqa: E402
 
 VARIANTS = "gguf:Q8_0,gguf:Q4_0,gguf:Q4_K_M,gguf:Q6_K"
 OPTIONS = {"calibration_tokens": "512"}  # one 512-token window: the importance matrix in seconds
@@ -47,13 +47,18 @@ def cluster():
 
 @pytest.fixture
 def on_cluster(cluster, monkeypatch):
-    """The driver side: RAY_ADDRESS set, Ray keeping the loopback address (``ray_cluster.py``)."""
-    for k, v in LOOPBACK_ENV.items():
+    """The driver side: RAY_ADDRESS set, Ray keeping the loopback address and using the cluster's token (``ray_cluster.py``)."""
+    for k, v in cluster.env.items():
         monkeypatch.setenv(k, v)
     if constants := sys.modules.get("ray._private.ray_constants"):  # imported before: what the variable would have set
         monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", False)
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
-    return cluster
+    if raylet := sys.modules.get("ray._raylet"):  # Ray read RAY_AUTH_MODE when imported: read it again (as Ray does when it turns tokens on)
+        raylet.Config.initialize("")
+    yield cluster
+    monkeypatch.undo()
+    if raylet := sys.modules.get("ray._raylet"):
+        raylet.Config.initialize("")
 
 
 @pytest.fixture(scope="module")
