@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from ray_cluster import LOOPBACK_ENV, RayCluster  # noqa: E402
+from ray_cluster import RayCluster  # noqa: E402
 
 BAR = 1.15
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
                 home = work / f"{executor}-{i}"
                 env = {**os.environ, "EDGEPACK_HOME": str(home), "HF_HUB_OFFLINE": "1"}
                 if executor == "ray":
-                    env.update(LOOPBACK_ENV, RAY_ADDRESS=cluster.address)
+                    env.update(cluster.env, RAY_ADDRESS=cluster.address)
                 cmd = [sys.executable, "-m", "edgepack", "convert", str(model), "--to", args.to, "--calibration-tokens", args.calibration_tokens,
                        "--no-report", "-o", str(home / "bundle"), "--executor", executor]  # fmt: skip
                 start = time.perf_counter()

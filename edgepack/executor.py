@@ -7,7 +7,7 @@ variant's eval and bench) side by side, each reserving what its stage declares (
 exchange paths, never model data: every output goes through the stage cache (``stages.py``), which must therefore
 be on storage every node mounts (``EDGEPACK_HOME``); the bundle is assembled on the driver. A task whose node dies
 is run again (``MAX_RETRIES``); cache entries appear by rename only, so a killed task leaves no entry that looks
-finished (its ``.partial-`` folder is garbage, never read).
+finished (its ``.partial-`` folder is never read, and the next cache miss removes it: ``stages.clean_partials``).
 
 What a cluster cannot do is refused before any stage runs (``Cluster.check``): Ray missing, an address that does
 not answer, a cache or model folder some node cannot read (each node must read a probe file the driver wrote), a

@@ -17,6 +17,11 @@ Cache layout (under the edgepack home)::
 
     stages/<key>/            the output directory handed to Stage.run
     stages/<key>/.complete   JSON record written last: its presence means done
+    stages/.<key>.partial-*/ a run in progress (``fsutil.atomic_dir``); its ``.writer`` names the process
+
+A run killed before its rename leaves its partial folder behind. Every cache miss first removes the partial folders
+that can no longer finish (``clean_partials``): those whose writer, on this host, is gone, and, whatever the host
+(a shared cache on a cluster), those nothing was written into for ``STALE_AFTER_S``. A live writer's folder is kept.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -33,6 +40,9 @@ from typing import Any, ClassVar, NamedTuple
 
 from . import __version__, constants
 from .fsutil import atomic_dir, sha256_file, write_json
+
+STALE_AFTER_S = 24 * 3600  # a partial folder of another host untouched this long belongs to a writer that died
+WRITER = ".writer"  # in a partial folder: the host, pid and start time of the process filling it
 
 
 class Kind(str, Enum):
@@ -152,8 +162,10 @@ def run_stage(stage: Stage, inp: Artifact, config: Any, *, input_digest: str | N
         return hit
     key = cache_key(stage, config, digest)
     out_dir = constants.stages_dir() / key
+    clean_partials()
     start = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
+        write_json(tmp / WRITER, _writer())
         produced = stage.run(inp, config, tmp)
         if produced.kind != stage.output_kind:
             raise TypeError(f"stage {stage.name} declares {stage.output_kind.value} output but made {produced.kind.value}")
@@ -174,6 +186,7 @@ def run_stage(stage: Stage, inp: Artifact, config: Any, *, input_digest: str | N
             tmp / ".complete",
             {"kind": produced.kind.value, "relpath": rel.as_posix(), "meta": produced.meta, "step": step.to_json()},
         )
+        (tmp / WRITER).unlink()
     return Artifact(produced.kind, out_dir / rel, produced.meta), step
 
 
@@ -187,6 +200,42 @@ def cached(stage: Stage, config: Any, input_digest: str) -> tuple[Artifact, Step
     art = Artifact(Kind(record["kind"]), out_dir / record["relpath"], record.get("meta", {}))
     known = {f.name for f in dataclasses.fields(Step)}  # a newer edgepack may record more: read what this one knows
     return art, Step(**{**{k: v for k, v in record["step"].items() if k in known}, "cached": True})
+
+
+def clean_partials() -> list[Path]:
+    """Remove the partial folders in the stage cache whose run can no longer finish; returns them."""
+    removed = []
+    for tmp in constants.stages_dir().glob(".*.partial-*"):
+        if tmp.is_dir() and _stale(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _writer() -> dict[str, Any]:
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def _stale(tmp: Path) -> bool:
+    """Its writer on this host is gone (or its pid now names another process), or nothing in it changed for STALE_AFTER_S."""
+    import psutil
+
+    try:
+        w = json.loads((tmp / WRITER).read_text())
+        if w["host"] == socket.gethostname():
+            try:
+                return psutil.Process(w["pid"]).create_time() != w["started"]
+            except psutil.NoSuchProcess:
+                return True
+    except (OSError, ValueError, KeyError):  # not written yet, or a writer that died writing it: judge by age
+        pass
+    try:
+        newest = max(p.lstat().st_mtime for p in [tmp, *tmp.rglob("*")])
+    except FileNotFoundError:  # its writer renamed or removed it meanwhile
+        return False
+    return time.time() - newest > STALE_AFTER_S
 
 
 def params(config: Any) -> Any:

@@ -6,11 +6,17 @@ Loopback only: Ray rewrites ``--node-ip-address=127.0.0.1`` to the machine's pub
 127.0.0.1 only when the node address stays 127.0.0.1. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes Ray keep the
 loopback address for the head and for the driver (the code path Ray takes on macOS); the other nodes are started
 through ``ray start`` with its localhost rewrite turned off, since that switch also refuses to add a node.
+
+Independent of the user's ``~/.ray``: Ray turns token authentication on for a head started where
+``~/.ray/auth_token`` exists (any ``ray.init()`` writes one) but not for the nodes and drivers that join it, so the
+second node would be refused. Every node of this cluster, and its drivers (``env``), use token authentication with the
+cluster's own token, a file in the head's temp dir (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN_PATH``).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -26,20 +32,24 @@ _COMMON = ["--object-store-memory=80000000", "--disable-usage-stats"]
 
 
 class RayCluster:
-    """Nodes of one cluster: ``address`` for RAY_ADDRESS, ``add_node()``, ``kill(node)``, ``stop()``."""
+    """Nodes of one cluster: ``address`` for RAY_ADDRESS, ``env`` for its drivers, ``add_node()``, ``kill(node)``, ``stop()``."""
 
     def __init__(self, cpus: int = 2) -> None:
         self.dirs: list[Path] = []
         self.cpus = cpus
         head = self._dir()
+        token = head / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        self.env = {**LOOPBACK_ENV, **self.auth}  # what a driver of this cluster runs with
         self._start(["-m", "ray.scripts.scripts", "start", "--head", "--port=0", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-                     f"--temp-dir={head}"], {**LOOPBACK_ENV})  # fmt: skip
+                     f"--temp-dir={head}"], self.env)  # fmt: skip
         self.address = (head / "ray_current_cluster").read_text().strip()
 
     def add_node(self, wrap: list[str] = ()) -> Path:
         """Start one more node (its command run through ``wrap``, e.g. ``unshare ...``); its temp dir names it."""
         node = self._dir()
-        self._start(["-c", _NODE, "start", f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--temp-dir={node}"], {k: "1" for k in LOOPBACK_ENV}, wrap)
+        self._start(["-c", _NODE, "start", f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--temp-dir={node}"], {**{k: "1" for k in LOOPBACK_ENV}, **self.auth}, wrap)
         return node
 
     def processes(self, node: Path) -> list[psutil.Process]:

@@ -26,10 +26,10 @@ from edgepack.executor import Cluster, chosen, session
 from edgepack.fsutil import sha256_file
 from edgepack.stages import Artifact, Kind
 
-if importlib.util.find_spec("ray") is None:  # found, not imported: Ray reads LOOPBACK_ENV when first imported
+if importlib.util.find_spec("ray") is None:  # found, not imported: Ray reads the cluster's env when first imported
     pytest.skip("needs the ray extra: pip install 'edgepack[ray]'", allow_module_level=True)
 
-from ray_cluster import LOOPBACK_ENV, RayCluster  # noqa: E402
+from ray_cluster import RayCluster  # noqa: E402
 
 VARIANTS = "gguf:Q8_0,gguf:Q4_0,gguf:Q4_K_M,gguf:Q6_K"
 OPTIONS = {"calibration_tokens": "512"}  # one 512-token window: the importance matrix in seconds
@@ -47,13 +47,18 @@ def cluster():
 
 @pytest.fixture
 def on_cluster(cluster, monkeypatch):
-    """The driver side: RAY_ADDRESS set, Ray keeping the loopback address (``ray_cluster.py``)."""
-    for k, v in LOOPBACK_ENV.items():
+    """The driver side: RAY_ADDRESS set, Ray keeping the loopback address and using the cluster's token (``ray_cluster.py``)."""
+    for k, v in cluster.env.items():
         monkeypatch.setenv(k, v)
     if constants := sys.modules.get("ray._private.ray_constants"):  # imported before: what the variable would have set
         monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", False)
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
-    return cluster
+    if raylet := sys.modules.get("ray._raylet"):  # Ray read RAY_AUTH_MODE when imported: read it again (as Ray does when it turns tokens on)
+        raylet.Config.initialize("")
+    yield cluster
+    monkeypatch.undo()
+    if raylet := sys.modules.get("ray._raylet"):
+        raylet.Config.initialize("")
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +114,65 @@ def test_cli_unreachable_address_is_one_line(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "no Ray cluster answers at 127.0.0.1:1" in r.stderr, r.stderr
+
+
+_SLOW_STAGE = """
+import sys, time
+from dataclasses import dataclass
+from pathlib import Path
+from edgepack.stages import Artifact, Kind, Stage, run_stage
+
+@dataclass(frozen=True)
+class Config:
+    n: int
+
+class Slow(Stage):
+    name, input_kinds, output_kind, Config = "slow", (Kind.FILE,), Kind.FILE, Config
+
+    def run(self, inp, config, out_dir):
+        (out_dir / "out").write_text(str(config.n))
+        print("running", flush=True)
+        time.sleep(float(sys.argv[3]))
+        return Artifact(Kind.FILE, out_dir / "out")
+
+run_stage(Slow(), Artifact(Kind.FILE, Path(sys.argv[1])), Config(int(sys.argv[2])))
+"""
+
+
+def test_stale_partials_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    """Two real stage runs: one killed -9 mid-run (its partial goes), one still running (its partial stays);
+    partials of another host go only once nothing was written into them for STALE_AFTER_S."""
+    from edgepack.stages import STALE_AFTER_S, WRITER, clean_partials
+
+    home = tmp_path / "edgepack"
+    monkeypatch.setenv("EDGEPACK_HOME", str(home))
+    (tmp_path / "in").write_text("input")
+    runs = [subprocess.Popen([sys.executable, "-c", _SLOW_STAGE, str(tmp_path / "in"), str(n), "60"], stdout=subprocess.PIPE, text=True) for n in (1, 2)]
+    try:
+        assert [r.stdout.readline() for r in runs] == ["running\n"] * 2
+        stages = home / "stages"
+        owner = {json.loads((p / WRITER).read_text())["pid"]: p for p in stages.glob(".*.partial-*")}
+        runs[0].kill()
+        runs[0].wait()
+        old, fresh = stages / ".elsewhere-old.partial-x", stages / ".elsewhere-new.partial-y"
+        for p in (old, fresh):
+            p.mkdir()
+            (p / WRITER).write_text(json.dumps({"host": "another-node", "pid": runs[1].pid, "started": 0}))
+        long_ago = time.time() - STALE_AFTER_S - 60
+        for p in (old, old / WRITER):
+            os.utime(p, (long_ago, long_ago))
+        assert sorted(clean_partials()) == sorted([owner[runs[0].pid], old])
+        assert owner[runs[1].pid].is_dir() and fresh.is_dir()  # a live writer's folder, and a recent one of another host
+        assert clean_partials() == []
+    finally:
+        for r in runs:
+            r.kill()
+            r.wait()
+    assert clean_partials() == [owner[runs[1].pid]]
+    done = subprocess.run([sys.executable, "-c", _SLOW_STAGE, str(tmp_path / "in"), "1", "0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert _cache_is_whole(home) == [fresh.name]
+    assert len(list(stages.glob("slow-*/.complete"))) == 1 and not list(stages.glob(f"slow-*/{WRITER}"))  # the record goes with the rename
 
 
 @pytest.mark.slow
@@ -173,8 +237,7 @@ def test_a_node_killed_mid_stage(on_cluster, smollm2, local_hashes, tmp_path):
     killer.join(timeout=5)
     assert killed, "the second node never ran a stage, so nothing was killed"
     assert _hashes(b.root) == local_hashes
-    leftovers = _cache_is_whole(Path(os.environ["EDGEPACK_HOME"]))
-    print(f"killed during {killed[0]}; partial folders left by the killed task: {leftovers}")
+    assert _cache_is_whole(Path(os.environ["EDGEPACK_HOME"])) == [], f"killed during {killed[0]}"  # the retry removed the dead run's partial
 
 
 @pytest.mark.slow
