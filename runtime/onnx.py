@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
-from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
+from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session, Slots
 from .registry import Backend
 from .schema import grammar
 from .threads import Governor, physical_cores
@@ -224,6 +224,21 @@ class OnnxSession(Session):
         # One append: genai's chunked prefill runs other int4 kernels, so chunks would shift the numbers.
         gen.append_tokens(np.asarray(tokens[:-1], dtype=np.int32))
         return Scores.of(gen.get_output("logits")[0], tokens[1:], top_k)
+
+    def slots(self, n: int) -> Slots:
+        """Refused: onnxruntime-genai 0.18 batches continuously only on CUDA or WebGPU.
+
+        Its ``og.Engine`` needs a PagedAttention model for that (``engine.dynamic_batching``), which the
+        model builder makes only for CUDA fp16/bf16 or WebGPU. On a CPU folder it falls back to static
+        batches of up to 4 requests: a request joins, and a leaving one's row frees, only when the whole
+        batch ends, and per-request seeds and stop strings are refused (tests/runtime/test_onnx.py
+        ``test_cpu_engine_batches_statically``). Serving requests in turn keeps both properties.
+        """
+        raise UsageError(
+            f"onnxruntime-genai {og.__version__} batches ONNX models on a CPU only statically (a request joins, and a leaving "
+            "client's place frees, when the whole batch ends; continuous batching needs a CUDA or WebGPU PagedAttention build): "
+            "serve this model with --parallel 1, or a GGUF variant for parallel slots"
+        )
 
     def _check_constraint(self, params: SamplingParams) -> None:
         if (params.schema is not None or params.grammar is not None) and not hasattr(og.GeneratorParams, "set_guidance"):

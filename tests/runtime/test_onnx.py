@@ -181,3 +181,46 @@ def test_cuda_generates(smollm2_onnx):
     with edgepack.load(smollm2_onnx, device="cuda", n_ctx=512) as s:
         assert s.info.device == "cuda"
         assert s.generate(COUNTING, max_tokens=4, temperature=0).completion_tokens == 4
+
+
+def test_parallel_is_refused_naming_the_engine_limit(session):
+    from edgepack.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"only statically .* --parallel 1"):
+        session.slots(2)
+
+
+def test_cpu_engine_batches_statically(smollm2_onnx):
+    """Why ``OnnxSession.slots`` is refused: on a CPU folder og.Engine admits a request only when the running batch ends,
+    and refuses a per-request seed. When this fails, onnxruntime-genai batches continuously here: wire slots to og.Engine."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(smollm2_onnx))
+    config.clear_providers()
+    config.overlay('{"model": {"decoder": {"session_options": {"intra_op_num_threads": 1}}}}')
+    engine = og.Engine(og.Model(config))
+    events = engine.create_event_buffer(16)
+
+    def begin(n: int, seed: int | None = None):
+        request = engine.create_request()
+        options = og.TurnOptions(request)
+        options.set_max_generated_tokens(n)
+        options.set_do_sample(False)
+        if seed is not None:
+            options.set_seed(seed)
+        request.begin_turn(np.asarray([1, 330, 1789, 1313], dtype=np.int32), options)
+        return request
+
+    first, tokens, step = begin(12), {}, 0
+    while engine.has_pending_requests():
+        if step == 3:
+            second = begin(2)
+        for e in engine.run(events):
+            if e.flags & og.EngineEventFlags.TOKEN:
+                tokens.setdefault("first" if e.request == first else "second", []).append(step)
+        step += 1
+    assert len(tokens["first"]) == 12 and tokens["second"][0] > tokens["first"][-1]  # joined only after the batch ended
+    with pytest.raises(RuntimeError, match="dynamic batching"):
+        begin(2, seed=1)
+    first.close()
+    second.close()
