@@ -199,8 +199,9 @@ class OnnxSession(Session):
 
     def _generate(self, tokens: list[int], params: SamplingParams, cancelled: threading.Event) -> Iterator[str]:
         self._check_open()
+        model = self._model_now()  # its own BackendError when the one-thread copy cannot load
         try:
-            gen = self._generator(params, self.n_ctx, self._model_now())
+            gen = self._generator(params, self.n_ctx, model)
         except Exception as e:  # noqa: BLE001
             raise BackendError(f"onnxruntime-genai could not start a generation with these options: {e}") from e
         try:
