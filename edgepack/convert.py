@@ -111,6 +111,8 @@ def _convert(
     the_plan = plan(check_model(specs, source.path), transforms=transforms)
     if cluster:
         cluster.check(the_plan.all_jobs, [constants.stages_dir(), *([root] if report else [])], [source.path])
+    else:
+        executor_mod.check_here(the_plan.all_jobs)
     runner = executor_mod.RayRunner(source, the_plan.all_jobs, cluster) if cluster else Runner(source)
     for job in the_plan.transforms:
         runner.run(job)

@@ -11,7 +11,7 @@ finished (its ``.partial-`` folder is never read, and the next cache miss remove
 
 What a cluster cannot do is refused before any stage runs (``Cluster.check``): Ray missing, an address that does
 not answer, a cache or model folder some node cannot read (each node must read a probe file the driver wrote), a
-GPU stage with no GPU in the cluster.
+GPU stage with no GPU in the cluster (the driver needs none: a laptop can send GPTQ to a GPU node).
 """
 
 from __future__ import annotations
@@ -46,6 +46,22 @@ def chosen(executor: str | None) -> str:
     if executor not in EXECUTORS:
         raise UsageError(f"unknown executor {executor!r}: choose local or ray", option="executor")
     return executor
+
+
+def check_here(jobs: Iterable[Job]) -> None:
+    """Refuse, before any stage runs, a job needing a GPU on this machine when torch sees none (``Cluster.check``
+    does the same for a cluster: there the GPU may be on another node than the driver's). Raises UsageError.
+    """
+    for job in jobs:
+        if job.stage.resources(job.config)[1]:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError(
+                    f"stage {job.stage.name} needs a CUDA device and torch sees none on this machine: leave out "
+                    "--gptq-device cuda to run it on the CPU, or send the convert to a Ray cluster with a GPU node (--executor ray)",
+                    option="device",
+                )
 
 
 @contextmanager

@@ -46,10 +46,14 @@ class RayCluster:
                      f"--temp-dir={head}"], self.env)  # fmt: skip
         self.address = (head / "ray_current_cluster").read_text().strip()
 
-    def add_node(self, wrap: list[str] = ()) -> Path:
-        """Start one more node (its command run through ``wrap``, e.g. ``unshare ...``); its temp dir names it."""
+    def add_node(self, wrap: list[str] = (), gpus: int = 0) -> Path:
+        """Start one more node (its command run through ``wrap``, e.g. ``unshare ...``); its temp dir names it.
+
+        ``gpus``: GPUs the node declares (Ray schedules by what a node declares, so a CPU machine can stand for a GPU node).
+        """
         node = self._dir()
-        self._start(["-c", _NODE, "start", f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--temp-dir={node}"], {**{k: "1" for k in LOOPBACK_ENV}, **self.auth}, wrap)
+        args = ["-c", _NODE, "start", f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--temp-dir={node}", *([f"--num-gpus={gpus}"] if gpus else [])]
+        self._start(args, {**{k: "1" for k in LOOPBACK_ENV}, **self.auth}, wrap)
         return node
 
     def processes(self, node: Path) -> list[psutil.Process]:

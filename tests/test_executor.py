@@ -21,9 +21,11 @@ import psutil
 import pytest
 
 from edgepack.convert import convert
+from edgepack.converters.gptq import GPTQConfig, GPTQStage
 from edgepack.errors import ClusterError, MissingDependencyError, UsageError
 from edgepack.executor import Cluster, chosen, session
 from edgepack.fsutil import sha256_file
+from edgepack.plan import SOURCE, Job
 from edgepack.stages import Artifact, Kind
 
 if importlib.util.find_spec("ray") is None:  # found, not imported: Ray reads the cluster's env when first imported
@@ -204,14 +206,26 @@ def test_two_nodes_make_the_local_files(on_cluster, smollm2, local_hashes, tmp_p
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_gpu_stage_needs_a_gpu_node(on_cluster):
-    from edgepack.converters.gptq import GPTQConfig, GPTQStage
-    from edgepack.plan import SOURCE, Job
-
     with session("ray") as cluster:
         if any(n["Resources"].get("GPU") for n in cluster.nodes()):
             pytest.skip("this cluster has a GPU")
         with pytest.raises(ClusterError, match="stage gptq needs a GPU and no node of the Ray cluster"):
             cluster.check([Job(GPTQStage(), GPTQConfig(device="cuda"), SOURCE)], [], [])
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_cpu_only_driver_sends_a_gpu_stage_to_a_gpu_node(on_cluster):
+    """The driver needs no GPU: the GPU stage passes the cluster's check and its task runs on the node that has one."""
+    gpu = on_cluster.add_node(gpus=1)
+    try:
+        with session("ray") as cluster:
+            cluster.check([Job(GPTQStage(), GPTQConfig(device="cuda"), SOURCE)], [], [])
+            where = cluster.submit(lambda: __import__("ray").get_runtime_context().get_node_id(), gpus=1)
+            (node,) = [n["NodeID"] for n in cluster.nodes() if n["Resources"].get("GPU")]
+            assert cluster._ray.get(where, timeout=120) == node
+    finally:
+        on_cluster.kill(gpu)
 
 
 @pytest.mark.slow

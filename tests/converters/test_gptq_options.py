@@ -78,3 +78,20 @@ def test_cli_flags_are_checked_before_any_work(args, message, tmp_path):
     assert r.returncode != 0 and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not constants.stages_dir().exists() and not (constants.home() / "sources").exists()
+
+
+def test_gptq_on_cuda_without_a_gpu_is_refused_before_any_stage(tmp_path):
+    """Refused once the plan is known, not at option time: on a Ray cluster the GPU may be on another node."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    from models import tiny_model
+
+    model = tiny_model("llama", tmp_path / "tiny")
+    assert gptq.parse("4", {"device": "cuda"})[0].device == "cuda"
+    r = edgepack("convert", str(model), "-o", str(tmp_path / "b"), "--to", "gptq:4", "--gptq-device", "cuda", "--gptq-samples", "8")
+    assert r.returncode == 2 and "stage gptq needs a CUDA device and torch sees none on this machine" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    stages = constants.stages_dir()
+    assert not (tmp_path / "b").exists() and not (stages.exists() and any(stages.iterdir()))
