@@ -160,6 +160,9 @@ def recommend(bundle: Bundle | str | Path, ram: str | int, *, device: str = "cpu
             continue
         arch = _arch(b, v, kv_type)
         overhead, source = _overhead(b, v, arch, device)
+        if device == "cpu" and registry.for_format(v.format).busy_copy:
+            overhead += v.bytes
+            source += "; plus the weights' one-thread copy, loaded while other programs hold cores"
         fixed = v.bytes + overhead
         n_ctx = MIN_CTX
         while n_ctx * 2 <= arch["context"] and fixed + kv_cache_bytes(arch, n_ctx * 2) <= budget:

@@ -71,6 +71,7 @@ class OnnxBackend(Backend):
     what = "an ONNX folder (with genai_config.json)"
     install = "install the CUDA extra: pip install 'edgepack[cuda]'"
     can_embed = True  # folders exported with hidden states (OnnxSession._embed)
+    busy_copy = True  # OnnxSession._model_now
 
     needs = {"onnxruntime_genai": "onnxruntime-genai"}
 

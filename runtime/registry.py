@@ -43,6 +43,9 @@ class Backend(ABC):
     install: ClassVar[str]  # how to get its GPU build, for messages when a device is missing
     # Bytes a loaded model takes beyond its weights and KV cache, for recommend until bench measures it (None: recommend's default).
     overhead: ClassVar[int | None] = None
+    # Whether its CPU sessions load a second, one-thread copy of the weights while other programs hold cores (ONNX
+    # Runtime fixes a model's thread pool at load); recommend counts it, which a bench on an idle machine never sees.
+    busy_copy: ClassVar[bool] = False
     can_stream: ClassVar[bool] = True
     can_score: ClassVar[bool] = True
     can_chat: ClassVar[bool] = True

@@ -34,6 +34,9 @@ def test_architecture_of_an_onnx_variant(tmp_path):
     arch = architecture(b, b.variant("onnx-int4"))
     assert arch == {"layers": 3, "kv_heads": 2, "head_dim": 16, "kv_bytes": 2, "context": 2048}
     assert kv_cache_bytes(arch, 100) == 2 * 3 * 2 * 16 * 2 * 100
+    weights = b.variant("onnx-int4").bytes  # a busy CPU makes the session load a one-thread copy of them
+    cpu, gpu = (recommend(b, "1GB", device=d)["options"][0] for d in ("cpu", "cuda"))
+    assert cpu["overhead_bytes"] == gpu["overhead_bytes"] + weights and "one-thread copy" in cpu["overhead_source"]
 
 
 @pytest.fixture
