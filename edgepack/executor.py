@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -140,10 +141,15 @@ class Cluster:
                 self._probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(probes, reads, token)
                 for n in nodes
             ]
-            try:
-                seen = self._ray.get(refs, timeout=PROBE_TIMEOUT_S)
-            except self._ray.exceptions.GetTimeoutError as e:
-                raise ClusterError(f"the Ray cluster at {self.address} ran no task within {PROBE_TIMEOUT_S:.0f} s: check `ray status`") from e
+            deadline = time.monotonic() + PROBE_TIMEOUT_S
+            seen = []
+            for ref in refs:
+                try:
+                    seen.append(self._ray.get(ref, timeout=max(deadline - time.monotonic(), 0.0)))
+                except self._ray.exceptions.TaskUnschedulableError:  # the node left since it was listed: it runs nothing
+                    seen.append(None)
+                except self._ray.exceptions.GetTimeoutError as e:
+                    raise ClusterError(f"the Ray cluster at {self.address} ran no task within {PROBE_TIMEOUT_S:.0f} s: check `ray status`") from e
             for node, missing in zip(nodes, seen):
                 if missing:
                     raise ClusterError(

@@ -226,6 +226,10 @@ def test_a_cpu_only_driver_sends_a_gpu_stage_to_a_gpu_node(on_cluster):
             assert cluster._ray.get(where, timeout=120) == node
     finally:
         on_cluster.kill(gpu)
+    with session("ray") as cluster:  # the next tests' probes go to live nodes only: wait until Ray sees it gone
+        deadline = time.monotonic() + 120
+        while any(n["Resources"].get("GPU") for n in cluster.nodes()) and time.monotonic() < deadline:
+            time.sleep(1)
 
 
 @pytest.mark.slow
