@@ -277,7 +277,7 @@ def _check_reachable(address: str) -> None:
 
 
 def _in_env(env: dict[str, str], fn: Callable[..., Any], *args: Any) -> Any:
-    os.environ.update(env)  # workers are started by the raylet, not by the driver: the edgepack home is the driver's
+    os.environ.update(env)  # workers are started by the raylet, not by the driver: they get the driver's home (with a URL cache, keep their node's)
     return fn(*args)
 
 
