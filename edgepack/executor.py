@@ -35,7 +35,7 @@ from .errors import ClusterError, EdgepackError, MissingDependencyError, UsageEr
 from .plan import SOURCE, Job, Runner, resolve
 from .shared_cache import ENV as SHARED_CACHE_ENV
 from .shared_cache import Entry, SharedCache
-from .stages import Artifact, Step, cache_key, run_stage
+from .stages import Artifact, Step, cache_key, entry, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -288,17 +288,23 @@ def _run_job(stage, config, source: Artifact, input_index: int | None, indices: 
 
 
 def _run_shared(stage, config, cache: SharedCache, source: Entry, input_index: int | None, indices: list[int], *deps: tuple[Artifact, Step]) -> tuple[Artifact, Step]:
-    """``_run_job`` through a stage cache on a URL: pull what the stage reads and, if there, its own entry; push what it made."""
+    """``_run_job`` through a stage cache on a URL: the entry's record when the URL has it (then neither the entry nor
+    the stage's input is fetched here), else the stage run on its input pulled here; what it made is pushed."""
     done = {i: Entry(step.key, step.output_sha256) for i, (_, step) in zip(indices, deps)}
-    local = {i: cache.artifact(e.key) for i, e in done.items()}
-    reads_source = input_index is None or (dataclasses.is_dataclass(config) and any(getattr(config, f.name) is SOURCE for f in dataclasses.fields(config)))
-    src = cache.artifact(source.key) if reads_source else None
-    config = resolve(config, lambda j: local[j.index].path, src.path if src else None)
-    inp, digest = (src, source.digest) if input_index is None else (local[input_index], done[input_index].digest)
+    reads_source = dataclasses.is_dataclass(config) and any(getattr(config, f.name) is SOURCE for f in dataclasses.fields(config))
+    # the files a config names go into its key by content (``stages.side_input``): those come here first
+    config = resolve(config, lambda j: cache.artifact(done[j.index].key).path, cache.artifact(source.key).path if reads_source else None)
+    digest = source.digest if input_index is None else done[input_index].digest
     key = cache_key(stage, config, digest)
-    cache.pull(key)
-    art, step = run_stage(stage, inp, config, input_digest=digest)
-    cache.push(key)
+    if hit := entry(key):  # made on this node before
+        art, step = hit
+        cache.push(key)  # unless the URL has it
+    elif hit := cache.finished(key):  # made elsewhere: its files stay at the URL until a node reads them
+        art, step = hit
+    else:
+        inp = cache.artifact(source.key if input_index is None else done[input_index].key)
+        art, step = run_stage(stage, inp, config, input_digest=digest)
+        cache.push(key)
     return art, dataclasses.replace(step, key=key)
 
 

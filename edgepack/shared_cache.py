@@ -33,7 +33,7 @@ from typing import Any
 from . import constants
 from .errors import ClusterError, EdgepackError, MissingDependencyError, UsageError
 from .fsutil import sha256_file, write_json
-from .stages import COMPLETE, WRITER, Artifact, Kind, filling
+from .stages import COMPLETE, WRITER, Artifact, Kind, Step, filling, from_record
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,10 @@ class SharedCache:
                         if sha256_file(tmp / rel) != listed["sha256"]:
                             raise _Torn(rel)
                     write_json(tmp / COMPLETE, {k: v for k, v in record.items() if k != "files"})
-            except _Torn as e:
-                log.warning(f"{self.url}: {key}/{e} differs from its record (written again meanwhile?): the stage runs again")
+            except _Torn as e:  # its record goes, so that no one takes the entry for finished any more
+                log.warning(f"{self.url}: {key}/{e} differs from its record (written twice at once?): the stage will run again")
+                with contextlib.suppress(Exception):
+                    self.fs.rm_file(f"{remote}/{COMPLETE}")
                 return False
         return True
 
@@ -123,6 +125,12 @@ class SharedCache:
         entry = constants.stages_dir() / key
         record = json.loads((entry / COMPLETE).read_text())
         return Artifact(Kind(record["kind"]), entry / record["relpath"], record.get("meta", {}))
+
+    def finished(self, key: str) -> tuple[Artifact, Step] | None:
+        """The output and step of the stage entry ``key`` as the URL records them, nothing fetched; the artifact's path
+        is where ``pull`` would put it. None when the URL holds no finished entry ``key``. Raises ClusterError."""
+        record = self.record(key)
+        return from_record(key, record) if record is not None else None
 
     def push(self, key: str) -> None:
         """Put the local entry ``key`` under the URL unless a finished one is there. Raises ClusterError."""

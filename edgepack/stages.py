@@ -208,11 +208,13 @@ def cached(stage: Stage, config: Any, input_digest: str) -> tuple[Artifact, Step
 
 def entry(key: str) -> tuple[Artifact, Step] | None:
     """The finished entry ``key`` of the stage cache, if there is one."""
+    marker = constants.stages_dir() / key / COMPLETE
+    return from_record(key, json.loads(marker.read_text())) if marker.is_file() else None
+
+
+def from_record(key: str, record: dict[str, Any]) -> tuple[Artifact, Step]:
+    """The output and step an entry's ``.complete`` record describes; the artifact's path is in this cache."""
     out_dir = constants.stages_dir() / key
-    marker = out_dir / COMPLETE
-    if not marker.is_file():
-        return None
-    record = json.loads(marker.read_text())
     art = Artifact(Kind(record["kind"]), out_dir / record["relpath"], record.get("meta", {}))
     known = {f.name for f in dataclasses.fields(Step)}  # a newer edgepack may record more: read what this one knows
     return art, Step(**{**{k: v for k, v in record["step"].items() if k in known}, "cached": True})
