@@ -2,9 +2,9 @@
 common folder (``convert --executor ray --cache URL``).
 
 Each node keeps its own stage cache (``stages.py``, under its own EDGEPACK_HOME); the URL holds the finished entries,
-and a task copies what it needs between the two: before its stage it pulls the entries it reads and, when the URL has
-it, the stage's own; after it, it pushes the entry it made. The driver pushes the pulled model once, as the entry
-``source-<digest>``, and pulls the outputs it places in the bundle.
+and a task copies what it needs between the two: when the URL has its stage's entry it reads only the record;
+otherwise it pulls the entries its stage reads, runs it and pushes the entry it made (``executor._run_shared``). The
+driver pushes the pulled model once, as the entry ``source-<digest>``, and pulls the outputs it places in the bundle.
 
 Layout under the URL::
 
@@ -164,6 +164,8 @@ class SharedCache:
             sizes = {name: info.get("size") for name, info in self.fs.find(remote, detail=True).items()}
         listed = record.get("files")
         if not isinstance(listed, dict) or any(sizes.get(f"{remote}/{rel}") != f["bytes"] for rel, f in listed.items()):
+            return None
+        if any(rel.startswith("/") or ".." in rel.split("/") for rel in listed):  # a pull writes only inside the entry
             return None
         return record
 
