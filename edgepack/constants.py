@@ -35,6 +35,11 @@ def bundles_dir() -> Path:
     return home() / "bundles"
 
 
+def shared_cache() -> str | None:
+    """EDGEPACK_CACHE: the URL of the stage cache a Ray cluster's nodes share (``convert --cache``), if set."""
+    return os.environ.get("EDGEPACK_CACHE") or None
+
+
 def debug() -> bool:
     return os.environ.get("EDGEPACK_DEBUG", "") not in ("", "0", "false")
 

@@ -19,6 +19,7 @@ from . import executor as executor_mod
 from .bundle import MANIFEST, Bundle, source_record
 from .errors import UsageError
 from .plan import SOURCE, Runner, Spec, check_model, check_unused, describe, parse_variants, plan, unread
+from .shared_cache import SharedCache
 from .stages import Stage
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def convert(
     prune: PruneConfig | None = None,
     distill: DistillConfig | None = None,
     executor: str | None = None,
+    cache: str | None = None,
 ) -> Bundle:
     """Convert ``ref`` into a bundle holding each requested variant (``gguf:Q4_K_M,onnx:int4``; default: the recipe's).
 
@@ -85,15 +87,18 @@ def convert(
     configs. With ``report`` (the CLI's default) it ends with eval, bench and the report. Progress goes to the
     ``edgepack`` logger (``logging.basicConfig(level=logging.INFO)`` shows it). ``executor`` is where the stages,
     eval and bench run: ``local`` (this process), or ``ray`` (tasks on the cluster at RAY_ADDRESS; the default
-    when it is set; see ``executor.py``).
+    when it is set; see ``executor.py``). ``cache`` (default: EDGEPACK_CACHE) is a URL (``s3://bucket/prefix``) for the
+    stage cache the Ray nodes share when they mount no common folder (``shared_cache.py``); eval and bench then run
+    here, on the variants the driver pulled.
 
-    Raises UsageError (bad variants or options, an output folder that is not a bundle), ClusterError and
+    Raises UsageError (bad variants or options, an output folder that is not a bundle, a ``cache`` without Ray), ClusterError and
     MissingDependencyError (a cluster that cannot run the plan), and whatever the pull and the stages raise
     (all EdgepackError).
     """
     specs, transforms = request(ref, variants, options=options, prune=prune, distill=distill)
     root = output_folder(ref, out)
-    with executor_mod.session(executor) as cluster:
+    url = cache or constants.shared_cache()
+    with executor_mod.session(executor, SharedCache(url) if url else None) as cluster:
         return _convert(ref, specs, transforms, root, options=options, allow_pickle=allow_pickle, report=report, cluster=cluster)
 
 
@@ -109,11 +114,17 @@ def _convert(
     source = pull(ref, allow_pickle=allow_pickle)
     _check_transforms(transforms, source.path)
     the_plan = plan(check_model(specs, source.path), transforms=transforms)
-    if cluster:
+    if cluster and cluster.cache:  # the URL connects the nodes; the bundle and the model stay here
+        cluster.check(the_plan.all_jobs, [], [])
+    elif cluster:
         cluster.check(the_plan.all_jobs, [constants.stages_dir(), *([root] if report else [])], [source.path])
     else:
         executor_mod.check_here(the_plan.all_jobs)
-    runner = executor_mod.RayRunner(source, the_plan.all_jobs, cluster) if cluster else Runner(source)
+    if cluster:
+        wanted = {v.job for v in the_plan.variants} | set(the_plan.transforms)
+        runner: Runner = executor_mod.RayRunner(source, the_plan.all_jobs, cluster, wanted)
+    else:
+        runner = Runner(source)
     for job in the_plan.transforms:
         runner.run(job)
     bundle = Bundle.open(root) if (root / MANIFEST).is_file() else Bundle.create(root, _name(ref), {})
@@ -151,7 +162,9 @@ def _convert(
             log.info(f"variant {placed.id}: {placed.bytes / 1e6:.1f} MB")
     bundle.save()
     if report:
-        _report(bundle, fresh, [t for t, new in drafted if new or t in fresh], cluster)
+        if cluster and cluster.cache:
+            log.info("eval and bench run here: the bundle is on no storage the Ray nodes mount")
+        _report(bundle, fresh, [t for t, new in drafted if new or t in fresh], None if cluster and cluster.cache else cluster)
     return bundle
 
 

@@ -4,18 +4,22 @@ Local imports nothing and runs the plan's jobs one after the other (``plan.Runne
 plan is submitted as a task as soon as the plan is made; a task's arguments are the ObjectRefs of the jobs whose
 outputs it reads, so Ray starts it once they are done and runs the independent ones (each quant type, each
 variant's eval and bench) side by side, each reserving what its stage declares (``Stage.resources``). Tasks
-exchange paths, never model data: every output goes through the stage cache (``stages.py``), which must therefore
-be on storage every node mounts (``EDGEPACK_HOME``); the bundle is assembled on the driver. A task whose node dies
-is run again (``MAX_RETRIES``); cache entries appear by rename only, so a killed task leaves no entry that looks
-finished (its ``.partial-`` folder is never read, and the next cache miss removes it: ``stages.clean_partials``).
+exchange paths, never model data: every output goes through the stage cache (``stages.py``), which is either on
+storage every node mounts (``EDGEPACK_HOME``), or on a URL (``--cache s3://...``: ``shared_cache.py``), where each
+node keeps its own local cache and a task pulls the entries it reads and pushes the one it makes; the bundle is
+assembled on the driver. A task whose node dies is run again (``MAX_RETRIES``); cache entries appear by rename only
+(on a URL: by their record, pushed last), so a killed task leaves no entry that looks finished (its ``.partial-``
+folder is never read, and the next cache miss removes it: ``stages.clean_partials``).
 
 What a cluster cannot do is refused before any stage runs (``Cluster.check``): Ray missing, an address that does
-not answer, a cache or model folder some node cannot read (each node must read a probe file the driver wrote), a
-GPU stage with no GPU in the cluster (the driver needs none: a laptop can send GPTQ to a GPU node).
+not answer, a cache or model folder some node cannot read (each node must read a probe file the driver wrote; on a
+URL, a probe object), a GPU stage with no GPU in the cluster (the driver needs none: a laptop can send GPTQ to a GPU
+node).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -28,8 +32,10 @@ from typing import Any
 
 from . import constants
 from .errors import ClusterError, EdgepackError, MissingDependencyError, UsageError
-from .plan import Job, Runner, resolve
-from .stages import Artifact, Step, run_stage
+from .plan import SOURCE, Job, Runner, resolve
+from .shared_cache import ENV as SHARED_CACHE_ENV
+from .shared_cache import Entry, SharedCache
+from .stages import Artifact, Step, cache_key, entry, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +72,22 @@ def check_here(jobs: Iterable[Job]) -> None:
 
 
 @contextmanager
-def session(executor: str | None) -> Iterator[Cluster | None]:
-    """The cluster to run on, or None to run here; disconnects at the end if it connected.
+def session(executor: str | None, cache: SharedCache | None = None) -> Iterator[Cluster | None]:
+    """The cluster to run on, or None to run here; disconnects at the end if it connected. ``cache``: the stage cache
+    on a URL that connects the nodes, which then need no common folder (only for ``ray``).
 
     Raises UsageError, MissingDependencyError, ClusterError.
     """
     if chosen(executor) == "local":
+        if cache is not None:
+            raise UsageError(
+                f"a stage cache on a URL ({cache.url}) connects the nodes of a Ray cluster: add --executor ray, "
+                "or leave out `cache` (and unset EDGEPACK_CACHE) to convert on this machine",
+                option="cache",
+            )
         yield None
         return
-    cluster = Cluster(os.environ.get("RAY_ADDRESS") or "auto")
+    cluster = Cluster(os.environ.get("RAY_ADDRESS") or "auto", cache)
     try:
         yield cluster
     finally:
@@ -85,21 +98,35 @@ class Cluster:
     """A connection to a running Ray cluster (``ray start --head``): ``address`` is host:port, ``ray://host:port``
     or ``auto`` (the cluster this machine belongs to).
 
+    With ``cache`` (a stage cache on a URL) each node keeps its own EDGEPACK_HOME (as set where its ``ray start``
+    ran) and the tasks get the driver's AWS_* variables; without, every task uses the driver's EDGEPACK_HOME.
+
     Raises MissingDependencyError without ``edgepack[ray]`` and ClusterError when nothing answers at ``address``.
     """
 
-    def __init__(self, address: str = "auto") -> None:
+    def __init__(self, address: str = "auto", cache: SharedCache | None = None) -> None:
         try:
             import ray
         except ModuleNotFoundError as e:
             raise MissingDependencyError("ray", extra="ray", purpose="--executor ray") from e
         self.address = address
+        self.cache = cache
         if "://" in os.environ.get("EDGEPACK_HOME", ""):
-            raise UsageError("EDGEPACK_HOME is a URL: the stage cache must be a folder every node mounts (mount the bucket, e.g. with s3fs, and point EDGEPACK_HOME there)", option="executor")
+            raise UsageError(
+                "EDGEPACK_HOME is a URL: it must be a local folder; give the bucket as the stage cache the nodes share "
+                "instead: --cache s3://bucket/prefix (or EDGEPACK_CACHE)",
+                option="executor",
+            )
+        if cache is not None:
+            cache.open()
         if address != "auto":
             _check_reachable(address)
         env = {k: os.environ[k] for k in _ENV if k in os.environ}
-        env["EDGEPACK_HOME"] = str(constants.home().resolve())
+        if cache is None:
+            env["EDGEPACK_HOME"] = str(constants.home().resolve())
+        else:
+            env.pop("EDGEPACK_HOME", None)
+            env.update({k: os.environ[k] for k in SHARED_CACHE_ENV if k in os.environ})
         self._env = env
         self._owned = not ray.is_initialized()  # a caller's own ray.init is left connected
         if self._owned:
@@ -121,7 +148,8 @@ class Cluster:
 
     def check(self, jobs: Iterable[Job], folders: list[Path], reads: list[Path]) -> None:
         """Refuse what would fail mid-run: a job needing a GPU in a cluster without one, or a node that cannot see
-        ``folders`` (the driver writes a probe file in each that a task on every node must read) or ``reads``.
+        ``folders`` (the driver writes a probe file in each that a task on every node must read) or ``reads``, or
+        the stage cache on a URL (the driver writes a probe object there first).
 
         Raises ClusterError.
         """
@@ -132,13 +160,16 @@ class Cluster:
 
         token = secrets.token_hex(8)
         probes = [f / f".edgepack-probe-{token}" for f in folders]
+        if self.cache is not None:
+            self.cache.write_probe(token)
         for p in probes:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(token)
         try:
             nodes = [n for n in self.nodes() if n["Resources"].get("CPU")]
             refs = [
-                self._probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(probes, reads, token)
+                self._probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(self._env, probes, reads, token, self.cache)
                 for n in nodes
             ]
             deadline = time.monotonic() + PROBE_TIMEOUT_S
@@ -150,15 +181,14 @@ class Cluster:
                     seen.append(None)
                 except self._ray.exceptions.GetTimeoutError as e:
                     raise ClusterError(f"the Ray cluster at {self.address} ran no task within {PROBE_TIMEOUT_S:.0f} s: check `ray status`") from e
-            for node, missing in zip(nodes, seen):
-                if missing:
-                    raise ClusterError(
-                        f"Ray node {node['NodeManagerAddress']} cannot read {missing}: put EDGEPACK_HOME (and the model and bundle) "
-                        "on storage every node mounts at the same path"
-                    )
+            for node, problem in zip(nodes, seen):
+                if problem:
+                    raise ClusterError(f"Ray node {node['NodeManagerAddress']} {problem}")
         finally:
             for p in probes:
                 p.unlink(missing_ok=True)
+            if self.cache is not None:
+                self.cache.remove_probe(token)
 
     def submit(self, fn: Callable[..., Any], *args: Any, cpus: float = 1, gpus: float = 0) -> Any:
         """Run ``fn(*args)`` as a task (ObjectRefs among ``args`` are waited for and passed as their values)."""
@@ -190,21 +220,33 @@ class Cluster:
 
 
 class RayRunner(Runner):
-    """``plan.Runner`` on a cluster: every job is submitted up front; ``run(job)`` waits for that one."""
+    """``plan.Runner`` on a cluster: every job is submitted up front; ``run(job)`` waits for that one.
 
-    def __init__(self, source: Artifact, jobs: list[Job], cluster: Cluster) -> None:
+    With the cluster's stage cache on a URL the driver first pushes the source there, and ``run`` pulls a job's
+    output into the driver's own cache only where the driver reads it: the jobs in ``wanted`` (the variants'), those
+    whose output the bundle keeps and those checked here.
+    """
+
+    def __init__(self, source: Artifact, jobs: list[Job], cluster: Cluster, wanted: set[Job] | None = None) -> None:
         super().__init__(source)
         self.cluster = cluster
+        self.wanted = set(jobs) if wanted is None else wanted
         self.refs: dict[Job, Any] = {}
+        shipped = cluster.cache.push_source(source) if cluster.cache else None
         for job in jobs:
             deps = [j for j in jobs if j in _reads(job)]
             cpus, gpus = job.stage.resources(job.config)
             inp = job.input.index if isinstance(job.input, Job) else None
-            self.refs[job] = cluster.submit(_run_job, job.stage, job.config, source, inp, [d.index for d in deps], *[self.refs[d] for d in deps], cpus=cpus, gpus=gpus)
+            args = (job.stage, job.config, source, inp, [d.index for d in deps], *[self.refs[d] for d in deps])
+            if cluster.cache:
+                args = (job.stage, job.config, cluster.cache, shipped, inp, [d.index for d in deps], *[self.refs[d] for d in deps])
+            self.refs[job] = cluster.submit(_run_job if cluster.cache is None else _run_shared, *args, cpus=cpus, gpus=gpus)
 
     def run(self, job: Job) -> Artifact:
         art, step = self.cluster.get(self.refs[job])
         log.info(f"{job.stage.name}: {'cached' if step.cached else f'done in {step.wall_s:.1f} s'} (ray)")
+        if self.cluster.cache is not None and (job in self.wanted or job.keep or job.checks):
+            art = self.cluster.cache.artifact(step.key)
         for check in job.checks:
             check(art.path)
         self.outputs[job], self.steps[job] = art, step
@@ -235,7 +277,7 @@ def _check_reachable(address: str) -> None:
 
 
 def _in_env(env: dict[str, str], fn: Callable[..., Any], *args: Any) -> Any:
-    os.environ.update(env)  # workers are started by the raylet, not by the driver: the edgepack home is the driver's
+    os.environ.update(env)  # workers are started by the raylet, not by the driver: they get the driver's home (with a URL cache, keep their node's)
     return fn(*args)
 
 
@@ -245,15 +287,42 @@ def _run_job(stage, config, source: Artifact, input_index: int | None, indices: 
     return run_stage(stage, source if input_index is None else done[input_index], config)
 
 
-def _probe(probes: list[Path], reads: list[Path], token: str) -> str | None:
-    """The first path this node cannot read, or None."""
+def _run_shared(stage, config, cache: SharedCache, source: Entry, input_index: int | None, indices: list[int], *deps: tuple[Artifact, Step]) -> tuple[Artifact, Step]:
+    """``_run_job`` through a stage cache on a URL: the entry's record when the URL has it (then neither the entry nor
+    the stage's input is fetched here), else the stage run on its input pulled here; what it made is pushed."""
+    done = {i: Entry(step.key, step.output_sha256) for i, (_, step) in zip(indices, deps)}
+    reads_source = dataclasses.is_dataclass(config) and any(getattr(config, f.name) is SOURCE for f in dataclasses.fields(config))
+    # the files a config names go into its key by content (``stages.side_input``): those come here first
+    config = resolve(config, lambda j: cache.artifact(done[j.index].key).path, cache.artifact(source.key).path if reads_source else None)
+    digest = source.digest if input_index is None else done[input_index].digest
+    key = cache_key(stage, config, digest)
+    if hit := entry(key):  # made on this node before
+        art, step = hit
+        cache.push(key)  # unless the URL has it
+    elif hit := cache.finished(key):  # made elsewhere: its files stay at the URL until a node reads them
+        art, step = hit
+    else:
+        inp = cache.artifact(source.key if input_index is None else done[input_index].key)
+        art, step = run_stage(stage, inp, config, input_digest=digest)
+        cache.push(key)
+    return art, dataclasses.replace(step, key=key)
+
+
+def _probe(env: dict[str, str], probes: list[Path], reads: list[Path], token: str, cache: SharedCache | None) -> str | None:
+    """What this node cannot read ("cannot read PATH: what to do"), or None."""
+    os.environ.update(env)  # the credentials and endpoint of a shared cache, as a task gets them
+    hint = "put EDGEPACK_HOME (and the model and bundle) on storage every node mounts at the same path"
     for p in probes:
         try:
             if p.read_text() != token:
-                return str(p.parent)
+                return f"cannot read {p.parent}: {hint}"
         except OSError:
-            return str(p.parent)
-    return next((str(p) for p in reads if not p.exists()), None)
+            return f"cannot read {p.parent}: {hint}"
+    if missing := next((str(p) for p in reads if not p.exists()), None):
+        return f"cannot read {missing}: {hint}"
+    if cache is not None and (why := cache.read_probe(token)):
+        return f"cannot read the shared cache {cache.url} ({why}): install edgepack[s3] on every node and let it reach the store"
+    return None
 
 
 __all__ = ["EXECUTORS", "Cluster", "RayRunner", "chosen", "session"]

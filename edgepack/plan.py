@@ -156,6 +156,9 @@ class _Source:
     def __repr__(self) -> str:
         return "SOURCE"
 
+    def __reduce__(self) -> str:
+        return "SOURCE"  # unpickled (in a Ray task) as this module's SOURCE, so ``is SOURCE`` still holds
+
 
 SOURCE = _Source()
 

@@ -33,6 +33,8 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -43,6 +45,7 @@ from .fsutil import atomic_dir, sha256_file, write_json
 
 STALE_AFTER_S = 24 * 3600  # a partial folder of another host untouched this long belongs to a writer that died
 WRITER = ".writer"  # in a partial folder: the host, pid and start time of the process filling it
+COMPLETE = ".complete"  # in an entry: its record, written last
 
 
 class Kind(str, Enum):
@@ -162,10 +165,8 @@ def run_stage(stage: Stage, inp: Artifact, config: Any, *, input_digest: str | N
         return hit
     key = cache_key(stage, config, digest)
     out_dir = constants.stages_dir() / key
-    clean_partials()
     start = time.perf_counter()
-    with atomic_dir(out_dir) as tmp:
-        write_json(tmp / WRITER, _writer())
+    with filling(key) as tmp:
         produced = stage.run(inp, config, tmp)
         if produced.kind != stage.output_kind:
             raise TypeError(f"stage {stage.name} declares {stage.output_kind.value} output but made {produced.kind.value}")
@@ -183,20 +184,37 @@ def run_stage(stage: Stage, inp: Artifact, config: Any, *, input_digest: str | N
             key=key,
         )
         write_json(
-            tmp / ".complete",
+            tmp / COMPLETE,
             {"kind": produced.kind.value, "relpath": rel.as_posix(), "meta": produced.meta, "step": step.to_json()},
         )
-        (tmp / WRITER).unlink()
     return Artifact(produced.kind, out_dir / rel, produced.meta), step
+
+
+@contextmanager
+def filling(key: str) -> Iterator[Path]:
+    """The partial folder that becomes the entry ``key`` when the block succeeds (a stage's run, or a copy of an entry
+    from a shared cache: ``shared_cache.py``); its ``.writer`` names this process while it is filled."""
+    clean_partials()
+    with atomic_dir(constants.stages_dir() / key) as tmp:
+        write_json(tmp / WRITER, _writer())
+        yield tmp
+        (tmp / WRITER).unlink()
 
 
 def cached(stage: Stage, config: Any, input_digest: str) -> tuple[Artifact, Step] | None:
     """The finished output of ``stage`` for this config and input, if the cache holds one."""
-    out_dir = constants.stages_dir() / cache_key(stage, config, input_digest)
-    marker = out_dir / ".complete"
-    if not marker.is_file():
-        return None
-    record = json.loads(marker.read_text())
+    return entry(cache_key(stage, config, input_digest))
+
+
+def entry(key: str) -> tuple[Artifact, Step] | None:
+    """The finished entry ``key`` of the stage cache, if there is one."""
+    marker = constants.stages_dir() / key / COMPLETE
+    return from_record(key, json.loads(marker.read_text())) if marker.is_file() else None
+
+
+def from_record(key: str, record: dict[str, Any]) -> tuple[Artifact, Step]:
+    """The output and step an entry's ``.complete`` record describes; the artifact's path is in this cache."""
+    out_dir = constants.stages_dir() / key
     art = Artifact(Kind(record["kind"]), out_dir / record["relpath"], record.get("meta", {}))
     known = {f.name for f in dataclasses.fields(Step)}  # a newer edgepack may record more: read what this one knows
     return art, Step(**{**{k: v for k, v in record["step"].items() if k in known}, "cached": True})

@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -32,9 +34,12 @@ _COMMON = ["--object-store-memory=80000000", "--disable-usage-stats"]
 
 
 class RayCluster:
-    """Nodes of one cluster: ``address`` for RAY_ADDRESS, ``env`` for its drivers, ``add_node()``, ``kill(node)``, ``stop()``."""
+    """Nodes of one cluster: ``address`` for RAY_ADDRESS, ``env`` for its drivers, ``add_node()``, ``kill(node)``, ``stop()``.
 
-    def __init__(self, cpus: int = 2) -> None:
+    ``node_env``: variables the head's processes get on top of this process's (its own EDGEPACK_HOME, say).
+    """
+
+    def __init__(self, cpus: int = 2, node_env: dict[str, str] | None = None) -> None:
         self.dirs: list[Path] = []
         self.cpus = cpus
         head = self._dir()
@@ -43,18 +48,35 @@ class RayCluster:
         self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
         self.env = {**LOOPBACK_ENV, **self.auth}  # what a driver of this cluster runs with
         self._start(["-m", "ray.scripts.scripts", "start", "--head", "--port=0", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-                     f"--temp-dir={head}"], self.env)  # fmt: skip
+                     f"--temp-dir={head}"], {**self.env, **(node_env or {})})  # fmt: skip
         self.address = (head / "ray_current_cluster").read_text().strip()
 
-    def add_node(self, wrap: list[str] = (), gpus: int = 0) -> Path:
+    def add_node(self, wrap: list[str] = (), gpus: int = 0, node_env: dict[str, str] | None = None) -> Path:
         """Start one more node (its command run through ``wrap``, e.g. ``unshare ...``); its temp dir names it.
 
         ``gpus``: GPUs the node declares (Ray schedules by what a node declares, so a CPU machine can stand for a GPU node).
+        ``node_env``: variables its processes get on top of this process's.
         """
         node = self._dir()
         args = ["-c", _NODE, "start", f"--address={self.address}", "--node-ip-address=127.0.0.1", f"--temp-dir={node}", *([f"--num-gpus={gpus}"] if gpus else [])]
-        self._start(args, {**{k: "1" for k in LOOPBACK_ENV}, **self.auth}, wrap)
+        self._start(args, {**{k: "1" for k in LOOPBACK_ENV}, **self.auth, **(node_env or {})}, wrap)
         return node
+
+    @contextmanager
+    def driver(self, monkeypatch) -> Iterator[RayCluster]:
+        """This process as a driver of the cluster: RAY_ADDRESS set, Ray keeping the loopback address and using the
+        cluster's token (see above); undone at the end."""
+        for k, v in self.env.items():
+            monkeypatch.setenv(k, v)
+        if constants := sys.modules.get("ray._private.ray_constants"):  # imported before: what the variable would have set
+            monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", False)
+        monkeypatch.setenv("RAY_ADDRESS", self.address)
+        if raylet := sys.modules.get("ray._raylet"):  # Ray read RAY_AUTH_MODE when imported: read it again (as Ray does when it turns tokens on)
+            raylet.Config.initialize("")
+        yield self
+        monkeypatch.undo()
+        if raylet := sys.modules.get("ray._raylet"):
+            raylet.Config.initialize("")
 
     def processes(self, node: Path) -> list[psutil.Process]:
         """The node's processes (raylet, agents, workers): those naming its temp dir, and their children."""

@@ -50,17 +50,8 @@ def cluster():
 @pytest.fixture
 def on_cluster(cluster, monkeypatch):
     """The driver side: RAY_ADDRESS set, Ray keeping the loopback address and using the cluster's token (``ray_cluster.py``)."""
-    for k, v in cluster.env.items():
-        monkeypatch.setenv(k, v)
-    if constants := sys.modules.get("ray._private.ray_constants"):  # imported before: what the variable would have set
-        monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", False)
-    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
-    if raylet := sys.modules.get("ray._raylet"):  # Ray read RAY_AUTH_MODE when imported: read it again (as Ray does when it turns tokens on)
-        raylet.Config.initialize("")
-    yield cluster
-    monkeypatch.undo()
-    if raylet := sys.modules.get("ray._raylet"):
-        raylet.Config.initialize("")
+    with cluster.driver(monkeypatch):
+        yield cluster
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +91,7 @@ def test_executor_choice_and_bad_input(monkeypatch):
         Cluster("127.0.0.1:1")
     assert time.perf_counter() - start < 10
     monkeypatch.setenv("EDGEPACK_HOME", "s3://bucket/edgepack")
-    with pytest.raises(UsageError, match="EDGEPACK_HOME is a URL: the stage cache must be a folder every node mounts"):
+    with pytest.raises(UsageError, match=r"EDGEPACK_HOME is a URL: it must be a local folder; .* --cache s3://bucket/prefix \(or EDGEPACK_CACHE\)"):
         Cluster("127.0.0.1:1")
     monkeypatch.delenv("EDGEPACK_HOME")
     clean = "import sys, edgepack.convert, edgepack.executor as e\nwith e.session('local') as c: assert c is None\nassert 'ray' not in sys.modules"

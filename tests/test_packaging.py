@@ -72,7 +72,7 @@ def test_the_readme_installs_everything_and_the_base_is_the_runtime():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    assert "edgepack[convert,gptq,datasets,ray]" in extras["all"] and "edgepack[convert]" in extras["gptq"]
+    assert "edgepack[convert,gptq,datasets,ray,s3]" in extras["all"] and "edgepack[convert]" in extras["gptq"]
     base = {re.match(r"[A-Za-z0-9._-]+", r).group(0).lower() for r in project["dependencies"]}
     assert not base & {"torch", "transformers", "safetensors", "accelerate", "sentencepiece", "ml_dtypes", "onnx", "gptqmodel"}
     commands = re.findall(r"^```sh\n(.*)$", (ROOT / "README.md").read_text(), flags=re.M)[:2]

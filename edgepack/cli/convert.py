@@ -72,6 +72,7 @@ def register(app: typer.Typer) -> None:
         _P("dry_run", _P.KEYWORD_ONLY, default=typer.Option(False, "--dry-run", help="Print the plan (stages, cache hits, files) and write nothing."), annotation=bool),
         _P("as_json", _P.KEYWORD_ONLY, default=typer.Option(False, "--json", help="With --dry-run: the plan as JSON."), annotation=bool),
         _P("executor", _P.KEYWORD_ONLY, default=typer.Option(None, "--executor", metavar="local|ray", help="Where stages, eval and bench run: local (this process) or ray (the cluster at RAY_ADDRESS; the default when it is set)."), annotation=str | None),
+        _P("cache", _P.KEYWORD_ONLY, default=typer.Option(None, "--cache", metavar="URL", help="With --executor ray: the stage cache the nodes share when they mount no common folder, e.g. s3://bucket/prefix (default: $EDGEPACK_CACHE)."), annotation=str | None),
         _P("chat", _P.KEYWORD_ONLY, default=typer.Option(False, "--chat", help="Open the chat on the new bundle when stdin is a terminal."), annotation=bool),
     ]  # fmt: skip
     try:
@@ -80,7 +81,7 @@ def register(app: typer.Typer) -> None:
         _register_missing(app, e)
         return
 
-    def convert(model: str, *, to: str, out: Path | None, allow_pickle: bool, report: bool, dry_run: bool, as_json: bool, executor: str | None, chat: bool, **given: Any) -> None:
+    def convert(model: str, *, to: str, out: Path | None, allow_pickle: bool, report: bool, dry_run: bool, as_json: bool, executor: str | None, cache: str | None, chat: bool, **given: Any) -> None:
         """Convert a model into a bundle of variants.
 
         Examples: edgepack convert smollm2-135m --to gguf:Q4_K_M,gguf:Q8_0 -o out/smollm2
@@ -92,6 +93,8 @@ def register(app: typer.Typer) -> None:
         edgepack convert smollm2-135m --to gptq:4,onnx:int4 --gptq-samples 128 --dry-run
 
         RAY_ADDRESS=head:6379 edgepack convert smollm2-135m --to gguf:Q4_K_M,gguf:Q6_K,gguf:Q8_0 --executor ray
+
+        edgepack convert smollm2-135m --to gguf:Q4_K_M,gguf:Q8_0 --executor ray --cache s3://bucket/edgepack
         """
         try:
             from .. import convert as library
@@ -103,7 +106,7 @@ def register(app: typer.Typer) -> None:
             planned = library.dry_run(model, to or None, out, options=options, allow_pickle=allow_pickle, report=report)
             print(json.dumps(planned, indent=2) if as_json else render_plan(planned))
             return
-        bundle = library.convert(model, to or None, out, options=options, allow_pickle=allow_pickle, report=report, executor=executor)
+        bundle = library.convert(model, to or None, out, options=options, allow_pickle=allow_pickle, report=report, executor=executor, cache=cache)
         print(bundle.root)
         if chat and sys.stdin.isatty() and sys.stdout.isatty():
             from ..tui.app import run_chat
