@@ -17,6 +17,14 @@ first stretch, "first", or each stretch between special tokens, "always",
 never before one that starts with a space); whitespace beside added tokens
 that transformers strips (lstrip/rstrip) is dropped first. So token ids equal
 transformers' for Llama 2, Mistral and Phi-3 tokenizers too.
+
+Batch invariance (``batch_invariant=True``): llama.cpp's CPU kernels sum in an order that
+depends on the batch's shape (ggml's tiled K-quant matmul from 8 rows, repacked weights in
+groups of 4, llamafile's sgemm from 2 rows, per sequence in attention), so a token decoded
+beside other slots' tokens, or in a drafted check, could get other last bits than alone and a
+greedy pick at a near-tie flipped. The mode keeps one kernel per product: the tiled matmul off
+(``_fix_tiled``), weights not repacked, an f16 cache without flash attention, no sequence with a
+lone row (``decode_padded``), and prompt chunks in steps of their own (``slots``).
 """
 
 from __future__ import annotations
@@ -168,12 +176,11 @@ def decode_padded(ctx, batch, n: int) -> int:
     """``decode`` of ``batch``'s first ``n`` rows so no number a token gets depends on the rows beside it; llama.cpp's return code.
 
     llama.cpp's CPU matmul sums in another order for one row than for several (llamafile's sgemm
-    takes 2 or more, ggml-cpu/llamafile/sgemm.cpp): in attention the rows are one sequence's
-    tokens, in the output layer the rows asking for logits. So a sequence with one row gets a
-    copy of its token at the next position, whose cell is removed after, and a batch asking for
-    one row of logits asks for a second: a token decoded alone then takes the kernels it takes
-    beside other slots' tokens. ``batch`` has room for ``n`` more rows; the callers read logits by
-    row index (the copies come last).
+    takes 2 or more, ggml-cpu/llamafile/sgemm.cpp), and in attention the rows are one sequence's
+    tokens: a token decoded alone took other f16 attention kernels than the same token checked
+    with drafted ones (15 of 20 lookup answers matched). So a sequence with one row gets a copy
+    of its token at the next position, whose cell is removed after. ``batch`` has room for ``n``
+    more rows; the callers read logits by row index (the copies come last, without logits).
     """
     rows = collections.Counter(batch.seq_id[i][0] for i in range(n))
     pads = []
@@ -183,11 +190,7 @@ def decode_padded(ctx, batch, n: int) -> int:
             batch.token[j], batch.pos[j], batch.n_seq_id[j], batch.logits[j] = batch.token[i], batch.pos[i] + 1, 1, False
             batch.seq_id[j][0] = seq
             pads.append(j)
-    m = n + len(pads)
-    asked = [i for i in range(m) if batch.logits[i]]
-    if len(asked) == 1:
-        batch.logits[next(i for i in range(m) if i != asked[0])] = True
-    batch.n_tokens = m
+    batch.n_tokens = n + len(pads)
     rc = decode(ctx, batch)
     memory = ll.llama_get_memory(ctx)
     for j in pads:

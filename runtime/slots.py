@@ -14,7 +14,9 @@ chat finds its conversation there), cuts the rest and reads only what is new.
 
 A batch-invariant session (``load(batch_invariant=True)``) reads each prompt chunk in a step
 of its own, every other step when slots are answering, and pads each step
-(``llamacpp.decode_padded``), so a slot's tokens are the ones it would get decoded alone.
+(``llamacpp.decode_padded``), so a slot's tokens are the ones it would get decoded alone. The
+chunk goes alone because llama.cpp splits a batch of several sequences into micro-batches with
+as many tokens of each (``split_equal``), which can leave a prompt token alone in one.
 
 Each slot's sampler chain comes from ``LlamaCppSession._sampler``, and its tokens reach
 the reader through the same ``run_loop`` as a plain generation (stop strings, limits,
