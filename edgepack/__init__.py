@@ -47,6 +47,7 @@ def load(
     kv_type: str = "f16",
     draft: str | os.PathLike | bool | None = None,
     trusted_keys=None,
+    batch_invariant: bool = False,
 ):
     """Load a bundle or a lone model (a .gguf file, an ONNX folder, a GPTQ checkpoint) and return a ``Session``.
 
@@ -82,7 +83,9 @@ def load(
 
             variant, fitting_ctx = pick(p, ram, device="cpu" if device == "auto" else device, kv_type=kv_type)
             n_ctx = n_ctx or fitting_ctx
-    return load_session(path, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant, kv_type=kv_type, draft=draft)
+    return load_session(
+        path, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant, kv_type=kv_type, draft=draft, batch_invariant=batch_invariant
+    )
 
 
 __all__ = ["EdgepackError", "__version__", "load"]

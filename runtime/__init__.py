@@ -34,6 +34,7 @@ def load(
     variant: str | None = None,
     kv_type: str = "f16",
     draft: str | os.PathLike | bool | None = None,
+    batch_invariant: bool = False,
 ) -> Session:
     """Load a bundle (a folder, or a name from ``edgepack list``) or a lone model a backend claims (a ``.gguf`` file, an ONNX folder, a GPTQ checkpoint) and return a Session.
 
@@ -52,6 +53,10 @@ def load(
     the bundle's draft model for the variant (``convert --to draft:q8_0``), and a path to a
     ``.gguf`` with that one: greedy answers stay the same, sampled ones follow the same
     distribution (``speculative``; llama.cpp).
+    ``batch_invariant=True`` decodes so a token's numbers never depend on the other rows of its batch:
+    greedy answers through ``slots`` (``serve --parallel``) or drafting equal one-at-a-time ones, for
+    some speed (llama.cpp; f16 KV cache; the first model this process loads decides, see
+    ``docs/runtime.md``).
 
     Raises SourceNotFoundError, BundleError, UsageError (bad backend/device/variant),
     MissingDependencyError and BackendError (the library refused the model).
@@ -72,7 +77,7 @@ def load(
     if draft is False:
         draft = None
     try:
-        return _load(p, backend, device, n_ctx, threads, variant, kv_type, draft)
+        return _load(p, backend, device, n_ctx, threads, variant, kv_type, draft, batch_invariant)
     except EdgepackError as e:
         other = library.shadowed(Path(path))
         if other is not None and other != p.resolve():
@@ -81,7 +86,15 @@ def load(
 
 
 def _load(
-    p: Path, backend: str, device: str, n_ctx: int | None, threads: int | None, variant: str | None, kv_type: str, draft: str | os.PathLike | bool | None
+    p: Path,
+    backend: str,
+    device: str,
+    n_ctx: int | None,
+    threads: int | None,
+    variant: str | None,
+    kv_type: str,
+    draft: str | os.PathLike | bool | None,
+    batch_invariant: bool,
 ) -> Session:
     bundle = Bundle.open(p) if (p / MANIFEST).is_file() else None
     if bundle is not None:
@@ -99,8 +112,12 @@ def _load(
             f"the {runner.name} backend keeps its KV cache as {', '.join(runner.kv_types)}, not {kv_type!r}"
             + (f": {kv_type} needs a variant {' or '.join(takers)} runs" if takers else "")
         )
+    if batch_invariant and not runner.can_batch_invariant:
+        raise UsageError(f"the {runner.name} backend has no batch-invariant decoding: drop batch_invariant, or load a GGUF variant (`--variant gguf-...`)")
     dev = _pick_device(runner, device)
-    session = runner.open(model_path, device=dev, n_ctx=n_ctx, threads=threads, kv_type=kv_type, draft=draft)
+    # Passed only when asked for, so a backend without it keeps the plain ``open`` signature.
+    extra = {"batch_invariant": True} if batch_invariant else {}
+    session = runner.open(model_path, device=dev, n_ctx=n_ctx, threads=threads, kv_type=kv_type, draft=draft, **extra)
     if root is not None:
         session.hold(library.hold(root))
     session.info.name = name

@@ -196,6 +196,7 @@ class ModelInfo:
     threads: int | None = None
     kv_type: str = "f16"  # element type of the KV cache
     draft: str | None = None  # how it drafts tokens ("lookup", "model"), when it does
+    batch_invariant: bool = False  # a token's numbers do not depend on the batch it is decoded in (``load(batch_invariant=True)``)
     name: str = ""
     variant: str | None = None  # the bundle variant id, when loaded from a bundle
     bundle: Path | None = None

@@ -17,6 +17,14 @@ first stretch, "first", or each stretch between special tokens, "always",
 never before one that starts with a space); whitespace beside added tokens
 that transformers strips (lstrip/rstrip) is dropped first. So token ids equal
 transformers' for Llama 2, Mistral and Phi-3 tokenizers too.
+
+Batch invariance (``batch_invariant=True``): llama.cpp's CPU kernels sum in an order that
+depends on the batch's shape (ggml's tiled K-quant matmul from 8 rows, repacked weights in
+groups of 4, llamafile's sgemm from 2 rows, per sequence in attention), so a token decoded
+beside other slots' tokens, or in a drafted check, could get other last bits than alone and a
+greedy pick at a near-tie flipped. The mode keeps one kernel per product: the tiled matmul off
+(``_fix_tiled``), weights not repacked, an f16 cache without flash attention, no sequence with a
+lone row (``decode_padded``), and prompt chunks in steps of their own (``slots``).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import codecs
 import collections
 import ctypes
+import os
 import queue
 import re
 import sys
@@ -59,6 +68,10 @@ _WS = rb"(?:[\t\n\v\f\r ]|\xc2[\x85\xa0]|\xe1\x9a\x80|\xe2\x80[\x80-\x8a\xa8\xa9
 _LEADING_WS, _TRAILING_WS = re.compile(b"^" + _WS), re.compile(_WS + rb"\Z")
 _init_lock = threading.Lock()
 _log_callback = None  # kept alive here: llama.cpp holds a pointer to it
+# ggml's tiled matmul for K-quants (ggml-cpu/tiled/tiled.cpp), used on batches of 8 rows or more: the switch is read once per
+# process, at the first matmul, so the first session made here decides for every later one (``_fix_tiled``).
+TILED_ENV = "GGML_CPU_TILED_MM"
+_tiled: bool | None = None  # whether it is on in this process; None until a session was made
 
 
 def _log(level: int, text: bytes, _data: ctypes.c_void_p) -> None:
@@ -139,6 +152,52 @@ def decode(ctx, batch) -> int:
     return _compute(ll.llama_decode, ctx, batch)
 
 
+def _fix_tiled(invariant: bool) -> None:
+    """Before a session's first context: turn ggml's tiled matmul off for a batch-invariant one; UsageError when it is too late.
+
+    The tiled kernel sums in its own order, so a token's numbers would change with the rows around
+    it. A later plain session is let run with it off too (the same answers, a little slower).
+    """
+    global _tiled
+    with _init_lock:
+        if _tiled is None:
+            if invariant:
+                os.environ[TILED_ENV] = "0"
+            value = re.match(r"\s*([+-]?\d+)", os.environ.get(TILED_ENV, "1"))  # ggml reads it with atoi
+            _tiled = value is None or int(value.group(1)) != 0
+    if invariant and _tiled:
+        raise UsageError(
+            f"batch_invariant needs ggml's tiled matmul off ({TILED_ENV}=0), which llama.cpp reads once per process, and a model loaded "
+            f"here before ran with it on: load batch-invariant models in a fresh process, or set {TILED_ENV}=0 before the first load"
+        )
+
+
+def decode_padded(ctx, batch, n: int) -> int:
+    """``decode`` of ``batch``'s first ``n`` rows so no number a token gets depends on the rows beside it; llama.cpp's return code.
+
+    llama.cpp's CPU matmul sums in another order for one row than for several (llamafile's sgemm
+    takes 2 or more, ggml-cpu/llamafile/sgemm.cpp), and in attention the rows are one sequence's
+    tokens: a token decoded alone took other f16 attention kernels than the same token checked
+    with drafted ones (15 of 20 lookup answers matched). So a sequence with one row gets a copy
+    of its token at the next position, whose cell is removed after. ``batch`` has room for ``n``
+    more rows; the callers read logits by row index (the copies come last, without logits).
+    """
+    rows = collections.Counter(batch.seq_id[i][0] for i in range(n))
+    pads = []
+    for i in range(n):
+        if rows[seq := batch.seq_id[i][0]] == 1:
+            j = n + len(pads)
+            batch.token[j], batch.pos[j], batch.n_seq_id[j], batch.logits[j] = batch.token[i], batch.pos[i] + 1, 1, False
+            batch.seq_id[j][0] = seq
+            pads.append(j)
+    batch.n_tokens = n + len(pads)
+    rc = decode(ctx, batch)
+    memory = ll.llama_get_memory(ctx)
+    for j in pads:
+        ll.llama_memory_seq_rm(memory, batch.seq_id[j][0], batch.pos[j], batch.pos[j] + 1)
+    return rc
+
+
 def _recent_log() -> str:
     lines = [x for x in _LOG if x]
     _LOG.clear()
@@ -155,17 +214,18 @@ def devices() -> list[str]:
     return [*out, "cpu"]
 
 
-def model_params(device: str):
-    """llama.cpp's model parameters for ``device``, with its AMX weight buffers off where the build uses them.
+def model_params(device: str, repack: bool = True):
+    """llama.cpp's model parameters for ``device``, with its repacked weight buffers off unless ``repack`` and the build can use them.
 
-    On Sapphire Rapids CPUs (AMX_INT8) llama.cpp 0.3.36's AMX matmul segfaults on the first decode of Q4_1,
+    Repacked weights multiply with a kernel per batch size (ggml-cpu/repack.cpp: gemv for one row, gemm for
+    groups of four), so batch-invariant sessions keep them off. On Sapphire Rapids CPUs (AMX_INT8) llama.cpp 0.3.36's AMX matmul segfaults on the first decode of Q4_1,
     Q8_0 and other types it repacks for AMX (reproduced with SmolLM2, and upstream: ggml-org/llama.cpp#20824),
     so there weights stay in plain CPU buffers (``use_extra_bufts``; llama-bench's ``--repack 0``).
     """
     _init()
     mp = ll.llama_model_default_params()
     mp.n_gpu_layers = 0 if device == "cpu" else -1  # -1: every layer
-    if amx():
+    if not repack or amx():
         mp.use_extra_bufts = False
     return mp
 
@@ -353,15 +413,32 @@ def keep(ctx, seq: int, cached: list[int], tokens: list[int]) -> int:
 
 
 class LlamaCppSession(Session):
+    """A GGUF on llama.cpp. ``batch_invariant``: every token's numbers are the same whatever rows share its batch (module docstring)."""
+
     def __init__(
-        self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16", draft: str | Path | None = None
+        self,
+        path: Path,
+        *,
+        device: str,
+        n_ctx: int | None,
+        threads: int | None,
+        kv_type: str = "f16",
+        draft: str | Path | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         _init()
         self._draft, self._counts, self._drafter = draft, None, None
+        if batch_invariant and kv_type != "f16":
+            raise UsageError(
+                f"batch_invariant needs an f16 KV cache, not {kv_type}: a quantized cache needs flash attention, whose CPU decode "
+                "splits each row's sum by thread count; drop kv_type (--kv-type) or batch_invariant (--batch-invariant)"
+            )
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise InvalidModelError(f"{path} is not a GGUF file (bad magic): re-download or re-convert it")
-        mp = model_params(device)
+        _fix_tiled(batch_invariant)
+        self._invariant, self._rows = batch_invariant, None  # _rows: the batch ``_decode_rows`` fills, made on first need
+        mp = model_params(device, repack=not batch_invariant)
         self._tok = Vocab(path)
         if overrides := _kv_overrides(self._tok.overrides()):
             mp.kv_overrides = overrides
@@ -390,7 +467,7 @@ class LlamaCppSession(Session):
         self._embedder, self._embed_lock = None, threading.Lock()  # embed()'s own context, made on its first call
         super().__init__(
             ModelInfo(path=path, backend="llama.cpp", device=device, n_ctx=ll.llama_n_ctx(self._ctx), threads=self._threads.most, kv_type=kv_type,
-                      draft="model" if isinstance(draft, Path) else draft)
+                      draft="model" if isinstance(draft, Path) else draft, batch_invariant=batch_invariant)
         )
         if isinstance(draft, Path):  # a draft model (``speculative``): checked against this model, so loaded after it
             from .speculative import DraftModel
@@ -468,16 +545,49 @@ class LlamaCppSession(Session):
             self._reset()  # what the cache holds after a failed decode is not known
             raise BackendError(f"llama_decode failed with code {rc} while {what}{_recent_log()}: try a smaller n_ctx or prompt")
 
-    def _prefill(self, tokens: list[int], cancelled: threading.Event | None) -> bool:
-        """Feed the prompt past what the cache reuses in n_batch chunks, logits for the last token only; False if cancelled."""
+    def _decode_checked(self, batch, n: int) -> None:
+        """Decode a drafted check's ``n`` rows (``decode_padded`` when batch-invariant: a check without guesses is a lone row)."""
+        if not self._invariant:
+            batch.n_tokens = n
+            self._decode(batch, "generating")
+            return
+        self._pace()
+        if (rc := decode_padded(self._ctx, batch, n)) != 0:
+            self._reset()
+            raise BackendError(f"llama_decode failed with code {rc} while generating{_recent_log()}: try a smaller n_ctx or prompt")
+
+    def _prefill(self, tokens: list[int], cancelled: threading.Event | None) -> int | None:
+        """Feed the prompt past what the cache reuses in n_batch chunks, logits for the last token only.
+
+        Returns the batch row whose logits start the answer (-1: the last), None if cancelled.
+        """
+        row = -1
         for start in range(self._reuse(tokens), len(tokens), self._n_batch):
             if cancelled is not None and cancelled.is_set():
-                return False
+                return None
             chunk = tokens[start : start + self._n_batch]
-            arr = (ll.llama_token * len(chunk))(*chunk)
-            self._decode(ll.llama_batch_get_one(arr, len(chunk)), "reading the prompt")
+            if self._invariant:
+                row = self._decode_rows(chunk, len(self._kv), "reading the prompt", logits=False)
+            else:
+                arr = (ll.llama_token * len(chunk))(*chunk)
+                self._decode(ll.llama_batch_get_one(arr, len(chunk)), "reading the prompt")
             self._kv += chunk
-        return True
+        return row
+
+    def _decode_rows(self, tokens: list[int], pos: int, what: str, *, logits: bool) -> int:
+        """Batch-invariant decode (``decode_padded``) of ``tokens`` from position ``pos``, logits on the last or (``logits``) on each;
+        the last token's row."""
+        if self._rows is None:
+            self._rows = ll.llama_batch_init(self._n_batch + 1, 0, 1)  # + a lone row's copy
+        batch, n = self._rows, len(tokens)
+        for i, t in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos + i, 1, logits or i == n - 1
+            batch.seq_id[i][0] = 0
+        self._pace()
+        if (rc := decode_padded(self._ctx, batch, n)) != 0:
+            self._reset()
+            raise BackendError(f"llama_decode failed with code {rc} while {what}{_recent_log()}: try a smaller n_ctx or prompt")
+        return n - 1
 
     def _sampler(self, params: SamplingParams, prompt: list[int]):
         """The sampler chain for ``params``; a schema or grammar puts llama.cpp's grammar sampler first (see ``_sample``)."""
@@ -546,14 +656,14 @@ class LlamaCppSession(Session):
 
     def _generate(self, tokens: list[int], params: SamplingParams, cancelled: threading.Event) -> Iterator[str]:
         self._check_single()
-        if not self._prefill(tokens, cancelled):
+        if (row := self._prefill(tokens, cancelled)) is None:
             return
         if self._draft and params.repeat_penalty == 1.0 and not _constrained(params):
             if self._drafter is not None:
-                yield from self._generate_drafted(tokens, params)
+                yield from self._generate_drafted(tokens, params, row)
                 return
             if params.temperature == 0:
-                yield from self._generate_lookup(tokens)
+                yield from self._generate_lookup(tokens, row)
                 return
         chain = self._sampler(params, tokens)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -561,14 +671,17 @@ class LlamaCppSession(Session):
         sample, is_eog, batch_one = self._sample, ll.llama_vocab_is_eog, ll.llama_batch_get_one
         try:
             while True:
-                tok = sample(chain, -1)  # also accepts tok into the chain's history
+                tok = sample(chain, row)  # also accepts tok into the chain's history
                 if is_eog(vocab, tok):
                     return
                 yield decoder.decode(self._piece(tok))
-                one[0] = tok
-                pace()
-                if decode(ctx, batch_one(one, 1)) != 0:
-                    self._decode(batch_one(one, 1), "generating")
+                if self._invariant:
+                    row = self._decode_rows([tok], len(kv), "generating", logits=True)
+                else:
+                    one[0] = tok
+                    pace()
+                    if decode(ctx, batch_one(one, 1)) != 0:
+                        self._decode(batch_one(one, 1), "generating")
                 kv.append(tok)
         finally:
             ll.llama_sampler_free(chain)
@@ -577,7 +690,7 @@ class LlamaCppSession(Session):
     def draft_stats(self) -> dict[str, int] | None:
         return None if self._counts is None else dict(self._counts)
 
-    def _generate_lookup(self, tokens: list[int]) -> Iterator[str]:
+    def _generate_lookup(self, tokens: list[int], row: int) -> Iterator[str]:
         """Greedy decoding that checks prompt-lookup drafts (``lookup``) in one batch per step.
 
         The batch holds the last token and the draft; the greedy pick after each position is the
@@ -592,7 +705,7 @@ class LlamaCppSession(Session):
         memory, vocab, n_past = ll.llama_get_memory(self._ctx), self._vocab, len(self._kv)
         batch = ll.llama_batch_init(DRAFT_MAX + 1, 0, 1)
         try:
-            tok = ll.llama_sampler_sample(chain, self._ctx, -1)
+            tok = ll.llama_sampler_sample(chain, self._ctx, row)
             while not ll.llama_vocab_is_eog(vocab, tok):
                 yield decoder.decode(self._piece(tok))
                 lookup.extend([tok])
@@ -600,8 +713,7 @@ class LlamaCppSession(Session):
                 for i, t in enumerate([tok, *draft]):
                     batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, n_past + i, 1, True
                     batch.seq_id[i][0] = 0
-                batch.n_tokens = len(draft) + 1
-                self._decode(batch, "generating")
+                self._decode_checked(batch, len(draft) + 1)
                 picks = [ll.llama_sampler_sample(chain, self._ctx, 0)]
                 kept = 0
                 while kept < len(draft) and draft[kept] == picks[-1]:
@@ -624,7 +736,7 @@ class LlamaCppSession(Session):
             ll.llama_batch_free(batch)
             ll.llama_sampler_free(chain)
 
-    def _generate_drafted(self, tokens: list[int], params: SamplingParams) -> Iterator[str]:
+    def _generate_drafted(self, tokens: list[int], params: SamplingParams, first: int) -> Iterator[str]:
         """Decoding that checks a draft model's guesses in one batch per step (``speculative``).
 
         Greedy keeps the guesses that equal the target's own greedy picks, so the answer is plain greedy
@@ -645,7 +757,7 @@ class LlamaCppSession(Session):
 
         batch = ll.llama_batch_init(DRAFT_K + 1, 0, 1)
         try:
-            tok = ll.llama_sampler_sample(chain, self._ctx, -1) if greedy else int(rng.choice(self._n_vocab, p=row(-1)))
+            tok = ll.llama_sampler_sample(chain, self._ctx, first) if greedy else int(rng.choice(self._n_vocab, p=row(first)))
             while not ll.llama_vocab_is_eog(vocab, tok):
                 yield decoder.decode(self._piece(tok))
                 self._pace()
@@ -654,8 +766,7 @@ class LlamaCppSession(Session):
                 for i, t in enumerate([tok, *guesses]):
                     batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, n_past + i, 1, True
                     batch.seq_id[i][0] = 0
-                batch.n_tokens = len(guesses) + 1
-                self._decode(batch, "generating")
+                self._decode_checked(batch, len(guesses) + 1)
                 if greedy:
                     picks = [ll.llama_sampler_sample(chain, self._ctx, 0)]
                     while len(picks) <= len(guesses) and guesses[len(picks) - 1] == picks[-1]:
@@ -843,6 +954,9 @@ class LlamaCppSession(Session):
         if self._drafter is not None:
             self._drafter.close()
             self._drafter = None
+        if self._rows is not None:
+            ll.llama_batch_free(self._rows)
+            self._rows = None
         if self._ctx is not None:
             ll.llama_free(self._ctx)
             self._ctx = None
@@ -883,6 +997,7 @@ class LlamaCppBackend(Backend):
     drafts = ("lookup", "model")
     can_embed = True
     can_parallel = True
+    can_batch_invariant = True
     install = "install a GPU build of llama-cpp-python (CUDA: CMAKE_ARGS='-DGGML_CUDA=on' pip install --force-reinstall --no-cache-dir llama-cpp-python)"
 
     needs = {"llama_cpp": "llama-cpp-python"}
@@ -894,9 +1009,17 @@ class LlamaCppBackend(Backend):
         return devices()
 
     def open(
-        self, path: Path, *, device: str, n_ctx: int | None, threads: int | None, kv_type: str = "f16", draft: str | Path | None = None
+        self,
+        path: Path,
+        *,
+        device: str,
+        n_ctx: int | None,
+        threads: int | None,
+        kv_type: str = "f16",
+        draft: str | Path | None = None,
+        batch_invariant: bool = False,
     ) -> LlamaCppSession:
-        return LlamaCppSession(path, device=device, n_ctx=n_ctx, threads=threads, kv_type=kv_type, draft=draft)
+        return LlamaCppSession(path, device=device, n_ctx=n_ctx, threads=threads, kv_type=kv_type, draft=draft, batch_invariant=batch_invariant)
 
     def probe(self, device: str, folder: Path) -> bool:
         """Load a tiny model on ``device`` and decode two tokens."""

@@ -52,6 +52,8 @@ class Backend(ABC):
     can_cancel: ClassVar[bool] = True
     can_parallel: ClassVar[bool] = False  # several generations at once, batched (``Session.slots``, ``serve --parallel``)
     can_embed: ClassVar[bool] = False  # Session.embed: pooled hidden states (a backend overrides Session._embed)
+    # ``load(batch_invariant=True)``: a token's numbers do not depend on its batch; ``open`` then gets ``batch_invariant=True``.
+    can_batch_invariant: ClassVar[bool] = False
     # KV-cache element types its sessions can hold (``load(kv_type=...)``) and the bytes each stores per element, for
     # recommend; "f16" is the backend's own default cache, whose real dtype recommend reads from the model.
     kv_types: ClassVar[dict[str, float]] = {"f16": 2.0}

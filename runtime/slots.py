@@ -12,6 +12,12 @@ Prompt reuse: a slot remembers the tokens its sequence holds, and a request take
 free slot whose tokens share the longest prefix with its prompt (the next turn of a
 chat finds its conversation there), cuts the rest and reads only what is new.
 
+A batch-invariant session (``load(batch_invariant=True)``) reads each prompt chunk in a step
+of its own, every other step when slots are answering, and pads each step
+(``llamacpp.decode_padded``), so a slot's tokens are the ones it would get decoded alone. The
+chunk goes alone because llama.cpp splits a batch of several sequences into micro-batches with
+as many tokens of each (``split_equal``), which can leave a prompt token alone in one.
+
 Each slot's sampler chain comes from ``LlamaCppSession._sampler``, and its tokens reach
 the reader through the same ``run_loop`` as a plain generation (stop strings, limits,
 timings), so a slot ends exactly as ``Session.stream`` would. Pieces wait in an
@@ -29,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError
 from .base import SamplingParams, Slots, Stream, _Run, run_loop
-from .llamacpp import decode, keep, shared_prefix
+from .llamacpp import decode, decode_padded, keep, shared_prefix
 
 if TYPE_CHECKING:
     from .llamacpp import LlamaCppSession
@@ -76,6 +82,7 @@ class LlamaCppSlots(Slots):
         self._wake = threading.Condition()
         self._closing = False
         self._step = 0
+        self._read_last = False  # batch-invariant: the last step read a prompt chunk, so the next one decodes
         self._thread = threading.Thread(target=self._loop, name="edgepack-slots", daemon=True)
         self._thread.start()
 
@@ -184,12 +191,17 @@ class LlamaCppSlots(Slots):
                 slot.row = n - 1
             rows.append((slot, tokens))
 
+        answering = [s for s in self._slots if s.req is not None and s.next is not None]
+        reading = sorted((s for s in self._slots if s.req is not None and s.todo), key=lambda s: s.used)
+        if session._invariant:  # a prompt chunk alone, in turn with the answering slots' tokens
+            self._read_last = bool(reading) and not (answering and self._read_last)
+            answering, reading = ([], reading[:1]) if self._read_last else (answering, [])
         for s in self._slots:
             s.row = -1
-            if s.req is not None and s.next is not None:
-                add(s, [s.next], True)
+        for s in answering:
+            add(s, [s.next], True)
         room = session._n_batch - n
-        for s in sorted((s for s in self._slots if s.req is not None and s.todo), key=lambda s: s.used):
+        for s in reading:
             if room <= 0:
                 break
             chunk, s.todo = s.todo[:room], s.todo[room:]
@@ -197,9 +209,12 @@ class LlamaCppSlots(Slots):
             room -= len(chunk)
         if not n:
             return
-        batch.n_tokens = n
         session._pace()
-        rc = decode(session._ctx, batch)
+        if session._invariant:
+            rc = decode_padded(session._ctx, batch, n)
+        else:
+            batch.n_tokens = n
+            rc = decode(session._ctx, batch)
         if rc != 0:
             raise BackendError(f"llama_decode failed with code {rc} on a batch of {n} tokens: try fewer slots or a smaller n_ctx")
         for s, tokens in rows:

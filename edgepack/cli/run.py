@@ -29,6 +29,9 @@ def register(app: typer.Typer) -> None:
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
         kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 (half the memory) or q4_0; llama.cpp only."),
         draft: str | None = typer.Option(None, "--draft", help="lookup: check tokens guessed from the prompt in one pass (greedy answers); model: guesses from the bundle's draft model (convert --to draft:q8_0), or a draft .gguf path. Same greedy answers; llama.cpp."),
+        batch_invariant: bool = typer.Option(
+            False, "--batch-invariant", help="Decode so a token never depends on what shares its batch: greedy answers equal one-at-a-time ones under --parallel and --draft, at some speed; llama.cpp, f16 KV cache."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings) instead of streaming."),
     ) -> None:
         """Generate one answer from MODEL, streamed to stdout.
@@ -54,7 +57,7 @@ def register(app: typer.Typer) -> None:
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
             repeat_penalty=repeat_penalty, seed=seed, stop=stop,
         )  # fmt: skip
-        with load(model, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant, kv_type=kv_type, draft=draft) as session:
+        with load(model, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant, kv_type=kv_type, draft=draft, batch_invariant=batch_invariant) as session:
             if raw:
                 stream = session.stream(prompt, truncate=truncate, **sampling)
             else:

@@ -26,6 +26,9 @@ def register(app: typer.Typer) -> None:
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
         kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 (half the memory) or q4_0; llama.cpp only."),
         draft: str | None = typer.Option(None, "--draft", help="lookup: check tokens guessed from the prompt in one pass (greedy answers); model: guesses from the bundle's draft model (convert --to draft:q8_0), or a draft .gguf path. Same greedy answers; llama.cpp."),
+        batch_invariant: bool = typer.Option(
+            False, "--batch-invariant", help="Decode so a token never depends on what shares its batch: greedy answers equal one-at-a-time ones under --parallel and --draft, at some speed; llama.cpp, f16 KV cache."
+        ),
         max_tokens: int = typer.Option(1024, "--max-tokens", help="Largest max_tokens a request may ask for; also the default."),
         max_messages: int = typer.Option(256, "--max-messages", help="Most messages one chat request may carry."),
         max_body_kb: int = typer.Option(1024, "--max-body-kb", help="Largest request body in KiB."),
@@ -72,7 +75,8 @@ def register(app: typer.Typer) -> None:
         sock = bind(host, port)  # before loading, so a taken port fails fast
         try:
             session = load(
-                model, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant, kv_type=kv_type, draft=draft, trusted_keys=trusted or None
+                model, backend=backend, device=device, n_ctx=n_ctx, threads=threads, variant=variant, kv_type=kv_type, draft=draft, trusted_keys=trusted or None,
+                batch_invariant=batch_invariant,
             )
         except BaseException:
             sock.close()

@@ -202,6 +202,49 @@ def test_parallel_on_an_onnx_model_is_a_one_line_error(smollm2, request):
     assert lines[0].endswith("serve this model with --parallel 1, or a GGUF variant for parallel slots"), r.stderr
 
 
+def test_batch_invariant_slots_and_lookup_answer_as_one_at_a_time(smollm2_q4km):
+    """20 chat questions x 64 greedy tokens through 4 slots at once, and with lookup drafting, equal one-at-a-time answers.
+
+    benchmarks/batch_identity.py runs it in a fresh interpreter: llama.cpp fixes its tiled matmul per process.
+    """
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "batch_identity.py"
+    cmd = [sys.executable, str(script), "--child", "invariant", "--gguf", str(smollm2_q4km), "--threads", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (got["prompts"], got["slots_identical"], got["lookup_identical"]) == (20, 20, 20), got
+
+
+BOTH_ORDERS = """
+import edgepack, sys
+from edgepack.errors import UsageError
+first, second = sys.argv[2] == "invariant", sys.argv[2] != "invariant"
+with edgepack.load(sys.argv[1], n_ctx=256, threads=1, batch_invariant=first) as s:
+    s.generate("Hi", max_tokens=2)
+try:
+    with edgepack.load(sys.argv[1], n_ctx=256, threads=1, batch_invariant=second) as s:
+        print("loaded", s.info.batch_invariant, s.generate("Hi", max_tokens=2, temperature=0).completion_tokens)
+except UsageError as e:
+    print("refused", e)
+"""
+
+
+def test_batch_invariant_after_a_plain_model_in_one_process_is_refused(smollm2_gguf):
+    """llama.cpp reads its tiled-matmul switch once per process: a plain model first fixes it on; the other order is fine."""
+    after_plain = subprocess.run([sys.executable, "-c", BOTH_ORDERS, str(smollm2_gguf), "plain"], capture_output=True, text=True, timeout=120)
+    assert after_plain.stdout.startswith("refused batch_invariant needs ggml's tiled matmul off (GGML_CPU_TILED_MM=0)"), after_plain
+    assert "load batch-invariant models in a fresh process" in after_plain.stdout
+    after_invariant = subprocess.run([sys.executable, "-c", BOTH_ORDERS, str(smollm2_gguf), "invariant"], capture_output=True, text=True, timeout=120)
+    assert after_invariant.stdout.split() == ["loaded", "False", "2"], after_invariant
+
+
+def test_batch_invariant_with_a_quantized_kv_cache_is_refused(smollm2_gguf):
+    with pytest.raises(UsageError, match=r"batch_invariant needs an f16 KV cache, not q8_0: .* drop kv_type \(--kv-type\) or batch_invariant"):
+        edgepack.load(smollm2_gguf, kv_type="q8_0", batch_invariant=True)
+    r = _cli(str(smollm2_gguf), "--port", "0", "--batch-invariant", "--kv-type", "q4_0", "--threads", "1")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "an f16 KV cache, not q4_0" in r.stderr, r.stderr
+
+
 def _common(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
