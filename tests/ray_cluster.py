@@ -71,12 +71,10 @@ class RayCluster:
         if constants := sys.modules.get("ray._private.ray_constants"):  # imported before: what the variable would have set
             monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", False)
         monkeypatch.setenv("RAY_ADDRESS", self.address)
-        if raylet := sys.modules.get("ray._raylet"):  # Ray read RAY_AUTH_MODE when imported: read it again (as Ray does when it turns tokens on)
-            raylet.Config.initialize("")
+        _reread_auth()
         yield self
         monkeypatch.undo()
-        if raylet := sys.modules.get("ray._raylet"):
-            raylet.Config.initialize("")
+        _reread_auth()
 
     def processes(self, node: Path) -> list[psutil.Process]:
         """The node's processes (raylet, agents, workers): those naming its temp dir, and their children."""
@@ -115,6 +113,15 @@ class RayCluster:
             self.stop()
             raise RuntimeError(f"ray start failed: {r.stderr[-2000:]}")
         time.sleep(0.5)
+
+
+def _reread_auth() -> None:
+    """Ray reads RAY_AUTH_MODE when imported and keeps the first token it loads for the life of the process: read both
+    again (as Ray does when it turns tokens on), or a driver of a second cluster in this process sends the first one's
+    token and is refused."""
+    if raylet := sys.modules.get("ray._raylet"):
+        raylet.Config.initialize("")
+        raylet.AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _children(p: psutil.Process) -> list[psutil.Process]:
