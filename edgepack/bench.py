@@ -47,7 +47,7 @@ class BenchConfig:
     device: str = "auto"  # auto | cpu | cuda | metal
     kv_type: str = "f16"  # KV cache element type (``edgepack.load``'s)
     draft: str | None = None  # "lookup" (from the prompt) or "model" (the bundle's draft model): ``edgepack.load``'s
-    batch_invariant: bool = False  # ``edgepack.load``'s: what ``serve --batch-invariant`` decodes with costs this much (llama.cpp)
+    batch_invariant: bool = False  # ``edgepack.load``'s: the decoding ``serve --batch-invariant`` pays for (llama.cpp, f16 KV)
 
     def check(self) -> None:
         if self.prompt_tokens < 1 or self.decode_tokens < 2 or self.repetitions < 1 or self.warmup < 0:

@@ -64,7 +64,7 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _row(v: dict[str, Any], key: str, e: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """A variant's row: its eval under ``key``, and its first bench run (CPU first, then the eval's KV cache type)."""
+    """A variant's row: its eval under ``key``, and its first bench run (CPU first, then the eval's KV cache type, then plain decoding)."""
     kv = e.get("kv_type", "f16")
     mine = sorted((r for r in runs if r.get("variant") == v["id"]),
                   key=lambda r: (r.get("device") != "cpu", r.get("kv_type", "f16") != kv, r.get("draft") is not None,
