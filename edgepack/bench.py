@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, library
-from .bundle import Bundle
+from .bundle import Bundle, Variant
 from .errors import BackendError, BundleError, EdgepackError, UsageError
 from .runtime import registry
 
@@ -47,12 +47,15 @@ class BenchConfig:
     device: str = "auto"  # auto | cpu | cuda | metal
     kv_type: str = "f16"  # KV cache element type (``edgepack.load``'s)
     draft: str | None = None  # "lookup" (from the prompt) or "model" (the bundle's draft model): ``edgepack.load``'s
+    batch_invariant: bool = False  # ``edgepack.load``'s: the decoding ``serve --batch-invariant`` pays for (llama.cpp, f16 KV)
 
     def check(self) -> None:
         if self.prompt_tokens < 1 or self.decode_tokens < 2 or self.repetitions < 1 or self.warmup < 0:
             raise UsageError("bench needs prompt_tokens >= 1, decode_tokens >= 2, repetitions >= 1, warmup >= 0")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"threads must be at least 1, got {self.threads}")
+        if self.batch_invariant and self.kv_type != "f16":
+            raise UsageError(f"batch_invariant needs an f16 KV cache, not {self.kv_type}: drop kv_type (--kv-type) or batch_invariant (--batch-invariant)")
 
 
 def bench(
@@ -77,6 +80,8 @@ def bench(
         if registry.for_format(v.format) is None:
             formats = ", ".join(f for x in registry.backends() for f in x.formats)
             raise UsageError(f"variant {v.id} is {v.format} (on {v.backend}), which edgepack's runtime does not load: bench a variant in {formats}")
+    if cfg.batch_invariant:
+        chosen = _batch_invariant(chosen, asked=bool(variants))
     if not chosen:
         raise BundleError(f"bundle {b.root} has no variant edgepack's runtime can run here: convert one with --to gguf:Q4_K_M")
     text = _prompt_text(cfg)
@@ -106,6 +111,22 @@ def bench(
         )
     b.save()
     return b.data["bench"]
+
+
+def _batch_invariant(chosen: list[Variant], *, asked: bool) -> list[Variant]:
+    """The variants whose backend decodes batch-invariantly: one asked for by id that cannot is refused, the others are left out (logged)."""
+    keep = []
+    for v in chosen:
+        backend = registry.for_format(v.format)
+        if backend is not None and backend.can_batch_invariant:
+            keep.append(v)
+        elif asked:
+            raise UsageError(f"variant {v.id} runs on {v.backend}, which has no batch-invariant decoding: drop --batch-invariant, or bench a GGUF variant (--variant gguf-...)")
+        else:
+            log.info(f"bench: {v.id} left out: {v.backend} has no batch-invariant decoding")
+    if not keep:
+        raise UsageError("no variant of this bundle decodes batch-invariantly (llama.cpp's GGUF variants do): drop --batch-invariant, or convert one with --to gguf:Q4_K_M")
+    return keep
 
 
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +207,10 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     n_ctx = cfg.prompt_tokens + cfg.decode_tokens + 8
     rss_start = _rss()
     t0 = time.perf_counter()
-    session = runtime.load(job["bundle"], variant=job["variant"], device=cfg.device, threads=cfg.threads, n_ctx=n_ctx, kv_type=cfg.kv_type, draft=cfg.draft)
+    session = runtime.load(
+        job["bundle"], variant=job["variant"], device=cfg.device, threads=cfg.threads, n_ctx=n_ctx, kv_type=cfg.kv_type, draft=cfg.draft,
+        batch_invariant=cfg.batch_invariant,
+    )
     load_s = time.perf_counter() - t0
     rss_loaded = _rss()
     gpu = _DeviceMemory() if session.info.device == "cuda" else None
@@ -220,6 +244,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
         "threads": info.threads,
         "kv_type": info.kv_type,
         "draft": cfg.draft,
+        "batch_invariant": info.batch_invariant,
         "n_ctx": info.n_ctx,
         "prompt_tokens": prompt_tokens,
         "load_s": load_s,

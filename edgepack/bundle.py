@@ -244,11 +244,12 @@ class Bundle:
         self.data.setdefault("eval", {})["reference"] = meta
 
     def record_bench(self, run: dict[str, Any], machine: dict[str, Any]) -> None:
-        """Store one bench run, keyed by variant, device, KV cache type (when not f16) and draft, with the machine it ran on."""
+        """Store one bench run, keyed by variant, device, KV cache type (when not f16), draft and batch invariance, with the machine it ran on."""
         slot = self.data.setdefault("bench", {})
         slot["machine"] = machine
         kv, draft = run.get("kv_type", "f16"), run.get("draft")
         key = f"{run['variant']}@{run['device']}" + ("" if kv == "f16" else f"+kv-{kv}") + (f"+draft-{draft}" if draft else "")
+        key += "+batch-invariant" if run.get("batch_invariant") else ""
         slot.setdefault("runs", {})[key] = run
 
     def add_step(self, step: dict[str, Any]) -> None:

@@ -64,10 +64,11 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _row(v: dict[str, Any], key: str, e: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """A variant's row: its eval under ``key``, and its first bench run (CPU first, then the eval's KV cache type)."""
+    """A variant's row: its eval under ``key``, and its first bench run (CPU first, then the eval's KV cache type, then plain decoding)."""
     kv = e.get("kv_type", "f16")
     mine = sorted((r for r in runs if r.get("variant") == v["id"]),
-                  key=lambda r: (r.get("device") != "cpu", r.get("kv_type", "f16") != kv, r.get("draft") is not None))  # fmt: skip
+                  key=lambda r: (r.get("device") != "cpu", r.get("kv_type", "f16") != kv, r.get("draft") is not None,
+                                 bool(r.get("batch_invariant"))))  # fmt: skip
     r = mine[0] if mine else {}
     gen = e.get("generation", {})
     peak = r.get("peak_device_bytes") or r.get("peak_rss_bytes")
@@ -208,7 +209,7 @@ def speed_svg(runs: list[dict[str, Any]]) -> str | None:
         return None
     plt = _pyplot()
 
-    labels = [f"{r['variant']} ({r['device']}{_kv(r)}{', draft ' + r['draft'] if r.get('draft') else ''})" for r in runs]
+    labels = [f"{r['variant']} ({r['device']}{_mode(r)}{', draft ' + r['draft'] if r.get('draft') else ''})" for r in runs]
     fig, axes = plt.subplots(1, 2, figsize=(8.0, 0.5 * len(runs) + 1.5), sharey=True)
     for ax, key, title, colour in (
         (axes[0], "prefill_tokens_per_s", "prefill tokens/s", "#4c72b0"),
@@ -239,7 +240,7 @@ def _runs_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
         body.append(
             [
                 r["variant"],
-                f"{r.get('device')}{_kv(r)}",
+                f"{r.get('device')}{_mode(r)}",
                 str(r.get("threads") or _DASH),
                 f"{r['load_s']:.2f}",
                 f"{_median(r, 'ttft_s'):.3f}",
@@ -262,10 +263,10 @@ def drafting(run: dict[str, Any]) -> str:
     return f"{run['draft']}: " + (f"{kept:.0%}" if kept is not None else _DASH) + (f", {speedup:.2f}x" if speedup else "")
 
 
-def _kv(run: dict[str, Any]) -> str:
-    """The KV cache type of a run that did not use the default f16 cache, as a label suffix."""
+def _mode(run: dict[str, Any]) -> str:
+    """What a run changed from the defaults (a KV cache type other than f16, batch-invariant decoding), as a label suffix."""
     kv = run.get("kv_type", "f16")
-    return "" if kv == "f16" else f", KV {kv}"
+    return ("" if kv == "f16" else f", KV {kv}") + (", batch-invariant" if run.get("batch_invariant") else "")
 
 
 def provenance(data: dict[str, Any], signature: dict[str, Any] | None) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ from .base import Session
 
 
 class Loader:
-    """Loads ``path`` (a bundle or a lone model) by variant id, always with the same device, context, threads and KV cache type.
+    """Loads ``path`` (a bundle or a lone model) by variant id, always with the same device, context, threads, KV cache type, draft and batch invariance.
 
     ``path`` may name a bundle (``edgepack list``). ``variants`` lists the bundle's variants a registered backend runs (empty for a lone model); ``first`` is the
     variant asked for at start (None: ``load``'s own pick). Raises BundleError when
@@ -37,11 +37,12 @@ class Loader:
         threads: int | None = None,
         kv_type: str = "f16",
         draft: str | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         self.path = library.resolve(path)
         self.first = variant
         self.backend, self.device, self.n_ctx, self.threads = backend, device, n_ctx, threads
-        self.kv_type, self.draft = kv_type, draft
+        self.kv_type, self.draft, self.batch_invariant = kv_type, draft, batch_invariant
         listed = Bundle.open(self.path).variants if (self.path / MANIFEST).is_file() else []
         self.variants: list[Variant] = [v for v in listed if registry.for_format(v.format) is not None]
 
@@ -51,7 +52,10 @@ class Loader:
 
         # The backend asked for steers the first pick only; a variant picked later brings its own backend.
         backend = self.backend if variant == self.first else "auto"
-        return load(self.path, backend=backend, device=self.device, n_ctx=self.n_ctx, threads=self.threads, variant=variant, kv_type=self.kv_type, draft=self.draft)
+        return load(
+            self.path, backend=backend, device=self.device, n_ctx=self.n_ctx, threads=self.threads, variant=variant, kv_type=self.kv_type, draft=self.draft,
+            batch_invariant=self.batch_invariant,
+        )
 
     def switch(self, old: Session | None, variant: str | None) -> tuple[Session | None, EdgepackError | None]:
         """Close ``old``, then load ``variant``; when that fails, load ``old``'s variant again.

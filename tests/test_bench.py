@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from test_eval import make_bundle
 from edgepack.bench import BenchConfig, bench, summarise
 from edgepack.bundle import Bundle, Variant
 from edgepack.errors import BackendError, UsageError
+from edgepack.report import render
 
 
 def test_summarise_gives_median_and_range():
@@ -67,6 +70,33 @@ def test_bench_reports_a_variant_the_backend_refuses(tmp_path, smollm2, smollm2_
     b.add_variant(Variant("mlx-4", "mlx", "mlx", "variants/mlx", [b.file_record(mlx / "config.json")]))  # no backend runs mlx
     with pytest.raises(UsageError, match="does not load"):
         bench(b, variants=["mlx-4"])
+
+
+@pytest.mark.slow
+def test_bench_batch_invariant_loads_so_and_says_so(tmp_path, smollm2, smollm2_gguf, smollm2_onnx):
+    """--batch-invariant reaches the load (each variant's own process) and keys its run; ONNX variants have no such mode."""
+    b = make_bundle(tmp_path / "b", smollm2, smollm2_gguf)
+    onnx = tmp_path / "b" / "variants" / "onnx-int4"
+    shutil.copytree(smollm2_onnx, onnx, copy_function=os.link)
+    b.add_variant(Variant("onnx-int4", "onnx", "onnx", "variants/onnx-int4", [b.file_record(p) for p in sorted(onnx.iterdir())]))
+    b.save()
+
+    def cli(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "edgepack", "bench", str(b.root), "--threads", "1", "--prompt-tokens", "32", "--decode-tokens", "4",
+               "-n", "1", "--warmup", "0", "--batch-invariant", *extra]  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    proc = cli("--json")  # every variant the runtime loads batch-invariantly: the GGUF, not the ONNX folder
+    assert proc.returncode == 0, proc.stderr
+    (key, run), = json.loads(proc.stdout)["runs"].items()
+    assert key == "gguf-q4_1@cpu+batch-invariant" and run["batch_invariant"] is True and run["settings"]["batch_invariant"] is True
+    assert "onnx-int4 left out: onnx has no batch-invariant decoding" in proc.stderr
+    assert "| cpu, batch-invariant |" in render(Bundle.open(b.root).data)["report.md"]  # the report's row says which mode it measured
+    for extra, says in ((["--variant", "onnx-int4"], "error: variant onnx-int4 runs on onnx, which has no batch-invariant decoding: drop --batch-invariant"),
+                        (["--kv-type", "q8_0"], "error: batch_invariant needs an f16 KV cache, not q8_0: drop kv_type (--kv-type) or batch_invariant")):  # fmt: skip
+        r = cli(*extra)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(says), r.stderr
+    assert list(Bundle.open(b.root).data["bench"]["runs"]) == [key]  # the refused ones measured nothing
 
 
 @pytest.mark.gpu

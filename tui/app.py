@@ -40,6 +40,7 @@ def run_chat(
     threads: int | None = None,
     kv_type: str = "f16",
     draft: str | None = None,
+    batch_invariant: bool = False,
     system: str = "",
     sampling: SamplingParams | None = None,
     truncate: Truncate = "error",
@@ -51,7 +52,7 @@ def run_chat(
     """
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("edgepack chat needs an interactive terminal: use `edgepack run MODEL PROMPT` in scripts and pipes")
-    loader = Loader(model, variant=variant, backend=backend, device=device, n_ctx=n_ctx, threads=threads, kv_type=kv_type, draft=draft)
+    loader = Loader(model, variant=variant, backend=backend, device=device, n_ctx=n_ctx, threads=threads, kv_type=kv_type, draft=draft, batch_invariant=batch_invariant)
     app = ChatApp(loader, system=system, sampling=sampling, truncate=truncate)
     error = app.run()
     if error is not None:

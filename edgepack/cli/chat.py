@@ -17,6 +17,9 @@ def register(app: typer.Typer) -> None:
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
         kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 (half the memory) or q4_0; llama.cpp only."),
         draft: str | None = typer.Option(None, "--draft", help="lookup: check tokens guessed from the prompt in one pass (greedy answers); model: guesses from the bundle's draft model (convert --to draft:q8_0), or a draft .gguf path. Same greedy answers; llama.cpp."),
+        batch_invariant: bool = typer.Option(
+            False, "--batch-invariant", help="Decode as `serve --batch-invariant` does: greedy answers equal that server's and stay the same with --draft, at some speed; llama.cpp, f16 KV cache."
+        ),
         temp: float = typer.Option(0.7, "--temp", help="Sampling temperature, 0 is greedy (change it later with /temp)."),
         max_tokens: int = typer.Option(512, "--max-tokens", help="Longest answer in tokens."),
         seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable answers."),
@@ -54,6 +57,7 @@ def register(app: typer.Typer) -> None:
             threads=threads,
             kv_type=kv_type,
             draft=draft,
+            batch_invariant=batch_invariant,
             system=system,
             sampling=sampling,
             truncate=truncate,

@@ -90,6 +90,9 @@ def register(app: typer.Typer) -> None:
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: the physical cores other programs leave free, followed as it runs)."),
         kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0 (half the memory) or q4_0; llama.cpp only."),
         draft: str | None = typer.Option(None, "--draft", help="lookup: check tokens guessed from the prompt in one pass (greedy answers); model: guesses from the bundle's draft model (convert --to draft:q8_0), or a draft .gguf path. Same greedy answers; llama.cpp."),
+        batch_invariant: bool = typer.Option(
+            False, "--batch-invariant", help="Measure batch-invariant decoding (`serve --batch-invariant`); its runs are keyed +batch-invariant. GGUF variants, f16 KV cache."
+        ),
         prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="Prompt length for prefill and TTFT."),
         decode_tokens: int = typer.Option(128, "--decode-tokens", help="Tokens generated per run."),
         repetitions: int = typer.Option(3, "-n", "--repetitions", help="Measured runs (median and range reported)."),
@@ -105,7 +108,7 @@ def register(app: typer.Typer) -> None:
         from ..report import drafting
         from ..eval import as_bundle
 
-        cfg = BenchConfig(prompt_tokens, decode_tokens, repetitions, warmup, threads, device, kv_type, draft)
+        cfg = BenchConfig(prompt_tokens, decode_tokens, repetitions, warmup, threads, device, kv_type, draft, batch_invariant)
         cfg.check()
         bundle = as_bundle(target, out=out)
         res = do_bench(bundle, cfg, variants=variant or None)

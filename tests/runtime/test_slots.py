@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -213,6 +214,43 @@ def test_batch_invariant_slots_and_lookup_answer_as_one_at_a_time(smollm2_q4km):
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert (got["prompts"], got["slots_identical"], got["lookup_identical"]) == (20, 20, 20), got
+
+
+def test_batch_invariant_server_answers_twenty_clients_as_one_at_a_time(smollm2_q4km, tmp_path, edgepack_serve):
+    """``serve --batch-invariant --parallel 4``: 20 concurrent HTTP clients get the answers the same server gives one at a time.
+
+    The kernels' side is the test above (``Session.slots`` in process); this one is the server's: scheduler, queue, HTTP
+    and streaming, with prompt reuse across requests. benchmarks/batch_identity.py's 20 chat questions x 64 greedy
+    tokens on Q4_K_M, where a server without the flag gave 10 of 20 answers that differ.
+    """
+    import importlib.util
+
+    import openai
+
+    spec = importlib.util.spec_from_file_location("batch_identity", Path(__file__).resolve().parents[2] / "benchmarks" / "batch_identity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    questions = bench.QUESTIONS
+    greedy = {"temperature": 0, "max_tokens": 64}
+    with edgepack_serve(smollm2_q4km, tmp_path, "--batch-invariant", "--parallel", "4", "--n-ctx", "2048", "--threads", "2") as (base, _):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", timeout=300, max_retries=0, http_client=httpx.Client(trust_env=False))
+
+        def ask(i: int) -> str:
+            msgs = [{"role": "user", "content": questions[i]}]
+            if i % 2:  # half of them streamed
+                chunks = client.chat.completions.create(model="m", messages=msgs, stream=True, **greedy)
+                return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            return client.chat.completions.create(model="m", messages=msgs, **greedy).choices[0].message.content
+
+        alone = [ask(i) for i in range(len(questions))]
+        assert len(set(alone)) == len(questions)  # distinct answers: a mix-up would show
+        with ThreadPoolExecutor(len(questions)) as pool:
+            together = list(pool.map(ask, range(len(questions))))
+        differ = [(questions[i], alone[i], together[i]) for i in range(len(questions)) if alone[i] != together[i]]
+        assert not differ, differ
+        h = _wait_idle(base)
+        assert h["queued"] == 0 and h["slots"] == {"total": 4, "free": 4}, h
+        assert sum(h["finished"].values()) == 40 and set(h["finished"]) <= {"stop", "length"}, h
 
 
 BOTH_ORDERS = """

@@ -102,6 +102,35 @@ def test_chat_opens_a_bundle_by_its_name(smollm2_gguf, tmp_path):
         tmux.kill()
 
 
+@needs_tmux
+def test_chat_passes_batch_invariant_to_the_load_and_refuses_it_on_one_line(smollm2_gguf, tmp_path):
+    """The chat only hands the flag to ``load``: the saved transcript's model says it; a quantized KV cache is refused on one line."""
+    edgepack = Path(sys.executable).with_name("edgepack")
+    tmux = Tmux(tmp_path / "tmux.sock")
+    tmux.start(f"{edgepack} chat {smollm2_gguf} --batch-invariant --n-ctx 512 --temp 0 --max-tokens 8")
+    try:
+        tmux.wait_for(lambda s: "ready" in s and "llama.cpp" in s, "the model to load", timeout=60)
+        tmux.keys("What is the capital of France?", "Enter")
+        tmux.wait_for(lambda s: re.search(r"\d\.\d tok/s +ready", s), "the answer")
+        tmux.keys(f"/save {tmp_path / 'chat'}", "Enter")
+        tmux.wait_for(lambda s: "saved" in s, "the transcript to be saved", timeout=30)
+        model = json.loads((tmp_path / "chat.json").read_text())["model"]
+        assert model["batch_invariant"] is True and model["kv_type"] == "f16", model
+    finally:
+        tmux.kill()
+
+    rc = tmp_path / "rc"
+    tmux = Tmux(tmp_path / "tmux2.sock")
+    tmux.start(f"{edgepack} chat {smollm2_gguf} --batch-invariant --kv-type q8_0; echo $? > {rc}; sleep 60", width=400)
+    try:
+        screen = tmux.wait_for(lambda s: rc.is_file() and rc.read_text().strip(), "the chat to refuse", timeout=60)
+        lines = [line for line in tmux.screen().splitlines() if line.strip()]
+        assert rc.read_text().strip() == "2", screen
+        assert len(lines) == 1 and lines[0].startswith("error: batch_invariant needs an f16 KV cache, not q8_0"), lines
+    finally:
+        tmux.kill()
+
+
 def test_chat_refuses_to_run_without_a_terminal(smollm2_gguf):
     edgepack = Path(sys.executable).with_name("edgepack")
     out = subprocess.run([str(edgepack), "chat", str(smollm2_gguf)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
