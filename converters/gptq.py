@@ -30,12 +30,15 @@ Off the calibration domain (benchmarks/domains.py, KLD chat / prose / code) ``gp
 trades chat for prose and code; the default stays ``builtin``.
 
 Mixed precision (``mixed``): as llama.cpp's Q4_K_M gives attn_v and ffn_down more bits,
-every ``v_proj`` and the ``down_proj`` of the first and last eighth of the layers are
+every ``k_proj`` and ``v_proj`` and the ``down_proj`` of the last eighth of the layers are
 quantized to 8 bits (same group size), written as GPTQModel's per-module ``dynamic``
-rules. On SmolLM2 that took calibrated INT4 ONNX from KLD 0.081 to 0.046 for about
-5 MB. It is on inside ``onnx:int4`` and off for ``gptq:`` variants by default, because
-transformers (through optimum 2.3) cannot load per-module bit widths; GPTQModel and
-vLLM can, so ``mixed=true`` is there for them.
+rules. On SmolLM2 8-bit v_proj and outer down_proj took calibrated INT4 ONNX from KLD
+0.081 to 0.046 for about 5 MB. k_proj joined them and the first layers' down_proj left
+by measured KLD per megabyte (benchmarks/layer_sensitivity.py): k_proj, 3.3M weights
+under grouped-query attention, and the last layer's down_proj buy the most. It is on
+inside ``onnx:int4`` and off for ``gptq:`` variants by default, because transformers
+(through optimum 2.3) cannot load per-module bit widths; GPTQModel and vLLM can, so
+``mixed=true`` is there for them.
 """
 
 from __future__ import annotations
@@ -117,12 +120,12 @@ class GPTQConfig:
     max_tokens: int = 512  # rows are cut to this many tokens
     chat: bool | None = None  # instruct models see their samples in their own chat template; None: when it has one
     device: str = "cpu"  # cpu | cuda
-    mixed: bool = False  # below 8 bits, keep v_proj and the outer layers' down_proj at 8 bits
-    mixed_outer: int = 8  # with mixed: the down_proj of the first and last 1/N of the layers (ceil) keeps 8 bits
+    mixed: bool = False  # below 8 bits, keep k_proj, v_proj and the last layers' down_proj at 8 bits
+    mixed_outer: int = 8  # with mixed: the down_proj of the last 1/N of the layers (ceil) keeps 8 bits
 
 
 def mixed_overrides(model_dir: Path, outer: int = 8) -> dict[str, dict[str, int]]:
-    """GPTQModel ``dynamic`` rules putting every v_proj and the first/last 1/``outer`` of the layers' down_proj at 8 bits.
+    """GPTQModel ``dynamic`` rules putting every k_proj and v_proj and the last 1/``outer`` of the layers' down_proj at 8 bits.
 
     Patterns are prefix matches on module names (GPTQModel) and tensor names (the ONNX builder),
     so they name the Llama-style layout (model.layers.N.self_attn / .mlp); other layouts stay uniform.
@@ -131,10 +134,9 @@ def mixed_overrides(model_dir: Path, outer: int = 8) -> dict[str, dict[str, int]
     if not layers:
         return {}
     edge = -(-layers // outer)
-    outer = sorted(set(range(edge)) | set(range(layers - edge, layers)))
     return {
-        r"+:model\.layers\.\d+\.self_attn\.v_proj": {"bits": 8},
-        rf"+:model\.layers\.({'|'.join(map(str, outer))})\.mlp\.down_proj": {"bits": 8},
+        r"+:model\.layers\.\d+\.self_attn\.(k|v)_proj": {"bits": 8},
+        rf"+:model\.layers\.({'|'.join(map(str, range(layers - edge, layers)))})\.mlp\.down_proj": {"bits": 8},
     }
 
 
@@ -221,7 +223,7 @@ class GPTQStage(Stage):
     """HF checkpoint -> GPTQ checkpoint."""
 
     name: ClassVar[str] = "gptq"
-    version: ClassVar[int] = 2
+    version: ClassVar[int] = 3  # 3: mixed bits take k_proj, and down_proj at the last layers only
     input_kinds: ClassVar[tuple[Kind, ...]] = (Kind.HF,)
     output_kind: ClassVar[Kind] = Kind.GPTQ
     Config = GPTQConfig
@@ -299,10 +301,10 @@ class Options:
     damp_percent: float = option(0.01, metavar="F", panel=_PANEL, help="GPTQ Hessian dampening, a fraction of its mean diagonal (default 0.01).")
     mixed: bool = option(
         False, flag="--mixed-bits", negative="--uniform-bits", panel=_PANEL,
-        help="Keep v_proj and the outer down_proj at 8 bits (default: on for onnx:int4, off for gptq:, which transformers loads only uniform).",
+        help="Keep k_proj, v_proj and the last layers' down_proj at 8 bits (default: on for onnx:int4, off for gptq:, which transformers loads only uniform).",
     )  # fmt: skip
     mixed_outer: int = option(
-        8, metavar="N", panel=_PANEL, help="With mixed bits: the down_proj of the first and last 1/N of the layers stays at 8 bits (default 8).",
+        8, metavar="N", panel=_PANEL, help="With mixed bits: the down_proj of the last 1/N of the layers stays at 8 bits (default 8; 32 in onnx:int4).",
     )  # fmt: skip
     device: str = option("cpu", flag="--gptq-device", metavar="DEVICE", panel=_PANEL, help="Where GPTQ runs: cpu (default) or cuda.")
     calibration: str = calibration.option_field()
@@ -348,8 +350,8 @@ def parse_options(options: Mapping[str, Any], *, bits: int, group: int | None, d
     }
     if got["samples"] < 1:
         raise UsageError(f"`samples` {got['samples']}: GPTQ needs at least one calibration row (default 256)", option="samples")
-    if got["mixed_outer"] < 2:
-        raise UsageError(f"`mixed_outer` {got['mixed_outer']}: give N >= 2 (the first and last 1/N of the layers), e.g. 8", option="mixed_outer")
+    if got["mixed_outer"] < 1:
+        raise UsageError(f"`mixed_outer` {got['mixed_outer']}: give N >= 1 (the last 1/N of the layers), e.g. 8", option="mixed_outer")
     if not 0 < got["damp_percent"] < 1:
         raise UsageError(f"`damp_percent` {got['damp_percent']}: give a fraction between 0 and 1, e.g. 0.01", option="damp_percent")
     if got["device"] not in ("cpu", "cuda"):

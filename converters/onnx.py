@@ -6,8 +6,8 @@ cuda (``onnx:int4-cuda``; fp16 needs cuda, the CPU provider has no fp16 attentio
 INT4 is calibrated by default (shared option ``int4_method=gptq``): the checkpoint first
 goes through the GPTQ stage (4-bit, asymmetric, group = the MatMulNBits block size) and
 the builder repacks those calibrated weights into MatMulNBits instead of rounding the
-float weights to nearest (GPTQ keeps v_proj and the outer layers' down_proj at 8 bits,
-see converters/gptq.py). Not with desc_act: the builder hands act-order checkpoints'
+float weights to nearest (GPTQ keeps k_proj, v_proj and the last layer's down_proj at 8
+bits, see converters/gptq.py). Not with desc_act: the builder hands act-order checkpoints'
 g_idx to MatMulNBits, whose g_idx input (deprecated) onnxruntime 1.32's CPU kernel gets
 wrong even when it changes nothing (tests/converters/test_onnx.py keeps the proof), so
 the GPTQ stage runs without it here and ``desc_act=true`` is refused for onnx:int4. GPTQ leaves the tied embedding / LM head in float; the builder
@@ -25,11 +25,12 @@ Off the calibration domain (benchmarks/domains.py: held-out chat-formatted docst
 standard-library code; KLD chat / prose / code) the builtin-calibrated build above lost far more on prose:
 0.047 / 0.145 / 0.049 at 111.3 MB (the folder's tokenizer.gguf adds 1.8 MB), against GGUF Q4_K_M+imatrix's
 0.040 / 0.050 / 0.029. So onnx:int4 calibrates GPTQ on ``mix`` (docstrings in chat form, license prose and
-code, see converters/calibration.py) and keeps the down_proj of the first and last sixteenth of the layers at
-8 bits instead of the eighth (``mixed_outer=16``): 0.053 / 0.080 / 0.039 at 109.5 MB. The prose loss is
-almost halved and code improves, while chat gives back 0.006; ``mix`` at the eighth scored 0.059 / 0.074 /
-0.038 (111.3 MB, an earlier mix with a sixth of its rows in chat form). ``calibration=builtin mixed_outer=8``
-restores the previous build.
+code, see converters/calibration.py): 0.053 / 0.080 / 0.039 at 109.5 MB with v_proj and the down_proj of
+the first and last sixteenth of the layers at 8 bits. The prose loss is almost halved and code improves,
+while chat gives back 0.006. Measured per megabyte (benchmarks/layer_sensitivity.py), 8-bit k_proj and
+the last layer's down_proj buy the most, so the default now keeps every k_proj and v_proj and the down_proj
+of the last 1/32 of the layers (``mixed_outer=32``: SmolLM2's last) at 8 bits: 0.047 / 0.074 / 0.036 at
+109.8 MB, better on every domain.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ INT4_METHODS = ("gptq", "rtn")
 GENAI_CONFIG = "genai_config.json"
 VOCAB_FILE = "tokenizer.gguf"  # read by runtime/onnx.py
 # calibrated INT4's own GPTQ defaults (see the module docstring)
-GPTQ_DEFAULTS = {"mixed": True, "mixed_outer": 16, "desc_act": False, "calibration": "mix"}
+GPTQ_DEFAULTS = {"mixed": True, "mixed_outer": 32, "desc_act": False, "calibration": "mix"}
 log = logging.getLogger(__name__)
 _GGUF_HINT = "Convert it to GGUF instead (gguf:Q4_K_M), which llama.cpp runs."
 

@@ -103,7 +103,7 @@ def test_variants_are_parsed_once_into_typed_options():
 
 
 def test_equal_stages_become_one_job():
-    same = {"mixed": False, "desc_act": False, "calibration": "mix", "mixed_outer": 16}  # gptq:4g32 as onnx:int4's GPTQ by default
+    same = {"mixed": False, "desc_act": False, "calibration": "mix", "mixed_outer": 32}  # gptq:4g32 as onnx:int4's GPTQ by default
     specs, transforms = request("any-model", "gguf:Q4_K_M,gguf:Q2_K,gguf:q8_0,gptq:4g32,onnx:int4", options=same)
     p = planning.plan(specs, transforms=transforms)
     names = [j.stage.name for j in p.jobs]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -40,6 +42,24 @@ class Tmux:
                 return text
             time.sleep(0.2)
         raise AssertionError(f"timed out waiting for {what}; the screen shows:\n{self.screen()}")
+
+    def ask(self, question: str = "What is the capital of France?") -> str:
+        """Type a question into the chat and wait for the answer's stats beside ``ready``; returns the screen."""
+        self.keys(question, "Enter")
+        return self.wait_for(lambda s: re.search(r"\d\.\d tok/s +ready", s), "the answer")
+
+    def save(self, stem: Path) -> dict:
+        """The chat's ``/save STEM``; returns the transcript it wrote to STEM.json."""
+        self.keys(f"/save {stem}", "Enter")
+        self.wait_for(lambda s: "saved" in s, "the transcript to be saved", timeout=30)
+        return json.loads(stem.with_suffix(".json").read_text())
+
+    def exited(self, timeout: float = 30.0) -> bool:
+        """Whether the session's command ended within ``timeout``."""
+        end = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < end:
+            time.sleep(0.2)
+        return not self.alive()
 
     def kill(self) -> None:
         subprocess.run([*self.base, "kill-server"], capture_output=True)

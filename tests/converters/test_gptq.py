@@ -79,12 +79,12 @@ def test_mixed_precision_rules_match_module_and_tensor_names(tmp_path):
 
     rules = gptq.mixed_overrides(_config(tmp_path, num_hidden_layers=30))
     hits = [n for n in (f"model.layers.{i}.mlp.down_proj" for i in range(30)) if any(re.match(p[2:], n) for p in rules)]
-    assert hits == [f"model.layers.{i}.mlp.down_proj" for i in (0, 1, 2, 3, 26, 27, 28, 29)]
-    assert any(re.match(p[2:], "model.layers.12.self_attn.v_proj.qweight") for p in rules)
-    assert not any(re.match(p[2:], "model.layers.12.self_attn.q_proj") for p in rules)
-    narrower = gptq.mixed_overrides(_config(tmp_path, num_hidden_layers=30), outer=16)
+    assert hits == [f"model.layers.{i}.mlp.down_proj" for i in (26, 27, 28, 29)]
+    assert all(any(re.match(p[2:], f"model.layers.12.self_attn.{m}.qweight") for p in rules) for m in ("k_proj", "v_proj"))
+    assert not any(re.match(p[2:], f"model.layers.12.{m}") for p in rules for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj"))
+    narrower = gptq.mixed_overrides(_config(tmp_path, num_hidden_layers=30), outer=32)  # onnx:int4's
     hits = [i for i in range(30) if any(re.match(p[2:], f"model.layers.{i}.mlp.down_proj") for p in narrower)]
-    assert hits == [0, 1, 28, 29]
+    assert hits == [29]
 
 
 def test_cpu_workers_raised_to_two(monkeypatch):

@@ -19,8 +19,8 @@ def test_options_from_a_command_line_are_parsed():
     assert got == gptq.Options(4, None, samples=64, sym=True, desc_act=False, damp_percent=0.05, mixed=False, device="cpu", arg="4")
     assert used == {"samples", "sym", "desc_act", "damp_percent", "mixed"}
     assert gptq.parse("4g32", {})[0].mixed is False and onnx_conv.parse("int4", {})[0].gptq.mixed is True
-    calibrated = onnx_conv.parse("int4", {})[0].gptq  # measured in converters/onnx.py: mix and the outer sixteenth
-    assert (calibrated.calibration, calibrated.mixed_outer) == ("mix", 16) and gptq.parse("4", {})[0].calibration == "builtin"
+    calibrated = onnx_conv.parse("int4", {})[0].gptq  # measured in converters/onnx.py: mix and the last 1/32's down_proj
+    assert (calibrated.calibration, calibrated.mixed_outer) == ("mix", 32) and gptq.parse("4", {})[0].calibration == "builtin"
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,7 @@ def test_options_from_a_command_line_are_parsed():
         ({"samples": "many"}, "`samples` 'many': give a whole number"),
         ({"samples": 0}, "`samples` 0"),
         ({"damp_percent": 1.5}, "`damp_percent` 1.5"),
-        ({"mixed_outer": 1}, "`mixed_outer` 1: give N >= 2"),
+        ({"mixed_outer": 0}, "`mixed_outer` 0: give N >= 1"),
         ({"sym": "maybe"}, "`sym` 'maybe': give true or false"),
         ({"device": "tpu"}, "`device` 'tpu'"),
     ],

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["What is the capital of France?", "Name a color.", "Write one word about the sea.", "Count to five."]
 GREEDY = {"temperature": 0, "max_tokens": 16}
 COUNTING = "A long list of numbers: 1, 2, 3,"
+BATCH_IDENTITY = Path(__file__).resolve().parents[2] / "benchmarks" / "batch_identity.py"  # run as a child, and read for its questions
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +209,7 @@ def test_batch_invariant_slots_and_lookup_answer_as_one_at_a_time(smollm2_q4km):
 
     benchmarks/batch_identity.py runs it in a fresh interpreter: llama.cpp fixes its tiled matmul per process.
     """
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "batch_identity.py"
-    cmd = [sys.executable, str(script), "--child", "invariant", "--gguf", str(smollm2_q4km), "--threads", "2"]
+    cmd = [sys.executable, str(BATCH_IDENTITY), "--child", "invariant", "--gguf", str(smollm2_q4km), "--threads", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
@@ -227,7 +227,7 @@ def test_batch_invariant_server_answers_twenty_clients_as_one_at_a_time(smollm2_
 
     import openai
 
-    spec = importlib.util.spec_from_file_location("batch_identity", Path(__file__).resolve().parents[2] / "benchmarks" / "batch_identity.py")
+    spec = importlib.util.spec_from_file_location("batch_identity", BATCH_IDENTITY)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     questions = bench.QUESTIONS

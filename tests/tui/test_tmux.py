@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,24 +23,18 @@ def test_edgepack_chat_in_a_terminal(smollm2_gguf, tmp_path):
     tmux.start(cmd)
     try:
         tmux.wait_for(lambda s: "ready" in s and "llama.cpp" in s, "the model to load", timeout=60)
-        tmux.keys("What is the capital of France?", "Enter")
-        screen = tmux.wait_for(lambda s: re.search(r"\d\.\d tok/s +ready", s), "the answer")
+        screen = tmux.ask()
         assert "What is the capital of France?" in screen and "system prompt" in screen
         assert "Answer in one sentence." in screen and "tokens," in screen  # the answer's box and its stats
         tmux.keys("Up")  # history brings the question back
         tmux.wait_for(lambda s: s.count("What is the capital of France?") == 2, "the recalled input")
         tmux.keys("C-u")
         tmux.wait_for(lambda s: s.count("What is the capital of France?") == 1, "the input to clear", timeout=30)
-        tmux.keys(f"/save {tmp_path / 'chat'}", "Enter")
-        tmux.wait_for(lambda s: "saved" in s, "the transcript to be saved", timeout=30)
-        record = json.loads((tmp_path / "chat.json").read_text())
+        record = tmux.save(tmp_path / "chat")
         assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
         assert record["messages"][1]["content"].strip() and record["model"]["backend"] == "llama.cpp"
         tmux.keys("C-q")
-        deadline = time.monotonic() + 30
-        while tmux.alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not tmux.alive() and rc.read_text().strip() == "0"
+        assert tmux.exited() and rc.read_text().strip() == "0"
     finally:
         tmux.kill()
 
@@ -57,14 +48,10 @@ def test_convert_with_chat_opens_the_chat_on_the_new_bundle_in_a_terminal(smollm
     tmux.start(cmd)
     try:
         tmux.wait_for(lambda s: "ready" in s and "gguf-q8_0" in s, "the converted bundle to open in the chat", timeout=300)
-        tmux.keys("What is the capital of France?", "Enter")
-        screen = tmux.wait_for(lambda s: re.search(r"\d\.\d tok/s +ready", s), "the answer")
+        screen = tmux.ask()
         assert "What is the capital of France?" in screen and "tokens," in screen  # the question, and the answer's stats
         tmux.keys("C-q")
-        deadline = time.monotonic() + 30
-        while tmux.alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not tmux.alive() and rc.read_text().strip() == "0"
+        assert tmux.exited() and rc.read_text().strip() == "0"
         assert (out / "edgepack.json").is_file()
     finally:
         tmux.kill()
@@ -95,8 +82,7 @@ def test_chat_opens_a_bundle_by_its_name(smollm2_gguf, tmp_path):
     tmux.start(f"{edgepack} chat smollm2-135m --n-ctx 512 --temp 0 --max-tokens 16 --system 'Answer in one sentence.'")
     try:
         tmux.wait_for(lambda s: "ready" in s and "gguf-q4_1" in s, "the named bundle to load", timeout=60)
-        tmux.keys("What is the capital of France?", "Enter")
-        screen = tmux.wait_for(lambda s: re.search(r"\d\.\d tok/s +ready", s), "the answer")
+        screen = tmux.ask()
         assert "Paris" in screen, screen
     finally:
         tmux.kill()
@@ -110,11 +96,8 @@ def test_chat_passes_batch_invariant_to_the_load_and_refuses_it_on_one_line(smol
     tmux.start(f"{edgepack} chat {smollm2_gguf} --batch-invariant --n-ctx 512 --temp 0 --max-tokens 8")
     try:
         tmux.wait_for(lambda s: "ready" in s and "llama.cpp" in s, "the model to load", timeout=60)
-        tmux.keys("What is the capital of France?", "Enter")
-        tmux.wait_for(lambda s: re.search(r"\d\.\d tok/s +ready", s), "the answer")
-        tmux.keys(f"/save {tmp_path / 'chat'}", "Enter")
-        tmux.wait_for(lambda s: "saved" in s, "the transcript to be saved", timeout=30)
-        model = json.loads((tmp_path / "chat.json").read_text())["model"]
+        tmux.ask()
+        model = tmux.save(tmp_path / "chat")["model"]
         assert model["batch_invariant"] is True and model["kv_type"] == "f16", model
     finally:
         tmux.kill()
