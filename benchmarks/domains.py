@@ -66,35 +66,46 @@ def gguf_logprobs(path: Path, windows, threads: int) -> list[np.ndarray]:
     return out
 
 
+def common_args(ap: argparse.ArgumentParser, out: str) -> None:
+    """--reference, --threads and -o, as every script scoring the held-out domains takes them."""
+    ap.add_argument("--reference", default="", help="float checkpoint folder (default: edgepack pull smollm2-135m)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("-o", "--out", default=out)
+
+
+def reference_and_windows(path: str, threads: int):
+    """(reference folder, its float32 model, windows per domain, the reference's log-probs per domain)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgepack.converters.pull import pull
+
+    torch.set_num_threads(threads)
+    reference = pull(path or "smollm2-135m").path
+    windows = eval_windows(AutoTokenizer.from_pretrained(reference))
+    model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
+    return reference, model, windows, {d: torch_logprobs(model, w) for d, w in windows.items()}
+
+
 def options(text: str) -> dict[str, str]:
     return dict(p.split("=", 1) for p in text.split(";") if p.strip())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reference", default="", help="float checkpoint folder (default: edgepack pull smollm2-135m)")
     ap.add_argument("--calibration", default="", help="calibration preset for every format (default: edgepack's default)")
     ap.add_argument("--formats", default="onnx:int4,gptq:4,gguf:Q4_K_M", help="comma-separated specs to build and score")
     ap.add_argument("--onnx", default="", help="extra options of onnx:int4, KEY=VALUE;KEY=VALUE (e.g. damp_percent=0.05;samples=384)")
     ap.add_argument("--gptq", default="", help="extra options of gptq:4, as --onnx")
     ap.add_argument("--gguf", default="", help="extra options of gguf:Q4_K_M, as --onnx (e.g. calibration_tokens=40960)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("-o", "--out", default="domains.json")
+    common_args(ap, "domains.json")
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from edgepack.convert import convert
-    from edgepack.converters.pull import pull
 
     started = time.perf_counter()
-    reference = pull(args.reference or "smollm2-135m").path
-    tok = AutoTokenizer.from_pretrained(reference)
-    windows = eval_windows(tok)
-    model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
-    ref = {d: torch_logprobs(model, w) for d, w in windows.items()}
+    reference, model, windows, ref = reference_and_windows(args.reference, args.threads)
     del model
     common = {"calibration": args.calibration} if args.calibration else {}
     extra = {"onnx": options(args.onnx), "gptq": options(args.gptq), "gguf": options(args.gguf)}

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from domains import eval_windows
+from domains import common_args, reference_and_windows
 from onnx_int4 import compare, dequantized_gptq, torch_logprobs
 from reference_grid import head_8bit
 
@@ -32,23 +32,12 @@ KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gptq", required=True, help="a uniform-bits GPTQ checkpoint folder (see above)")
-    ap.add_argument("--reference", default="", help="float checkpoint folder (default: edgepack pull smollm2-135m)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("-o", "--out", default="layer_sensitivity.json")
+    common_args(ap, "layer_sensitivity.json")
     args = ap.parse_args()
     import torch
 
-    torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edgepack.converters.pull import pull
-
     started = time.perf_counter()
-    reference = pull(args.reference or "smollm2-135m").path
-    tok = AutoTokenizer.from_pretrained(reference)
-    windows = eval_windows(tok)
-    floats = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
-    ref = {d: torch_logprobs(floats, w) for d, w in windows.items()}
+    reference, floats, windows, ref = reference_and_windows(args.reference, args.threads)
     model = dequantized_gptq(Path(args.gptq), reference)
     embedding = model.get_input_embeddings()
     embedding.weight.data = head_8bit(embedding.weight.data)

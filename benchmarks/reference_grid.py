@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from domains import eval_windows
+from domains import common_args, reference_and_windows
 from onnx_int4 import compare, torch_logprobs
 
 GROUP = 32
@@ -105,23 +105,12 @@ def zero_point_speed(calls: int = 2000) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reference", default="", help="float checkpoint folder (default: edgepack pull smollm2-135m)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("-o", "--out", default="reference_grid.json")
+    common_args(ap, "reference_grid.json")
     args = ap.parse_args()
     import torch
 
-    torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edgepack.converters.pull import pull
-
     started = time.perf_counter()
-    reference = pull(args.reference or "smollm2-135m").path
-    tok = AutoTokenizer.from_pretrained(reference)
-    windows = eval_windows(tok)
-    model = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
-    ref = {d: torch_logprobs(model, w) for d, w in windows.items()}
+    reference, model, windows, ref = reference_and_windows(args.reference, args.threads)
     head = model.get_output_embeddings()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     weights = {n: m.weight.data.clone() for n, m in linears.items()}
