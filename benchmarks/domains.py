@@ -14,6 +14,10 @@ in nats/token, top-1 agreement and perplexity; ONNX through onnxruntime (one 512
 GPTQ as transformers loads it (optimum + GPTQModel kernels) and as its dequantized weights,
 GGUF through llama.cpp.
 
+``onnx:int4`` is built as ``convert`` builds it: on the offline SmolLM2, whose weights are a Q4_1 grid, that
+is the grid re-packed as it is (converters/grid.py); ``--onnx int4_method=gptq`` scores the calibrated build
+a float checkpoint gets.
+
 Bars (issue 21): onnx:int4 at <= 110 MB has KLD <= 0.06 on every domain and <= 1.3x
 GGUF Q4_K_M+imatrix's KLD on each.
 """

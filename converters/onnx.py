@@ -3,7 +3,12 @@
 ``onnx:PRECISION[-EP]``: PRECISION is fp32, fp16, int8 or int4; EP is cpu (default) or
 cuda (``onnx:int4-cuda``; fp16 needs cuda, the CPU provider has no fp16 attention).
 
-INT4 is calibrated by default (shared option ``int4_method=gptq``): the checkpoint first
+INT4 (shared option ``int4_method``, default ``auto``): a checkpoint whose linear weights
+already sit on a 4-bit grid, as one dequantized from a Q4_0/Q4_1 GGUF does (the offline
+SmolLM2), is re-packed as it is (``grid``, converters/grid.py: no calibration, KLD 0.006
+on chat, prose and code against 0.047-0.074 calibrated, benchmarks/domains.py); any other
+is calibrated (``gptq``), and so are a pruned or distilled student and ``onnx:int4-cuda``
+(whose kernel was not checked with grid's longer rows). Calibrated, the checkpoint first
 goes through the GPTQ stage (4-bit, asymmetric, group = the MatMulNBits block size) and
 the builder repacks those calibrated weights into MatMulNBits instead of rounding the
 float weights to nearest (GPTQ keeps k_proj, v_proj and the last layer's down_proj at 8
@@ -43,7 +48,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,13 +61,13 @@ from ..errors import (
 )
 from ..options import given as is_given
 from ..options import number, option
-from ..plan import Format, Planner, VariantJob
+from ..plan import SOURCE, Format, Planner, VariantJob
 from ..stages import Artifact, Kind, Planned, Stage
-from . import gptq
+from . import gptq, grid
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 PROVIDERS = ("cpu", "cuda")
-INT4_METHODS = ("gptq", "rtn")
+INT4_METHODS = ("auto", "gptq", "grid", "rtn")
 GENAI_CONFIG = "genai_config.json"
 VOCAB_FILE = "tokenizer.gguf"  # read by runtime/onnx.py
 # calibrated INT4's own GPTQ defaults (see the module docstring)
@@ -133,13 +138,14 @@ class OnnxConfig:
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32
     lm_head_bits: int = 8  # int4 only: the embedding / LM head, the most output-sensitive matrix (4 with int4_method=rtn)
     lm_head_block: int = 64  # block of the 8-bit LM head over GPTQ input: 64 divides SmolLM2's 576, 128 would pad rows to 640
+    grid: bool = False  # int4 from a checkpoint already on a 4-bit grid: its own codes, re-packed (converters/grid.py)
 
 
 class OnnxStage(Stage):
     """HF or GPTQ checkpoint -> onnxruntime-genai folder."""
 
     name: ClassVar[str] = "onnx"
-    version: ClassVar[int] = 5  # 4: tokenizer.gguf; 5: a hidden_states output, for embeddings
+    version: ClassVar[int] = 6  # 4: tokenizer.gguf; 5: a hidden_states output, for embeddings; 6: grid int4
     input_kinds: ClassVar[tuple[Kind, ...]] = (Kind.HF, Kind.GPTQ)
     output_kind: ClassVar[Kind] = Kind.ONNX
     Config = OnnxConfig
@@ -153,7 +159,7 @@ class OnnxStage(Stage):
         extra = ["include_hidden_states=true"]  # the final norm's output beside the logits: what Session.embed pools
         if config.precision in ("int4", "int8"):
             # Over a GPTQ checkpoint the builder quantizes only what GPTQ left in float: the LM head.
-            block = config.lm_head_block if inp.kind == Kind.GPTQ else config.block_size
+            block = config.lm_head_block if inp.kind == Kind.GPTQ or config.grid else config.block_size
             extra += [f"block_size={block}", f"accuracy_level={config.accuracy_level}"]
         if config.precision == "int4" and config.lm_head_bits == 8:
             # The builder's default quantizer names an 8-bit LM head's initializers otherwise than the tied
@@ -173,6 +179,8 @@ class OnnxStage(Stage):
                 tail = " | ".join(log.getvalue().strip().splitlines()[-3:])[-400:]
                 raise BackendError(f"onnxruntime-genai's builder failed on {inp.path.name}: {type(e).__name__}: {e} [{tail}]") from e
         check_folder(out_dir)
+        if config.grid:
+            grid.repack(out_dir / "model.onnx", inp.path, config.block_size)
         from .gguf import write_vocab
 
         try:  # the runtime's tokenizer (runtime/onnx.py); without it the runtime falls back to og.Tokenizer
@@ -206,24 +214,27 @@ class Options:
     precision: str
     provider: str = "cpu"
     int4_method: str = option(
-        "gptq", metavar="METHOD", panel=gptq._PANEL, help="onnx:int4 weights: gptq (calibrated, default) or rtn (the builder's round-to-nearest)."
-    )
+        "auto", metavar="METHOD", panel=gptq._PANEL,
+        help="onnx:int4 weights: gptq (calibrated), grid (a checkpoint already on a 4-bit grid, re-packed as it is), rtn (the "
+        "builder's round-to-nearest) or auto (default: grid where the weights allow, else gptq).",
+    )  # fmt: skip
     block_size: int = option(32, metavar="N", panel=gptq._PANEL, help="MatMulNBits block (and GPTQ group) of int4/int8 ONNX weights (default 32).")
     accuracy_level: int = option(4, metavar="N", panel=gptq._PANEL, help="MatMulNBits compute precision: 4 int8 activations (default, fastest on CPU), 1 fp32.")
     lm_head_bits: int | None = option(None, metavar="BITS", panel=gptq._PANEL, help="Bits of the int4 model's LM head: 8 (default when calibrated) or 4.")
     lm_head_block: int = option(64, metavar="N", panel=gptq._PANEL, help="Block of an 8-bit LM head over GPTQ weights (default 64).")
     gptq: gptq.Options | None = None  # the GPTQ run a calibrated int4 repacks
+    on_grid: bool = False  # found by check(): every linear weight of the model is on a 4-bit grid
 
     @property
     def arg(self) -> str:
         return self.precision + ("" if self.provider == "cpu" else f"-{self.provider}")
 
-    def config(self) -> OnnxConfig:
-        return OnnxConfig(self.precision, self.provider, self.block_size, self.accuracy_level, self.head_bits, self.lm_head_block)
+    def config(self, grid: bool = False) -> OnnxConfig:
+        return OnnxConfig(self.precision, self.provider, self.block_size, self.accuracy_level, self.head_bits, self.lm_head_block, grid)
 
     @property
     def head_bits(self) -> int:
-        return self.lm_head_bits or (8 if self.gptq else 4)
+        return self.lm_head_bits or (4 if self.int4_method == "rtn" else 8)
 
 
 _ONNX_OPTIONS = ("int4_method", "block_size", "accuracy_level", "lm_head_bits", "lm_head_block")
@@ -233,7 +244,7 @@ def parse(arg: str, options: Mapping[str, Any]) -> tuple[Options, set[str]]:
     """The typed options of ``onnx:ARG``; raises UsageError, MissingDependencyError (no CUDA build), CalibrationError."""
     precision, provider = parse_arg(arg)
     given = dict(options)
-    method = str(given.get("int4_method") or "gptq")
+    method = str(given.get("int4_method") or "auto")
     if method not in INT4_METHODS:
         raise UsageError(f"`int4_method` {method!r}: choose one of {', '.join(INT4_METHODS)}", option="int4_method")
     got = {k: number(given, k, None) for k in ("block_size", "accuracy_level", "lm_head_bits", "lm_head_block")}
@@ -251,7 +262,7 @@ def parse(arg: str, options: Mapping[str, Any]) -> tuple[Options, set[str]]:
     calibrated = None
     if precision == "int4":
         used |= {k for k in ("lm_head_bits", "lm_head_block") if k in got}
-        if method == "gptq":
+        if method in ("auto", "gptq"):
             calibrated = gptq.parse_options(given, bits=4, group=got.get("block_size", 32), defaults=GPTQ_DEFAULTS)
             if calibrated.desc_act:
                 # Measured: onnxruntime 1.32's CPU MatMulNBits computes wrong products whenever its g_idx input is
@@ -265,22 +276,41 @@ def parse(arg: str, options: Mapping[str, Any]) -> tuple[Options, set[str]]:
 
 
 def check(opts: Options, model_dir: Path) -> Options:
-    """The builder must export the architecture, and GPTQ's groups must fit the widths: checked before GPTQ runs."""
+    """The builder must export the architecture, and GPTQ's groups must fit the widths: checked before GPTQ runs.
+    Also finds whether the weights are on a 4-bit grid, for ``int4_method`` auto and grid."""
     check_architecture(model_dir)
     if opts.gptq:
         gptq.choose_group_size(model_dir, opts.block_size)  # the GPTQ group is the MatMulNBits block
-    return opts
+    if opts.precision != "int4" or opts.int4_method not in ("auto", "grid"):
+        return opts
+    if opts.provider != "cpu":  # its group sums make K no multiple of the block: proven on the CPU kernel only
+        if opts.int4_method == "grid":
+            raise UsageError("`int4_method` grid is for onnx:int4 on the CPU (not yet checked on CUDA): use gptq", option="int4_method")
+        return opts
+    found = grid.on_grid(model_dir, opts.block_size)
+    if opts.int4_method == "grid" and not found:
+        raise UsageError(
+            f"`int4_method` grid: {model_dir.name}'s weights are not 16 evenly spaced values per {opts.block_size}, as a 4-bit "
+            "GGUF's are: use int4_method=gptq",
+            option="int4_method",
+        )
+    return replace(opts, on_grid=found)
 
 
 def plan(opts: Options, p: Planner) -> VariantJob:
-    inp = p.stage(gptq.GPTQStage(), opts.gptq.config()) if opts.gptq else None
-    job = p.stage(OnnxStage(), opts.config(), input=inp)
+    method = opts.int4_method
+    if method == "auto":  # the source's grid, unless a prune or distill makes a new (float) student first
+        method = "grid" if opts.on_grid and p.model is SOURCE else "gptq"
+    if method == "grid" and p.model is not SOURCE:
+        raise UsageError("`int4_method` grid re-packs the source's 4-bit grid, which a pruned or distilled student has left: use gptq", option="int4_method")
+    inp = p.stage(gptq.GPTQStage(), opts.gptq.config()) if method == "gptq" and opts.gptq else None
+    job = p.stage(OnnxStage(), opts.config(grid=method == "grid"), input=inp)
     meta: dict[str, Any] = {"precision": opts.precision, "execution_provider": opts.provider}
     if opts.precision in ("int4", "int8"):
         meta.update(block_size=opts.block_size, accuracy_level=opts.accuracy_level)
     if opts.precision == "int4":
-        meta.update(int4_method=opts.int4_method, lm_head_bits=opts.head_bits)
-        if opts.gptq:
+        meta.update(int4_method=method, lm_head_bits=opts.head_bits)
+        if method in ("gptq", "grid"):
             meta["lm_head_block"] = opts.lm_head_block
 
     def describe(art: Artifact, model_dir: Path) -> tuple[dict[str, Any], float | None]:

@@ -22,7 +22,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendError, InvalidModelError, MissingDependencyError, UsageError
 from .base import NO_TEMPLATE_HINT, ModelInfo, SamplingParams, Scores, Session
@@ -49,6 +49,18 @@ def _quant_method(path: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return str(qcfg.get("quant_method", "unknown")) if isinstance(qcfg, dict) else None
+
+
+def gptq_kernel(path: Path, device: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments for the GPTQ checkpoint at ``path``. GPTQModel 7.7 picks its fused CPU kernel
+    for groups of 16 as well, but torch's int4 CPU matmul under it takes groups of 32 and up (the first forward
+    fails), so smaller groups (gptq:4's default) load on the CPU with GPTQModel's plain torch kernel."""
+    from transformers import GPTQConfig
+
+    qcfg = json.loads((path / "config.json").read_text())["quantization_config"]
+    if device == "cpu" and 0 < int(qcfg.get("group_size", -1)) < 32:
+        return {"quantization_config": GPTQConfig(bits=int(qcfg["bits"]), backend="torch")}
+    return {}
 
 
 class TransformersBackend(Backend):
@@ -124,7 +136,8 @@ class TransformersSession(Session):
             try:
                 self._tok = AutoTokenizer.from_pretrained(path)
                 # float checkpoints in float32 whatever they were saved in; quantized kernels want their own dtype
-                model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if method else torch.float32).to(device).eval()
+                kernel = gptq_kernel(path, device) if method == "gptq" else {}
+                model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if method else torch.float32, **kernel).to(device).eval()
             except ImportError as e:  # a quantized checkpoint whose loader is not installed (optimum, for GPTQ)
                 if method == "gptq":
                     raise MissingDependencyError(e.name or "optimum", extra="gptq", purpose=f"running the GPTQ checkpoint {path.name}") from e

@@ -16,6 +16,7 @@ from edgepack.convert import convert
 from edgepack.plan import parse_variants
 from edgepack.converters import calibration, gptq
 from edgepack.errors import CalibrationError, InvalidModelError, MissingDependencyError, UsageError
+from edgepack.runtime.transformers import gptq_kernel
 
 # Widths 96 and 192: neither 128 nor 64 divides both, as 128 does not divide SmolLM2's 576.
 NARROW = dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, head_dim=32, intermediate_size=192)
@@ -144,7 +145,8 @@ def test_gptq_checkpoint_loads_in_transformers(narrow, tmp_path, logged):
             if isinstance(mod, torch.nn.Linear) and "layers" in name:
                 mod.weight.copy_(round_to_nearest(mod.weight, 16))
         rtn = torch.log_softmax(model(ids).logits[0], -1)
-        calibrated = torch.log_softmax(AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")(ids).logits[0].float(), -1)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", **gptq_kernel(folder, "cpu"))
+        calibrated = torch.log_softmax(loaded(ids).logits[0].float(), -1)
     kld = lambda q: (ref.exp() * (ref - q)).sum(-1).mean().item()  # noqa: E731
     assert kld(calibrated) < 0.9 * kld(rtn), (kld(calibrated), kld(rtn))
 
