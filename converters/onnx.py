@@ -137,7 +137,7 @@ class OnnxConfig:
     block_size: int = 32  # MatMulNBits block (int4/int8); with GPTQ input it is the GPTQ group size
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32
     lm_head_bits: int = 8  # int4 only: the embedding / LM head, the most output-sensitive matrix (4 with int4_method=rtn)
-    lm_head_block: int = 64  # block of the 8-bit LM head over GPTQ input: 64 divides SmolLM2's 576, 128 would pad rows to 640
+    lm_head_block: int = 64  # block of the 8-bit LM head over GPTQ or grid input: 64 divides SmolLM2's 576, 128 would pad rows to 640
     grid: bool = False  # int4 from a checkpoint already on a 4-bit grid: its own codes, re-packed (converters/grid.py)
 
 
@@ -220,8 +220,8 @@ class Options:
     )  # fmt: skip
     block_size: int = option(32, metavar="N", panel=gptq._PANEL, help="MatMulNBits block (and GPTQ group) of int4/int8 ONNX weights (default 32).")
     accuracy_level: int = option(4, metavar="N", panel=gptq._PANEL, help="MatMulNBits compute precision: 4 int8 activations (default, fastest on CPU), 1 fp32.")
-    lm_head_bits: int | None = option(None, metavar="BITS", panel=gptq._PANEL, help="Bits of the int4 model's LM head: 8 (default when calibrated) or 4.")
-    lm_head_block: int = option(64, metavar="N", panel=gptq._PANEL, help="Block of an 8-bit LM head over GPTQ weights (default 64).")
+    lm_head_bits: int | None = option(None, metavar="BITS", panel=gptq._PANEL, help="Bits of the int4 model's LM head: 8 (default) or 4 (default with int4_method=rtn).")
+    lm_head_block: int = option(64, metavar="N", panel=gptq._PANEL, help="Block of an 8-bit LM head beside gptq or grid weights (default 64).")
     gptq: gptq.Options | None = None  # the GPTQ run a calibrated int4 repacks
     on_grid: bool = False  # found by check(): every linear weight of the model is on a 4-bit grid
 
