@@ -262,7 +262,9 @@ class GPTQStage(Stage):
         try:
             with _logs_inside(out_dir):
                 model = gptqmodel.GPTQModel.load(str(inp.path), qcfg, device=config.device)
-                model.quantize(data, batch_size=1, calibration_data_min_length=MIN_ROW_TOKENS - 1)
+                # GPTQModel's automatic kernel choice for the layers it has packed (its fused CPU kernel) made each later
+                # layer's calibration forward minutes long on an AMD EPYC host: its plain torch kernel keeps it seconds
+                model.quantize(data, batch_size=1, calibration_data_min_length=MIN_ROW_TOKENS - 1, backend=gptqmodel.BACKEND.TORCH)
                 model.save(str(out_dir))
         except (ValueError, TypeError, RuntimeError, NotImplementedError, KeyError) as e:
             raise InvalidModelError(f"GPTQModel could not quantize {inp.path.name} ({type(e).__name__}: {e}): try gguf instead") from e
