@@ -115,15 +115,15 @@ def initializers(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.
     return b, scales, _pack(zeros), k + sums
 
 
-def repack(model_file: Path, checkpoint: Path, block: int) -> int:
-    """Rewrite the builder's 4-bit MatMulNBits nodes of ``model_file`` from the grid ``checkpoint``; returns how many."""
+def repack(model_file: Path, checkpoint: Path, block: int) -> None:
+    """Rewrite the builder's 4-bit MatMulNBits nodes of ``model_file`` from the grid ``checkpoint``."""
     import onnx
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(model_file))
     inits = {i.name: i for i in model.graph.initializer}
     weights = _linears(checkpoint)
-    nodes, sums, done = [], {}, 0
+    nodes, sums = [], {}
     for node in model.graph.node:
         attrs = {a.name: a for a in node.attribute}
         if node.op_type != "MatMulNBits" or attrs["bits"].i != 4:
@@ -163,10 +163,8 @@ def repack(model_file: Path, checkpoint: Path, block: int) -> int:
         node.input.extend(inputs)
         attrs["K"].i, attrs["block_size"].i = k, block
         nodes.append(node)
-        done += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     data = model_file.with_name(model_file.name + ".data")
     data.unlink(missing_ok=True)
     onnx.save(model, str(model_file), save_as_external_data=True, location=data.name, all_tensors_to_one_file=True)
-    return done
