@@ -13,6 +13,9 @@ batch of g + 1 tokens (measured for 1..6); ``g``: guesses per check; ``c_sync``:
 the token it missed, sampling), what is left of the measured time per check.
 
     flock /tmp/edgepack-cpu.lock flock /tmp/edgepack-test.lock .venv/bin/python benchmarks/draft.py --out draft.json
+
+``--batch-invariant`` loads both sessions in the mode whose kernels do not depend on the batch (``load(...,
+batch_invariant=True)``): the default mode may part from plain decoding at near-ties after a batched check.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-invariant", action="store_true", help="load plain and drafted sessions batch-invariant (the mode that promises identical tokens)")
     ap.add_argument("--work", default="draft-bundles", help="where the draft bundles go")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -103,8 +107,10 @@ def main() -> None:
         target = target / next(v["path"] for v in data["variants"] if v["format"] == "gguf")
     drafts = {int(k): build(ckpt, int(k), Path(args.work), args.draft_time, args.draft_prompts) for k in args.keep.split(",")}
 
-    results = {"target": str(target), "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds, "drafts": []}
-    with edgepack.load(target, threads=args.threads, n_ctx=1024) as plain:
+    results = {"target": str(target), "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
+               "batch_invariant": args.batch_invariant, "drafts": []}
+    mode = {"batch_invariant": args.batch_invariant}
+    with edgepack.load(target, threads=args.threads, n_ctx=1024, **mode) as plain:
         chats = [plain.chat_tokens([{"role": "user", "content": p}]) for p in PROMPTS]
         c_target = per_token(plain)
         verify = verify_cost(plain, chats[0])
@@ -115,7 +121,7 @@ def main() -> None:
             with edgepack.load(path, threads=args.threads, n_ctx=1024) as alone:
                 c_draft = per_token(alone)
             row = {"keep": keep, "draft": str(path), "draft_bytes": path.stat().st_size, "c_draft_s": c_draft, "prompts": []}
-            with edgepack.load(target, threads=args.threads, n_ctx=1024, draft=path) as drafted:
+            with edgepack.load(target, threads=args.threads, n_ctx=1024, draft=path, **mode) as drafted:
                 for ids in chats:
                     plain_tps, draft_tps, same, stats = [], [], True, []
                     for _ in range(args.rounds):

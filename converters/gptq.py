@@ -37,8 +37,9 @@ rules. On SmolLM2 8-bit v_proj and outer down_proj took calibrated INT4 ONNX fro
 by measured KLD per megabyte (benchmarks/layer_sensitivity.py): k_proj, 3.3M weights
 under grouped-query attention, and the last layer's down_proj buy the most. It is on
 inside ``onnx:int4`` and off for ``gptq:`` variants by default, because transformers
-(through optimum 2.3) cannot load per-module bit widths; GPTQModel and vLLM can, so
-``mixed=true`` is there for them.
+(through optimum 2.3) cannot load per-module bit widths; GPTQModel and vLLM can, and so
+can edgepack's runtime (it loads such checkpoints through GPTQModel), so ``mixed=true``
+is there for them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The transformers backend: GPTQ checkpoints, and any float checkpoint when asked for by name.
 
 A folder is claimed when its ``config.json`` has a ``quantization_config`` (what the GPTQ
-stage writes); its kernels come from GPTQModel (the ``gptq`` extra). ``backend="transformers"``
+stage writes); its kernels come from GPTQModel (the ``gptq`` extra), which also loads the
+checkpoints with per-module bit widths that transformers cannot. ``backend="transformers"``
 also takes a plain checkpoint folder, loaded in float32 whatever it was saved in: that is
 how eval runs the float reference.
 
@@ -61,6 +62,19 @@ def gptq_kernel(path: Path, device: str) -> dict[str, Any]:
     if device == "cpu" and 0 < int(qcfg.get("group_size", -1)) < 32:
         return {"quantization_config": GPTQConfig(bits=int(qcfg["bits"]), backend="torch")}
     return {}
+
+
+def _load_mixed_gptq(path: Path, device: str):
+    """A GPTQ checkpoint with per-module bit widths (``gptq:4 --mixed-bits``, GPTQModel's ``dynamic`` rules), loaded
+    by GPTQModel itself: transformers (through optimum) gives every module the checkpoint's one width and refuses
+    the 8-bit tensors. On the CPU with GPTQModel's torch kernel, as ``gptq_kernel`` explains."""
+    from gptqmodel import BACKEND, GPTQModel
+
+    return GPTQModel.load(str(path), device=device, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO).model
+
+
+def _per_module_bits(path: Path) -> bool:
+    return bool(json.loads((path / "config.json").read_text())["quantization_config"].get("dynamic"))
 
 
 class TransformersBackend(Backend):
@@ -136,8 +150,11 @@ class TransformersSession(Session):
             try:
                 self._tok = AutoTokenizer.from_pretrained(path)
                 # float checkpoints in float32 whatever they were saved in; quantized kernels want their own dtype
-                kernel = gptq_kernel(path, device) if method == "gptq" else {}
-                model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if method else torch.float32, **kernel).to(device).eval()
+                if method == "gptq" and _per_module_bits(path):
+                    model = _load_mixed_gptq(path, device).eval()
+                else:
+                    kernel = gptq_kernel(path, device) if method == "gptq" else {}
+                    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if method else torch.float32, **kernel).to(device).eval()
             except ImportError as e:  # a quantized checkpoint whose loader is not installed (optimum, for GPTQ)
                 if method == "gptq":
                     raise MissingDependencyError(e.name or "optimum", extra="gptq", purpose=f"running the GPTQ checkpoint {path.name}") from e
