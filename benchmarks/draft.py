@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -100,6 +101,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
+    if args.batch_invariant:  # read by llama.cpp at the first load, which building the drafts does
+        os.environ["GGML_CPU_TILED_MM"] = "0"
     target = Path(args.target)
     ckpt = args.checkpoint or str(target / "reference")
     if target.is_dir():
