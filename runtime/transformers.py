@@ -68,8 +68,10 @@ def _load_mixed_gptq(path: Path, device: str):
     """A GPTQ checkpoint with per-module bit widths (``gptq:4 --mixed-bits``, GPTQModel's ``dynamic`` rules), loaded
     by GPTQModel itself: transformers (through optimum) gives every module the checkpoint's one width and refuses
     the 8-bit tensors. On the CPU with GPTQModel's torch kernel, as ``gptq_kernel`` explains."""
-    from gptqmodel import BACKEND, GPTQModel
-
+    try:
+        from gptqmodel import BACKEND, GPTQModel
+    except ImportError as e:
+        raise MissingDependencyError("gptqmodel", extra="gptq", purpose=f"running the GPTQ checkpoint {path.name}") from e
     return GPTQModel.load(str(path), device=device, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO).model
 
 
