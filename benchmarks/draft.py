@@ -112,8 +112,7 @@ def main() -> None:
 
     results = {"target": str(target), "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
                "batch_invariant": args.batch_invariant, "drafts": []}
-    mode = {"batch_invariant": args.batch_invariant}
-    with edgepack.load(target, threads=args.threads, n_ctx=1024, **mode) as plain:
+    with edgepack.load(target, threads=args.threads, n_ctx=1024, batch_invariant=args.batch_invariant) as plain:
         chats = [plain.chat_tokens([{"role": "user", "content": p}]) for p in PROMPTS]
         c_target = per_token(plain)
         verify = verify_cost(plain, chats[0])
@@ -124,7 +123,7 @@ def main() -> None:
             with edgepack.load(path, threads=args.threads, n_ctx=1024) as alone:
                 c_draft = per_token(alone)
             row = {"keep": keep, "draft": str(path), "draft_bytes": path.stat().st_size, "c_draft_s": c_draft, "prompts": []}
-            with edgepack.load(target, threads=args.threads, n_ctx=1024, draft=path, **mode) as drafted:
+            with edgepack.load(target, threads=args.threads, n_ctx=1024, draft=path, batch_invariant=args.batch_invariant) as drafted:
                 for ids in chats:
                     plain_tps, draft_tps, same, stats = [], [], True, []
                     for _ in range(args.rounds):

@@ -43,13 +43,19 @@ def _torch():
     return torch
 
 
-def _quant_method(path: Path) -> str | None:
-    """``quantization_config.quant_method`` of a checkpoint folder ("gptq"), None for a float one."""
+def _quant_config(path: Path) -> dict[str, Any] | None:
+    """The ``quantization_config`` of a checkpoint folder, None for a float one (or no readable config.json)."""
     try:
         qcfg = json.loads((path / "config.json").read_text()).get("quantization_config")
     except (OSError, ValueError, AttributeError):
         return None
-    return str(qcfg.get("quant_method", "unknown")) if isinstance(qcfg, dict) else None
+    return qcfg if isinstance(qcfg, dict) else None
+
+
+def _quant_method(path: Path) -> str | None:
+    """``quantization_config.quant_method`` of a checkpoint folder ("gptq"), None for a float one."""
+    qcfg = _quant_config(path)
+    return None if qcfg is None else str(qcfg.get("quant_method", "unknown"))
 
 
 def gptq_kernel(path: Path, device: str) -> dict[str, Any]:
@@ -58,7 +64,7 @@ def gptq_kernel(path: Path, device: str) -> dict[str, Any]:
     fails), so smaller groups (gptq:4's default) load on the CPU with GPTQModel's plain torch kernel."""
     from transformers import GPTQConfig
 
-    qcfg = json.loads((path / "config.json").read_text())["quantization_config"]
+    qcfg = _quant_config(path) or {}
     if device == "cpu" and 0 < int(qcfg.get("group_size", -1)) < 32:
         return {"quantization_config": GPTQConfig(bits=int(qcfg["bits"]), backend="torch")}
     return {}
@@ -73,10 +79,6 @@ def _load_mixed_gptq(path: Path, device: str):
     except ImportError as e:
         raise MissingDependencyError("gptqmodel", extra="gptq", purpose=f"running the GPTQ checkpoint {path.name}") from e
     return GPTQModel.load(str(path), device=device, backend=BACKEND.TORCH if device == "cpu" else BACKEND.AUTO).model
-
-
-def _per_module_bits(path: Path) -> bool:
-    return bool(json.loads((path / "config.json").read_text())["quantization_config"].get("dynamic"))
 
 
 class TransformersBackend(Backend):
@@ -152,7 +154,7 @@ class TransformersSession(Session):
             try:
                 self._tok = AutoTokenizer.from_pretrained(path)
                 # float checkpoints in float32 whatever they were saved in; quantized kernels want their own dtype
-                if method == "gptq" and _per_module_bits(path):
+                if method == "gptq" and (_quant_config(path) or {}).get("dynamic"):
                     model = _load_mixed_gptq(path, device).eval()
                 else:
                     kernel = gptq_kernel(path, device) if method == "gptq" else {}
