@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,14 +17,32 @@ import httpx
 import pytest
 
 
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        item.stash[_FAILED] = True
+    return report
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory, monkeypatch):
+def _isolated_home(tmp_path_factory, monkeypatch, request):
+    """A fresh edgepack home per test, deleted once the test passed.
+
+    A whole run's homes add up to several GB of stage caches, more than a CI machine may have free: like
+    ``tmp_path`` under ``tmp_path_retention_policy = "failed"``, only a failed test's home is kept to look into.
+    """
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("EDGEPACK_HOME", str(home / "edgepack"))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("EDGEPACK_DEBUG", raising=False)
     yield home
+    if not request.node.stash.get(_FAILED, False):
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
