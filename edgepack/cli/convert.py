@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -109,9 +110,11 @@ def register(app: typer.Typer) -> None:
         bundle = library.convert(model, to or None, out, options=options, allow_pickle=allow_pickle, report=report, executor=executor, cache=cache)
         print(bundle.root)
         if chat and sys.stdin.isatty() and sys.stdout.isatty():
-            from ..tui.app import run_chat
-
-            run_chat(str(bundle.root))
+            # In a fresh process: after torch's CPU kernels ran here, llama.cpp (which shares torch's OpenMP runtime)
+            # decoded a third slower in this one (88 against 132 tok/s on SmolLM2, docs/runtime.md).
+            code = subprocess.run([sys.executable, "-m", "edgepack", "chat", str(bundle.root)]).returncode
+            if code:
+                raise typer.Exit(code)
 
     params = base + declared
     convert.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]  # typer reads the flags from it
