@@ -15,10 +15,12 @@ import statistics
 import subprocess
 import sys
 
+from draft import PROSE  # the text draft.py times decoding on
+
 CHILD = """
 import json, sys, time
 import edgepack
-model, torch_s, invariant = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1"
+model, torch_s, invariant, prose = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
 if torch_s:
     import torch
     m = torch.nn.Sequential(torch.nn.Linear(576, 1536), torch.nn.SiLU(), torch.nn.Linear(1536, 576))
@@ -29,7 +31,7 @@ if torch_s:
         opt.step()
         opt.zero_grad()
 with edgepack.load(model, threads=2, n_ctx=1024, batch_invariant=invariant) as s:
-    ids = s.tokenize("The history of the river town begins with a ferry, a mill and a market that")
+    ids = s.tokenize(prose)
     print(json.dumps([s.generate(ids, max_tokens=64, temperature=0).decode_tokens_per_s for _ in range(3)]))
 """
 
@@ -45,7 +47,7 @@ def main() -> None:
     tps: dict[str, list[float]] = {"fresh": [], "after torch": []}
     for _ in range(args.rounds):
         for side, seconds in (("fresh", 0.0), ("after torch", args.torch_s)):
-            cmd = [sys.executable, "-c", CHILD, args.model, str(seconds), "1" if args.batch_invariant else "0"]
+            cmd = [sys.executable, "-c", CHILD, args.model, str(seconds), "1" if args.batch_invariant else "0", PROSE]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             tps[side].append(statistics.median(json.loads(out.strip().splitlines()[-1])))
     for side, values in tps.items():

@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    if args.batch_invariant:  # read by llama.cpp at the first load, which building the drafts does
+    if args.batch_invariant:  # llama.cpp reads it once per process, at its first load: here and in the draft builds
         os.environ["GGML_CPU_TILED_MM"] = "0"
     target = Path(args.target)
     ckpt = args.checkpoint or str(target / "reference")
